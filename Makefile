@@ -1,0 +1,43 @@
+# Every target that needs Python creates .venv and installs the project first,
+# so each command works on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+EXTRAS := test,docs,lint,zstd
+
+.PHONY: demo test lint format docs bench memcached clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+## make demo: the example application (SQLite file + in-process memory backend)
+demo: $(STAMP)
+	$(BIN)/cachedecor demo $(DEMO_ARGS)
+
+## make memcached: make sure a memcached binary exists (installs Debian's package as root)
+memcached:
+	@bash tools/ensure-memcached.sh
+
+## make test: lint, the whole test suite against real servers, and the docs build
+test: $(STAMP) memcached lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) docs
+
+lint: $(STAMP)
+	$(BIN)/ruff check cachedecor tests tools
+	$(BIN)/ruff format --check cachedecor tests tools
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix cachedecor tests tools
+	$(BIN)/ruff format cachedecor tests tools
+
+docs: $(STAMP)
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
+clean:
+	rm -rf $(VENV) docs/_build .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,38 @@
+"""cachedecor: a memcached cache in front of SQLAlchemy data-access code.
+
+``@cached_by_pk(Model)`` serves rows from the cache, keyed by primary key;
+``@invalidates(Model)`` deletes the entries of the rows a function changes once
+its transaction commits. Regions are dogpile.cache regions configured by
+:func:`configure_regions`.
+"""
+
+from cachedecor.codec import Codec
+from cachedecor.config import configure_regions, get_region, reset
+from cachedecor.errors import CacheError, ConfigError, InvalidKeyError, RegionNotConfigured
+from cachedecor.keys import key_for
+from cachedecor.read import CachedFunction, UsageError, cached_by_pk
+from cachedecor.stats import RegionStats, reset_stats, stats
+from cachedecor.write import invalidate, invalidate_many, invalidates
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheError",
+    "CachedFunction",
+    "Codec",
+    "ConfigError",
+    "InvalidKeyError",
+    "RegionNotConfigured",
+    "RegionStats",
+    "UsageError",
+    "cached_by_pk",
+    "configure_regions",
+    "get_region",
+    "invalidate",
+    "invalidate_many",
+    "invalidates",
+    "key_for",
+    "reset",
+    "reset_stats",
+    "stats",
+]

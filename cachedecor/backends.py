@@ -1,0 +1,604 @@
+"""Cache backends and the storage adapters that give them lease-protected fills.
+
+Two things live here:
+
+* :class:`PyMemcacheBackend`, a dogpile.cache backend registered as
+  ``cachedecor.pymemcache``. It is dogpile's pymemcache backend with the settings
+  production needs (``connect_timeout``, ``timeout``, ``no_delay``, a per-node
+  circuit breaker) and a client that never remaps keys of a failed node to another
+  node (see :doc:`/resilience`). cachedecor also uses it for regions configured
+  with ``dogpile.cache.pymemcache``.
+* :class:`Store` adapters: the handful of operations the decorators need (get,
+  get-many, lease, fill, delete) on memcached, dogpile's memory backend and Redis.
+  One mechanism, small adapters: the decorators never branch on the backend.
+
+A *lease* is a marker written with an atomic "add if absent" before the database
+is read. The value is later written only if the marker is still the one this
+reader wrote (memcached ``gets``/``cas``, a compare-and-set script in Redis, a
+locked check in memory). An invalidation deletes the key, and with it any lease in
+flight, so a reader that read the database before a write committed can never put
+its older copy back.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from dogpile.cache.api import NO_VALUE, DefaultSerialization
+from dogpile.cache.backends.memcached import PyMemcacheBackend as _DogpilePyMemcacheBackend
+
+__all__ = ["LEASE_PREFIX", "MemcachedCluster", "NodeDown", "PyMemcacheBackend", "Store"]
+
+#: Every lease marker starts with this byte; real entries start with the format version.
+LEASE_PREFIX = b"\x00L"
+#: memcached treats an expiry above 30 days as a Unix timestamp.
+_MEMCACHED_MAX_RELATIVE = 30 * 24 * 3600
+
+
+def is_lease(data: bytes) -> bool:
+    """Whether a stored value is a lease marker rather than an entry."""
+    return data[:2] == LEASE_PREFIX
+
+
+def new_lease_marker() -> bytes:
+    """A lease marker unique to this attempt."""
+    return LEASE_PREFIX + os.urandom(10)
+
+
+# --------------------------------------------------------------------------------------
+# memcached: a client over several nodes that never moves keys between nodes
+
+
+class NodeDown(Exception):
+    """The memcached node that owns a key is marked down; the call was not attempted."""
+
+
+class _RawSerde:
+    """pymemcache serde that stores and returns bytes only and never unpickles.
+
+    dogpile-level values reach the client already serialized (the backend's
+    ``serializer``), and cachedecor's own entries are bytes, so nothing else is needed.
+    """
+
+    @staticmethod
+    def serialize(key: Any, value: Any) -> tuple[bytes, int]:
+        if isinstance(value, bytes):
+            return value, 0
+        if isinstance(value, str):
+            return value.encode(), 0
+        raise TypeError(f"cachedecor's memcached client stores bytes, not {type(value).__name__}")
+
+    @staticmethod
+    def deserialize(key: Any, value: bytes, flags: int) -> bytes:
+        return value
+
+
+class NodeHealth:
+    """Circuit breaker shared by all threads' clients of one backend.
+
+    After ``failures`` consecutive failures a node is skipped for ``dead_timeout``
+    seconds; the first call after that probes it again.
+    """
+
+    def __init__(self, dead_timeout: float, failures: int = 1) -> None:
+        self.dead_timeout = dead_timeout
+        self.failures = max(1, failures)
+        self._down_until: dict[str, float] = {}
+        self._failed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def is_down(self, node: str) -> bool:
+        until = self._down_until.get(node)
+        if until is None:
+            return False
+        if time.monotonic() >= until:
+            # let one probe through; if it fails the node is marked down again
+            with self._lock:
+                self._down_until.pop(node, None)
+            return False
+        return True
+
+    def failed(self, node: str) -> None:
+        with self._lock:
+            n = self._failed.get(node, 0) + 1
+            self._failed[node] = n
+            if n >= self.failures:
+                self._down_until[node] = time.monotonic() + self.dead_timeout
+                self._failed[node] = 0
+
+    def succeeded(self, node: str) -> None:
+        if self._failed.get(node):
+            with self._lock:
+                self._failed[node] = 0
+
+    def down_nodes(self) -> list[str]:
+        now = time.monotonic()
+        return sorted(n for n, until in self._down_until.items() if until > now)
+
+
+class MemcachedCluster:
+    """A pymemcache-style client over one or more memcached nodes.
+
+    Keys are placed by rendezvous hashing over the *configured* nodes; a failed node
+    is never removed from the hash, so its keys are not remapped to other nodes
+    (which would let a returning node serve entries whose invalidations went
+    elsewhere). While a node is down, operations on its keys raise :class:`NodeDown`
+    at once instead of waiting for a timeout.
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[str],
+        health: NodeHealth,
+        *,
+        retry_attempts: int = 0,
+        retry_delay: float = 0.0,
+        **client_kwargs: Any,
+    ) -> None:
+        from pymemcache.client.base import Client
+        from pymemcache.client.rendezvous import RendezvousHash
+
+        self.servers = list(servers)
+        self.health = health
+        self.retry_attempts = retry_attempts
+        self.retry_delay = retry_delay
+        self.clients = {s: Client(_server_spec(s), **client_kwargs) for s in self.servers}
+        self._single = self.clients[self.servers[0]] if len(self.servers) == 1 else None
+        self._hash = RendezvousHash(list(self.servers))
+
+    # -- routing -----------------------------------------------------------------------
+
+    def node_for(self, key: str) -> str:
+        """The server (``host:port``) that owns ``key``."""
+        if self._single is not None:
+            return self.servers[0]
+        node: str = self._hash.get_node(key)
+        return node
+
+    def _call(self, node: str, name: str, *args: Any, **kwargs: Any) -> Any:
+        if self.health.is_down(node):
+            raise NodeDown(f"memcached node {node} is marked down")
+        client = self.clients[node]
+        attempts = self.retry_attempts
+        while True:
+            try:
+                result = getattr(client, name)(*args, **kwargs)
+            except Exception:
+                client.close()
+                if attempts > 0:
+                    attempts -= 1
+                    if self.retry_delay:
+                        time.sleep(self.retry_delay)
+                    continue
+                self.health.failed(node)
+                raise
+            self.health.succeeded(node)
+            return result
+
+    def _by_node(self, keys: Iterable[str]) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        for key in keys:
+            groups.setdefault(self.node_for(key), []).append(key)
+        return groups
+
+    # -- the pymemcache client API used by dogpile and cachedecor ---------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._call(self.node_for(key), "get", key, default)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """Values of the keys that are present. A failing node raises (after the others)."""
+        out: dict[str, Any] = {}
+        error: BaseException | None = None
+        for node, group in self._by_node(keys).items():
+            try:
+                out.update(self._call(node, "get_many", group))
+            except Exception as exc:
+                error = exc
+        if error is not None:
+            raise PartialResult(out, error)
+        return out
+
+    get_multi = get_many
+
+    def gets(self, key: str) -> tuple[Any, Any]:
+        result: tuple[Any, Any] = self._call(self.node_for(key), "gets", key)
+        return result
+
+    def set(self, key: str, value: Any, expire: int = 0, noreply: bool | None = None) -> bool:
+        return bool(self._call(self.node_for(key), "set", key, value, expire, noreply))
+
+    def set_many(
+        self, values: dict[str, Any], expire: int = 0, noreply: bool | None = None
+    ) -> list[str]:
+        failed: list[str] = []
+        for node, group in self._by_node(values).items():
+            failed += self._call(node, "set_many", {k: values[k] for k in group}, expire, noreply)
+        return failed
+
+    set_multi = set_many
+
+    def add(self, key: str, value: Any, expire: int = 0, noreply: bool | None = None) -> bool:
+        return bool(self._call(self.node_for(key), "add", key, value, expire, noreply))
+
+    def cas(self, key: str, value: Any, cas: Any, expire: int = 0) -> bool | None:
+        result: bool | None = self._call(
+            self.node_for(key), "cas", key, value, cas, expire, False
+        )
+        return result
+
+    def delete(self, key: str, noreply: bool | None = None) -> bool:
+        return bool(self._call(self.node_for(key), "delete", key, noreply))
+
+    def delete_many(self, keys: Iterable[str], noreply: bool | None = None) -> bool:
+        error: BaseException | None = None
+        for node, group in self._by_node(keys).items():
+            try:
+                self._call(node, "delete_many", group, noreply)
+            except Exception as exc:
+                error = exc
+        if error is not None:
+            raise error
+        return True
+
+    delete_multi = delete_many
+
+    def stats(self) -> dict[str, dict[bytes, Any] | BaseException]:
+        """Each node's ``stats`` (or the exception it raised)."""
+        out: dict[str, dict[bytes, Any] | BaseException] = {}
+        for node, client in self.clients.items():
+            try:
+                out[node] = client.stats()
+            except Exception as exc:
+                client.close()
+                out[node] = exc
+        return out
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+
+
+class PartialResult(Exception):
+    """Some nodes of a multi-get failed; ``found`` holds what the others returned."""
+
+    def __init__(self, found: dict[str, Any], error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.found = found
+        self.error = error
+
+
+def _server_spec(server: str) -> Any:
+    if server.startswith("/"):
+        return server  # unix socket
+    host, sep, port = server.rpartition(":")
+    if not sep:
+        return (server, 11211)
+    return (host.strip("[]"), int(port))
+
+
+#: Arguments of ``cachedecor.pymemcache`` (and ``dogpile.cache.pymemcache``), with types.
+MEMCACHED_ARGUMENTS: dict[str, type] = {
+    "url": list,
+    "connect_timeout": float,
+    "timeout": float,
+    "no_delay": bool,
+    "dead_timeout": float,
+    "hashclient_dead_timeout": float,
+    "hashclient_retry_attempts": int,
+    "enable_retry_client": bool,
+    "retry_attempts": int,
+    "retry_delay": float,
+    "default_noreply": bool,
+    "memcached_expire_time": int,
+    "distributed_lock": bool,
+    "lock_timeout": int,
+    "socket_keepalive": object,
+    "tls_context": object,
+}
+
+#: Defaults cachedecor applies where dogpile's backend would wait forever.
+MEMCACHED_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": 0.25,
+    "timeout": 0.25,
+    "no_delay": True,
+    "dead_timeout": 5.0,
+    "hashclient_retry_attempts": 1,
+    "retry_attempts": 0,
+    "retry_delay": 0.0,
+}
+
+
+class PyMemcacheBackend(DefaultSerialization, _DogpilePyMemcacheBackend):  # type: ignore[misc]
+    """dogpile.cache backend ``cachedecor.pymemcache``: pymemcache with timeouts.
+
+    Accepts dogpile's ``dogpile.cache.pymemcache`` arguments plus ``connect_timeout``,
+    ``timeout``, ``no_delay``, ``dead_timeout``, ``retry_attempts`` and ``retry_delay``
+    (see :doc:`/configuration` for types and defaults). Values that dogpile itself
+    stores through this backend are pickled by dogpile as with its Redis backend;
+    cachedecor's own entries are plain bytes and are never unpickled.
+    """
+
+    def __init__(self, arguments: dict[str, Any]) -> None:
+        args = {**MEMCACHED_DEFAULTS, **arguments}
+        if "hashclient_dead_timeout" in arguments and "dead_timeout" not in arguments:
+            args["dead_timeout"] = arguments["hashclient_dead_timeout"]
+        super().__init__({k: v for k, v in args.items() if k not in MEMCACHED_DEFAULTS})
+        self.connect_timeout = float(args["connect_timeout"])
+        self.timeout = float(args["timeout"])
+        self.no_delay = bool(args["no_delay"])
+        self.retry_attempts_ = int(args["retry_attempts"]) if args.get("enable_retry_client", True) else 0
+        self.retry_delay_ = float(args["retry_delay"] or 0.0)
+        self.health = NodeHealth(float(args["dead_timeout"]), int(args["hashclient_retry_attempts"]))
+
+    def _create_client(self) -> MemcachedCluster:
+        kwargs: dict[str, Any] = {
+            "serde": _RawSerde(),
+            "connect_timeout": self.connect_timeout,
+            "timeout": self.timeout,
+            "no_delay": self.no_delay,
+            "default_noreply": self.default_noreply,
+        }
+        if self.tls_context is not None:
+            kwargs["tls_context"] = self.tls_context
+        if self.socket_keepalive is not None:
+            kwargs["socket_keepalive"] = self.socket_keepalive
+        return MemcachedCluster(
+            self.url,
+            self.health,
+            retry_attempts=self.retry_attempts_,
+            retry_delay=self.retry_delay_,
+            **kwargs,
+        )
+
+    def get_serialized(self, key: str) -> Any:
+        value = self.client.get(key)
+        return NO_VALUE if value is None else value
+
+    def get_serialized_multi(self, keys: Sequence[str]) -> list[Any]:
+        values = self.client.get_many(keys)
+        return [values.get(k, NO_VALUE) for k in keys]
+
+    def set_serialized(self, key: str, value: bytes) -> None:
+        self.client.set(key, value, **self.set_arguments)
+
+    def set_serialized_multi(self, mapping: dict[str, bytes]) -> None:
+        self.client.set_many(mapping, **self.set_arguments)
+
+
+# --------------------------------------------------------------------------------------
+# Store adapters
+
+
+class Store:
+    """The operations cachedecor needs from a backend.
+
+    ``get``/``get_many`` return raw stored bytes (``None``/absent when missing).
+    ``lease`` tries to take the fill lease of a missing key and returns a token, or
+    ``None`` when the key is present or another reader holds the lease. ``fill``
+    writes the value only if the token still holds. Every method may raise; callers
+    treat that as the cache being unavailable.
+    """
+
+    name = "abstract"
+
+    def get(self, key: str) -> bytes | None:
+        raise NotImplementedError
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        raise NotImplementedError
+
+    def lease(self, key: str, ttl: int) -> Any:
+        raise NotImplementedError
+
+    def lease_many(self, keys: Sequence[str], ttl: int) -> dict[str, Any]:
+        """Leases of several keys; keys whose lease was not taken are left out."""
+        out = {}
+        for key in keys:
+            token = self.lease(key, ttl)
+            if token is not None:
+                out[key] = token
+        return out
+
+    def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
+        raise NotImplementedError
+
+    def release(self, key: str, token: Any) -> None:
+        """Give up a lease without filling, so other readers need not wait for it."""
+        raise NotImplementedError
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        raise NotImplementedError
+
+
+def _memcached_expire(ttl: int | None) -> int:
+    if not ttl or ttl <= 0:
+        return 0
+    if ttl > _MEMCACHED_MAX_RELATIVE:
+        return int(time.time()) + ttl
+    return ttl
+
+
+class MemcachedStore(Store):
+    """Leases with ``add`` (waiting for the reply), ``gets`` and ``cas``."""
+
+    name = "memcached"
+
+    def __init__(self, backend: PyMemcacheBackend) -> None:
+        self.backend = backend
+        self._clients = backend._clients
+
+    @property
+    def client(self) -> MemcachedCluster:
+        client: MemcachedCluster = self._clients.memcached
+        return client
+
+    def get(self, key: str) -> bytes | None:
+        value: bytes | None = self._clients.memcached.get(key)
+        return value
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        return self._clients.memcached.get_many(keys)  # type: ignore[no-any-return]
+
+    def lease(self, key: str, ttl: int) -> Any:
+        client = self.client
+        marker = new_lease_marker()
+        if not client.add(key, marker, ttl, noreply=False):
+            return None
+        value, cas = client.gets(key)
+        if value != marker:
+            return None
+        return cas
+
+    def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
+        return bool(self.client.cas(key, value, token, _memcached_expire(ttl)))
+
+    def release(self, key: str, token: Any) -> None:
+        # memcached has no compare-and-delete. Deleting is safe either way: if the
+        # lease is no longer ours the key holds another lease (whose fill then fails)
+        # or a fresh entry (which costs one miss).
+        self.client.delete(key, noreply=False)
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        self.client.delete_many(keys, noreply=False)
+
+
+class MemoryStore(Store):
+    """dogpile's in-process memory backend; expiry and leases kept beside the values."""
+
+    name = "memory"
+
+    def __init__(self, backend: Any) -> None:
+        self.cache: dict[str, Any] = backend._cache
+        self.lock = threading.Lock()
+
+    def _live(self, key: str) -> Any:
+        item = self.cache.get(key)
+        if item is None or type(item) is not tuple or len(item) != 2:
+            return None
+        value, deadline = item
+        if deadline is not None and time.monotonic() >= deadline:
+            self.cache.pop(key, None)
+            return None
+        return value
+
+    def get(self, key: str) -> bytes | None:
+        value = self._live(key)
+        return value if isinstance(value, bytes) else None
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        out = {}
+        for key in keys:
+            value = self._live(key)
+            if isinstance(value, bytes):
+                out[key] = value
+        return out
+
+    def lease(self, key: str, ttl: int) -> Any:
+        with self.lock:
+            if self._live(key) is not None:
+                return None
+            marker = new_lease_marker()
+            self.cache[key] = (marker, time.monotonic() + ttl)
+            return marker
+
+    def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
+        with self.lock:
+            if self._live(key) != token:
+                return False
+            self.cache[key] = (value, time.monotonic() + ttl if ttl else None)
+            return True
+
+    def release(self, key: str, token: Any) -> None:
+        with self.lock:
+            if self._live(key) == token:
+                self.cache.pop(key, None)
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        with self.lock:
+            for key in keys:
+                self.cache.pop(key, None)
+
+
+_REDIS_FILL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  if tonumber(ARGV[3]) > 0 then
+    redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  else
+    redis.call('SET', KEYS[1], ARGV[2])
+  end
+  return 1
+end
+return 0
+"""
+
+_REDIS_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class RedisStore(Store):
+    """Leases with ``SET NX PX`` and a compare-and-set script for the fill."""
+
+    name = "redis"
+
+    def __init__(self, backend: Any) -> None:
+        self.reader = backend.reader_client
+        self.writer = backend.writer_client
+        self._fill = self.writer.register_script(_REDIS_FILL)
+        self._release = self.writer.register_script(_REDIS_RELEASE)
+
+    def get(self, key: str) -> bytes | None:
+        value: bytes | None = self.reader.get(key)
+        return value
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        if not keys:
+            return {}
+        return {k: v for k, v in zip(keys, self.reader.mget(keys)) if v is not None}
+
+    def lease(self, key: str, ttl: int) -> Any:
+        marker = new_lease_marker()
+        if self.writer.set(key, marker, nx=True, ex=ttl):
+            return marker
+        return None
+
+    def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
+        return bool(self._fill(keys=[key], args=[token, value, int(ttl or 0)]))
+
+    def release(self, key: str, token: Any) -> None:
+        self._release(keys=[key], args=[token])
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        if keys:
+            self.writer.delete(*keys)
+
+
+def store_for(backend: Any) -> Store | None:
+    """The adapter for a configured dogpile backend, or ``None`` if none fits."""
+    from dogpile.cache.backends.memory import MemoryBackend
+
+    if isinstance(backend, PyMemcacheBackend):
+        return MemcachedStore(backend)
+    if isinstance(backend, MemoryBackend):
+        return MemoryStore(backend)
+    try:
+        from dogpile.cache.backends.redis import RedisBackend
+    except ImportError:  # pragma: no cover
+        RedisBackend = ()  # type: ignore[assignment,misc]  # noqa: N806
+    if isinstance(backend, RedisBackend):
+        return RedisStore(backend)
+    try:
+        from dogpile.cache.backends.valkey import ValkeyBackend
+    except ImportError:  # pragma: no cover
+        ValkeyBackend = ()  # type: ignore[assignment,misc]  # noqa: N806
+    if isinstance(backend, ValkeyBackend):
+        return RedisStore(backend)
+    return None

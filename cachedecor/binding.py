@@ -1,0 +1,167 @@
+"""Finding the session and the primary key among a decorated function's arguments.
+
+Resolved once per decorated function from its signature, so a call only indexes
+into ``args``/``kwargs``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.orm import Session, scoped_session
+
+__all__ = ["CallBinding"]
+
+_SESSION_TYPES = (Session, scoped_session)
+_SESSION_NAMES = frozenset({"session", "db", "db_session", "dbsession", "sess"})
+_EMPTY = inspect.Parameter.empty
+
+
+class _Param:
+    __slots__ = ("default", "name", "pos")
+
+    def __init__(self, param: inspect.Parameter, pos: int | None) -> None:
+        self.name = param.name
+        self.pos = pos
+        self.default = param.default
+
+    def get(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        pos = self.pos
+        if pos is not None and pos < len(args):
+            return args[pos]
+        try:
+            return kwargs[self.name]
+        except KeyError:
+            if self.default is _EMPTY:
+                raise TypeError(f"missing required argument {self.name!r}") from None
+            return self.default
+
+
+def _is_session_annotation(annotation: Any) -> bool:
+    if annotation is _EMPTY:
+        return False
+    if isinstance(annotation, str):
+        return "Session" in annotation
+    try:
+        return isinstance(annotation, type) and issubclass(annotation, _SESSION_TYPES)
+    except TypeError:
+        return False
+
+
+def as_session(value: Any) -> Session | None:
+    """``value`` as a :class:`Session` (resolving a ``scoped_session``), or ``None``."""
+    if isinstance(value, Session):
+        return value
+    if isinstance(value, scoped_session):
+        return value()  # type: ignore[no-any-return]
+    return None
+
+
+class CallBinding:
+    """Where a function receives its session and its primary key.
+
+    ``pk`` is ``None`` (the first parameter that is not the session), a parameter
+    name, or a tuple of names whose values together form a composite key.
+    """
+
+    def __init__(
+        self, fn: Callable[..., Any], pk: str | tuple[str, ...] | None, *, needs_pk: bool = True
+    ) -> None:
+        sig = inspect.signature(fn)
+        params: list[_Param] = []
+        by_name: dict[str, _Param] = {}
+        pos = 0
+        for p in sig.parameters.values():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            param = _Param(p, pos if positional else None)
+            if positional:
+                pos += 1
+            params.append(param)
+            by_name[p.name] = param
+        self.name = getattr(fn, "__qualname__", repr(fn))
+        session_param = next(
+            (by_name[p.name] for p in sig.parameters.values() if _is_session_annotation(p.annotation)),
+            None,
+        )
+        if session_param is None:
+            session_param = next((p for p in params if p.name in _SESSION_NAMES), None)
+        self._session_param = session_param
+        self._pk_params: tuple[_Param, ...]
+        if pk is None and not needs_pk:
+            self._pk_params = ()
+            self._pk_dynamic = False
+        elif pk is None:
+            candidates = [p for p in params if p is not session_param]
+            if not candidates:
+                raise TypeError(f"{self.name} has no parameter that could hold the primary key")
+            self._pk_params = (candidates[0],)
+            self._pk_dynamic = session_param is None
+        else:
+            names = (pk,) if isinstance(pk, str) else tuple(pk)
+            missing = [n for n in names if n not in by_name]
+            if missing or not names:
+                raise TypeError(
+                    f"pk={pk!r}: {self.name} has no parameter named {', '.join(missing) or '(none)'}"
+                )
+            self._pk_params = tuple(by_name[n] for n in names)
+            self._pk_dynamic = False
+        self.pk_names = tuple(p.name for p in self._pk_params)
+        self._params = params
+        self.composite = len(self._pk_params) > 1
+
+    def session(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Session | None:
+        """The session passed to this call, if any."""
+        param = self._session_param
+        if param is not None:
+            try:
+                found = as_session(param.get(args, kwargs))
+            except TypeError:
+                found = None
+            if found is not None:
+                return found
+        for value in args:
+            found = as_session(value)
+            if found is not None:
+                return found
+        for value in kwargs.values():
+            found = as_session(value)
+            if found is not None:
+                return found
+        return None
+
+    def pk(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The primary key passed to this call (a tuple for several ``pk`` names)."""
+        if self._pk_dynamic:
+            for param in self._params:
+                value = param.get(args, kwargs)
+                if not isinstance(value, _SESSION_TYPES):
+                    return value
+            raise TypeError(f"{self.name} was called without a primary key")
+        if self.composite:
+            return tuple(p.get(args, kwargs) for p in self._pk_params)
+        return self._pk_params[0].get(args, kwargs)
+
+    def replace_pk(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], value: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``args``/``kwargs`` with the (single) primary-key argument set to ``value``."""
+        if self._pk_dynamic:
+            for param in self._params:
+                current = param.get(args, kwargs)
+                if not isinstance(current, _SESSION_TYPES):
+                    return self._set(param, args, kwargs, value)
+        return self._set(self._pk_params[0], args, kwargs, value)
+
+    @staticmethod
+    def _set(
+        param: _Param, args: tuple[Any, ...], kwargs: dict[str, Any], value: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if param.pos is not None and param.pos < len(args):
+            new_args = list(args)
+            new_args[param.pos] = value
+            return tuple(new_args), kwargs
+        return args, {**kwargs, param.name: value}

@@ -1,0 +1,341 @@
+"""Serialization of cache entries: value codec, compression and signing.
+
+An entry is ``header + [signature] + body``:
+
+* ``header`` is two bytes: the format version (:data:`FORMAT_VERSION`) and a flags
+  byte naming the compression (none, zlib, zstd) and whether a signature follows;
+* ``signature`` (with a ``secret``) is 16 bytes of HMAC-SHA256 over the cache key,
+  the header and the body, so an entry can neither be forged nor moved to another key;
+* ``body`` is the MessagePack encoding of the payload, compressed when it is larger
+  than the region's ``compress_threshold`` and compression saves space.
+
+Nothing here unpickles or imports by name: decoding untrusted bytes can only
+produce plain values or raise :class:`BadEntry`. Values that MessagePack has no
+type for (datetimes, ``Decimal``, ``UUID``, ...) travel as extension types that
+round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import hashlib
+import hmac
+import uuid
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import msgpack
+
+from cachedecor.errors import ConfigError
+
+__all__ = ["FORMAT_VERSION", "BadEntry", "Codec", "UnencodableValue", "pack_value", "unpack_value"]
+
+#: First byte of every entry written by this version of cachedecor.
+FORMAT_VERSION = 1
+
+COMPRESS_NONE = 0
+COMPRESS_ZLIB = 1
+COMPRESS_ZSTD = 2
+_COMPRESSION_MASK = 0x03
+_SIGNED = 0x04
+SIG_LEN = 16
+
+#: A decompressed body larger than this is refused (protects against decompression bombs).
+MAX_BODY_SIZE = 16 * 1024 * 1024
+
+# Extension type codes. Never reuse a code for another meaning.
+EXT_ABSENT = 0
+EXT_DATETIME = 1
+EXT_DATE = 2
+EXT_TIME = 3
+EXT_TIMEDELTA = 4
+EXT_DECIMAL = 5
+EXT_UUID = 6
+EXT_BIGINT = 7
+
+
+class BadEntry(Exception):
+    """An entry that cannot be used: corrupt, foreign, unsigned or wrongly signed."""
+
+
+class UnencodableValue(TypeError):
+    """A column value has no safe encoding (for example a custom object)."""
+
+
+class _Absent:
+    """Marks a column that was not loaded when the entry was written."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT: Any = _Absent()
+
+
+def _tz_spec(tz: datetime.tzinfo | None, dt: datetime.datetime | None) -> Any:
+    if tz is None:
+        return None
+    if isinstance(tz, ZoneInfo) and tz.key is not None:
+        return tz.key
+    offset = tz.utcoffset(dt)
+    if offset is None:
+        return None
+    name = tz.tzname(dt) if isinstance(tz, datetime.timezone) else None
+    default_name = datetime.timezone(offset).tzname(None)
+    return [offset.days, offset.seconds, offset.microseconds, name if name != default_name else None]
+
+
+def _tz_from_spec(spec: Any) -> datetime.tzinfo | None:
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        return ZoneInfo(spec)
+    days, seconds, micros, name = spec
+    offset = datetime.timedelta(days=days, seconds=seconds, microseconds=micros)
+    if offset == datetime.timedelta(0) and name is None:
+        return datetime.timezone.utc
+    return datetime.timezone(offset) if name is None else datetime.timezone(offset, name)
+
+
+def _default(value: Any) -> msgpack.ExtType:
+    if value is ABSENT:
+        return msgpack.ExtType(EXT_ABSENT, b"")
+    if isinstance(value, datetime.datetime):
+        spec = [
+            value.year,
+            value.month,
+            value.day,
+            value.hour,
+            value.minute,
+            value.second,
+            value.microsecond,
+            value.fold,
+            _tz_spec(value.tzinfo, value),
+        ]
+        return msgpack.ExtType(EXT_DATETIME, msgpack.packb(spec))
+    if isinstance(value, datetime.date):
+        return msgpack.ExtType(EXT_DATE, msgpack.packb([value.year, value.month, value.day]))
+    if isinstance(value, datetime.time):
+        spec = [
+            value.hour,
+            value.minute,
+            value.second,
+            value.microsecond,
+            value.fold,
+            _tz_spec(value.tzinfo, None),
+        ]
+        return msgpack.ExtType(EXT_TIME, msgpack.packb(spec))
+    if isinstance(value, datetime.timedelta):
+        return msgpack.ExtType(
+            EXT_TIMEDELTA, msgpack.packb([value.days, value.seconds, value.microseconds])
+        )
+    if isinstance(value, decimal.Decimal):
+        return msgpack.ExtType(EXT_DECIMAL, str(value).encode())
+    if isinstance(value, uuid.UUID):
+        return msgpack.ExtType(EXT_UUID, value.bytes)
+    if isinstance(value, int):  # beyond 64 bits (smaller ints never reach here)
+        return msgpack.ExtType(EXT_BIGINT, str(int(value)).encode())
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)  # type: ignore[return-value]
+    if isinstance(value, tuple):
+        return list(value)  # type: ignore[return-value]
+    raise UnencodableValue(f"cannot cache a value of type {type(value).__name__}")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == EXT_ABSENT:
+        return ABSENT
+    if code == EXT_DATETIME:
+        y, mo, d, h, mi, s, us, fold, tz = msgpack.unpackb(data)
+        return datetime.datetime(y, mo, d, h, mi, s, us, tzinfo=_tz_from_spec(tz), fold=fold)
+    if code == EXT_DATE:
+        y, mo, d = msgpack.unpackb(data)
+        return datetime.date(y, mo, d)
+    if code == EXT_TIME:
+        h, mi, s, us, fold, tz = msgpack.unpackb(data)
+        return datetime.time(h, mi, s, us, tzinfo=_tz_from_spec(tz), fold=fold)
+    if code == EXT_TIMEDELTA:
+        days, seconds, micros = msgpack.unpackb(data)
+        return datetime.timedelta(days=days, seconds=seconds, microseconds=micros)
+    if code == EXT_DECIMAL:
+        return decimal.Decimal(data.decode("ascii"))
+    if code == EXT_UUID:
+        return uuid.UUID(bytes=data)
+    if code == EXT_BIGINT:
+        if len(data) > 4300:
+            raise BadEntry("integer too long")
+        return int(data.decode("ascii"))
+    raise BadEntry(f"unknown extension type {code}")
+
+
+_packer_options: dict[str, Any] = {"default": _default, "use_bin_type": True, "datetime": False}
+
+
+def pack_value(value: Any) -> bytes:
+    """MessagePack ``value`` with cachedecor's extension types.
+
+    Raises :class:`UnencodableValue` for a value with no safe encoding.
+    """
+    try:
+        return msgpack.packb(value, **_packer_options)
+    except UnencodableValue:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UnencodableValue(str(exc)) from exc
+
+
+def unpack_value(data: bytes) -> Any:
+    """Inverse of :func:`pack_value`; any malformed input raises :class:`BadEntry`."""
+    try:
+        return msgpack.unpackb(
+            data,
+            ext_hook=_ext_hook,
+            raw=False,
+            strict_map_key=True,
+        )
+    except BadEntry:
+        raise
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise BadEntry(f"undecodable body: {type(exc).__name__}: {exc}") from exc
+
+
+def _zstd() -> Any:
+    try:
+        import zstandard
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ConfigError(
+            "compression = zstd needs the 'zstandard' package: pip install 'cachedecor[zstd]'"
+        ) from exc
+    return zstandard
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How one region writes and reads entries (compression and signing).
+
+    ``compression`` is ``"zlib"`` (default), ``"zstd"`` (needs the ``zstd`` extra) or
+    ``"none"``. Bodies larger than ``compress_threshold`` bytes are compressed when
+    that saves space. With ``secret``, every entry is signed and unsigned or wrongly
+    signed entries are refused.
+    """
+
+    compress_threshold: int = 1024
+    compress_level: int | None = None
+    compression: str = "zlib"
+    secret: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.compression not in ("zlib", "zstd", "none"):
+            raise ConfigError(
+                f"compression must be one of zlib, zstd, none; got {self.compression!r}"
+            )
+        if self.compress_threshold < 0:
+            raise ConfigError(
+                f"compress_threshold must be 0 or more bytes; got {self.compress_threshold}"
+            )
+        level = self.compress_level
+        if level is not None:
+            low, high = (-1, 9) if self.compression == "zlib" else (-7, 22)
+            if self.compression != "none" and not low <= level <= high:
+                raise ConfigError(
+                    f"compress_level for {self.compression} must be between {low} and {high}; "
+                    f"got {level}"
+                )
+        compress: Callable[[bytes], bytes] | None = None
+        decompress_zstd: Callable[[bytes], bytes] | None = None
+        if self.compression == "zlib":
+            zl = 6 if level is None else level
+            compress = lambda b: zlib.compress(b, zl)  # noqa: E731
+        elif self.compression == "zstd":
+            zstandard = _zstd()
+            zc = zstandard.ZstdCompressor(level=3 if level is None else level)
+            compress = zc.compress
+        try:
+            zstandard = _zstd()
+            zd = zstandard.ZstdDecompressor()
+            decompress_zstd = lambda b: zd.decompress(b, max_output_size=MAX_BODY_SIZE)  # noqa: E731
+        except ConfigError:
+            decompress_zstd = None
+        object.__setattr__(self, "_compress", compress)
+        object.__setattr__(self, "_decompress_zstd", decompress_zstd)
+        object.__setattr__(
+            self, "_compress_flag", {"zlib": COMPRESS_ZLIB, "zstd": COMPRESS_ZSTD}.get(self.compression, 0)
+        )
+
+    # -- writing -----------------------------------------------------------------------
+
+    def seal(self, key: str, body: bytes) -> bytes:
+        """Build the stored entry for ``body`` (a :func:`pack_value` result) under ``key``."""
+        flags = COMPRESS_NONE
+        compress = self._compress  # type: ignore[attr-defined]
+        if compress is not None and len(body) > self.compress_threshold:
+            packed = compress(body)
+            if len(packed) < len(body):
+                body = packed
+                flags = self._compress_flag  # type: ignore[attr-defined]
+        if self.secret is None:
+            return bytes((FORMAT_VERSION, flags)) + body
+        header = bytes((FORMAT_VERSION, flags | _SIGNED))
+        return header + self._sign(key, header, body) + body
+
+    def _sign(self, key: str, header: bytes, body: bytes) -> bytes:
+        assert self.secret is not None
+        mac = hmac.new(self.secret, key.encode(), hashlib.sha256)
+        mac.update(header)
+        mac.update(body)
+        return mac.digest()[:SIG_LEN]
+
+    # -- reading -----------------------------------------------------------------------
+
+    def open(self, key: str, data: bytes) -> bytes:
+        """Verify and decompress a stored entry; return the body or raise :class:`BadEntry`."""
+        if len(data) < 2 or data[0] != FORMAT_VERSION:
+            raise BadEntry("not a cachedecor entry of this format version")
+        flags = data[1]
+        if flags & ~(_COMPRESSION_MASK | _SIGNED):
+            raise BadEntry(f"unknown flags {flags:#x}")
+        if flags & _SIGNED:
+            if self.secret is None:
+                raise BadEntry("signed entry but no secret is configured")
+            sig = data[2 : 2 + SIG_LEN]
+            body = data[2 + SIG_LEN :]
+            if len(sig) != SIG_LEN or not hmac.compare_digest(sig, self._sign(key, data[:2], body)):
+                raise BadEntry("wrong signature")
+        else:
+            if self.secret is not None:
+                raise BadEntry("unsigned entry but a secret is configured")
+            body = data[2:]
+        compression = flags & _COMPRESSION_MASK
+        if compression == COMPRESS_NONE:
+            return body
+        if compression == COMPRESS_ZLIB:
+            try:
+                d = zlib.decompressobj()
+                out = d.decompress(body, MAX_BODY_SIZE)
+            except zlib.error as exc:
+                raise BadEntry(f"corrupt zlib body: {exc}") from exc
+            if d.unconsumed_tail or not d.eof:
+                raise BadEntry("zlib body truncated or larger than the limit")
+            return out
+        if compression == COMPRESS_ZSTD:
+            if self._decompress_zstd is None:  # type: ignore[attr-defined]
+                raise BadEntry("zstd entry but the zstandard package is not installed")
+            try:
+                return self._decompress_zstd(body)  # type: ignore[attr-defined,no-any-return]
+            except Exception as exc:
+                raise BadEntry(f"corrupt zstd body: {exc}") from exc
+        raise BadEntry(f"unknown compression {compression}")
+
+    def encode(self, key: str, value: Any) -> bytes:
+        """:func:`pack_value` then :meth:`seal`."""
+        return self.seal(key, pack_value(value))
+
+    def decode(self, key: str, data: bytes) -> Any:
+        """:meth:`open` then :func:`unpack_value`."""
+        return unpack_value(self.open(key, data))

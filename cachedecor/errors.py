@@ -1,0 +1,51 @@
+"""Exceptions raised by cachedecor.
+
+Every exception derives from :class:`CacheError`. Configuration and usage
+mistakes are raised early and loudly; failures of the cache infrastructure
+(a server down, slow, or holding garbage) are never raised into the caller of a
+decorated function: they are logged and counted instead (see :mod:`cachedecor.stats`).
+"""
+
+from __future__ import annotations
+
+__all__ = ["CacheError", "ConfigError", "InvalidKeyError", "RegionNotConfigured"]
+
+
+class CacheError(Exception):
+    """Root of every exception raised by cachedecor."""
+
+
+class ConfigError(CacheError, ValueError):
+    """The configuration is wrong.
+
+    Raised by :func:`cachedecor.configure_regions` (never later, at the first
+    cache call). The message names the region and the option, and says what was
+    expected.
+    """
+
+
+class RegionNotConfigured(CacheError, LookupError):
+    """A region was used before :func:`cachedecor.configure_regions` configured it.
+
+    Usually the application forgot to call ``configure_regions`` at start-up, or
+    the configuration does not list the region in ``regions``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"cache region {name!r} is not configured: call "
+            f"cachedecor.configure_regions() with a configuration that defines it "
+            f"(e.g. an INI file with 'regions = {name}' and a [cachedecor.{name}] "
+            f"section, or set CACHEDECOR_CONFIG to such a file)"
+        )
+
+
+class InvalidKeyError(CacheError, ValueError):
+    """A primary key cannot be turned into a cache key without ambiguity.
+
+    Raised for a ``None`` inside a primary key, a wrong number of components for
+    a composite key, or a value of a type that has no stable text form. This is
+    a programming error in the caller, so it is raised rather than risking two
+    rows sharing one cache entry.
+    """

@@ -1,0 +1,100 @@
+"""Per-region counters and rate-limited logging of cache failures.
+
+Counters are process-global and cheap (plain integer increments). They are
+read with :func:`stats` and reset with :func:`reset_stats`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+__all__ = ["RegionStats", "reset_stats", "stats"]
+
+log = logging.getLogger("cachedecor")
+
+#: The same failure is logged at most once per this many seconds per region.
+LOG_INTERVAL = 10.0
+
+
+@dataclass
+class RegionStats:
+    """Counters of one region since start-up (or the last :func:`reset_stats`)."""
+
+    hits: int = 0
+    """Entries served from the cache."""
+    misses: int = 0
+    """Keys not found (or found unusable) that were read from the database."""
+    fills: int = 0
+    """Entries written to the cache after a miss."""
+    errors: int = 0
+    """Backend failures (down, timeout, refused) that fell through to the database."""
+    bad_entries: int = 0
+    """Entries that failed to decode or verify; each was deleted and treated as a miss."""
+    invalidations: int = 0
+    """Keys deleted because their rows changed."""
+    bypasses: int = 0
+    """Reads that skipped the cache because the session has uncommitted writes."""
+    lease_wins: int = 0
+    """Misses that took the fill lease for their key."""
+    lease_losses: int = 0
+    """Misses whose fill was refused because the key was invalidated or re-leased meanwhile."""
+    lease_waits: int = 0
+    """Misses that found another process filling the key and waited for it."""
+    oversized: int = 0
+    """Entries not cached because they exceed the region's ``max_entry_size``."""
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict."""
+        return asdict(self)
+
+
+_counters: defaultdict[str, RegionStats] = defaultdict(RegionStats)
+_last_logged: dict[tuple[str, str], float] = {}
+_log_lock = threading.Lock()
+
+
+def counters(region: str) -> RegionStats:
+    """The live counter object of ``region`` (created on first use)."""
+    return _counters[region]
+
+
+def stats(region: str | None = None) -> dict[str, dict[str, int]]:
+    """Return the counters of every region (or of ``region`` only), by region name.
+
+    >>> import cachedecor
+    >>> sorted(cachedecor.stats("default")["default"])[:3]
+    ['bad_entries', 'bypasses', 'errors']
+    """
+    if region is not None:
+        return {region: _counters[region].as_dict()}
+    return {name: c.as_dict() for name, c in sorted(_counters.items())}
+
+
+def reset_stats() -> None:
+    """Set every counter back to zero (for tests and benchmarks)."""
+    for c in _counters.values():
+        for name in c.__dataclass_fields__:
+            setattr(c, name, 0)
+    with _log_lock:
+        _last_logged.clear()
+
+
+def log_failure(region: str, what: str, exc: BaseException | str) -> None:
+    """Log a cache failure, at most once per :data:`LOG_INTERVAL` per region and kind."""
+    now = time.monotonic()
+    key = (region, what)
+    with _log_lock:
+        last = _last_logged.get(key)
+        if last is not None and now - last < LOG_INTERVAL:
+            return
+        _last_logged[key] = now
+    log.warning(
+        "cache region %r: %s failed (%s); falling through to the database",
+        region,
+        what,
+        exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}",
+    )
