@@ -8,9 +8,9 @@ its transaction commits. Regions are dogpile.cache regions configured by
 
 from cachedecor.codec import Codec
 from cachedecor.config import configure_regions, get_region, reset
-from cachedecor.errors import CacheError, ConfigError, InvalidKeyError, RegionNotConfigured
+from cachedecor.errors import CacheError, ConfigError, InvalidKeyError, RegionNotConfigured, UsageError
 from cachedecor.keys import key_for
-from cachedecor.read import CachedFunction, UsageError, cached_by_pk
+from cachedecor.read import CachedFunction, cached_by_pk
 from cachedecor.stats import RegionStats, reset_stats, stats
 from cachedecor.write import invalidate, invalidate_many, invalidates
 

@@ -8,7 +8,7 @@ decorated function: they are logged and counted instead (see :mod:`cachedecor.st
 
 from __future__ import annotations
 
-__all__ = ["CacheError", "ConfigError", "InvalidKeyError", "RegionNotConfigured"]
+__all__ = ["CacheError", "ConfigError", "InvalidKeyError", "RegionNotConfigured", "UsageError"]
 
 
 class CacheError(Exception):
@@ -48,4 +48,13 @@ class InvalidKeyError(CacheError, ValueError):
     a composite key, or a value of a type that has no stable text form. This is
     a programming error in the caller, so it is raised rather than risking two
     rows sharing one cache entry.
+    """
+
+
+class UsageError(CacheError, TypeError):
+    """A decorated function was used in a way cachedecor cannot cache correctly.
+
+    For example it returned an object that is not an instance of the model, or a
+    row whose primary key is not the one it was asked for. Raised on the first
+    call that shows the mistake, which is the first call on an empty cache.
     """

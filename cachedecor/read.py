@@ -23,22 +23,14 @@ from cachedecor import stats as _stats
 from cachedecor.backends import PartialResult, is_lease
 from cachedecor.binding import CallBinding
 from cachedecor.codec import BadEntry, UnencodableValue
-from cachedecor.errors import CacheError, RegionNotConfigured
+from cachedecor.errors import RegionNotConfigured, UsageError
 from cachedecor.keys import KeyMaker, key_maker
 from cachedecor.rows import ModelPlan, model_plan
 from cachedecor.write import invalidate_many, register_cached, session_tracker
 
-__all__ = ["CachedFunction", "UsageError", "cached_by_pk"]
+__all__ = ["CachedFunction", "cached_by_pk"]
 
 R = TypeVar("R")
-
-
-class UsageError(CacheError, TypeError):
-    """A decorated function was used in a way cachedecor cannot cache correctly.
-
-    For example it returned an object that is not an instance of the model, or a
-    row whose primary key is not the one it was asked for.
-    """
 
 
 class _Resolved:

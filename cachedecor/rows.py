@@ -93,6 +93,9 @@ class ModelPlan:
             [None] * len(mapper.primary_key)
         )[0]
         self.pk_getter = mapper.primary_key_from_instance
+        # columns the decorated model itself loads (not deferred): they must be loaded
+        # for an instance to be cached; a subclass's own columns may still be pending
+        self.required = frozenset(p.key for p in mapper.column_attrs if not p.deferred)
 
     # -- instance -> payload ------------------------------------------------------------
 
@@ -106,9 +109,21 @@ class ModelPlan:
         if index is None:
             return None
         state = instance_state(obj)
-        if state.key is None or state.modified or state.expired_attributes or state.deleted:
+        if state.key is None or state.modified or state.deleted:
             return None
         plan = self.plans[index]
+        expired = state.expired_attributes
+        if expired:
+            if not expired.isdisjoint(self.required):
+                return None  # expired (e.g. by a commit): its values are not known
+            # a joined subclass's columns not fetched by the base query: load them now,
+            # inside the lease, so that hits carry the whole row
+            try:
+                getattr(obj, next(iter(expired)))
+            except Exception:
+                return None
+            if state.expired_attributes:
+                return None
         d = state.dict
         values = [d.get(k, ABSENT) for k in plan.keys]
         for i, enc in plan.encoders:

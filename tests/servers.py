@@ -1,0 +1,117 @@
+"""Real servers for the tests: memcached processes we start, PostgreSQL and Redis we find.
+
+A server that is missing makes its tests skip, except under ``CI=true`` where the
+environment promises every server and a missing one is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PG_URL = os.environ.get("CACHEDECOR_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("CACHEDECOR_TEST_REDIS", "redis://127.0.0.1:6379/15")
+
+
+def unavailable(what: str) -> None:
+    """Skip the test, or fail it where CI promises the server."""
+    if IN_CI:
+        pytest.fail(f"{what} (CI=true: required servers must be present)")
+    pytest.skip(what)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    """Block until something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s") from None
+            time.sleep(0.01)
+
+
+def memcached_binary() -> str | None:
+    return shutil.which("memcached") or ("/usr/bin/memcached" if os.path.exists("/usr/bin/memcached") else None)
+
+
+class Memcached:
+    """A memcached process on a free loopback port that tests can kill, pause and restart."""
+
+    def __init__(self, port: int | None = None, *, threads: int = 1, item_size: str | None = None) -> None:
+        binary = memcached_binary()
+        if binary is None:
+            unavailable("memcached is not installed (make test installs it)")
+        self.binary = binary
+        self.port = port or free_port()
+        self.threads = threads
+        self.item_size = item_size
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        cmd = [self.binary, "-l", "127.0.0.1", "-p", str(self.port), "-U", "0", "-t", str(self.threads), "-m", "64"]
+        if self.item_size:
+            cmd += ["-I", self.item_size]
+        if os.geteuid() == 0:
+            cmd += ["-u", "root"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_for_port(self.port)
+        except TimeoutError:
+            self.proc.kill()
+            err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+            raise RuntimeError(f"memcached did not start on port {self.port}: {err}") from None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        self.kill()
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+@contextmanager
+def running_memcached(**kwargs: object) -> Iterator[Memcached]:
+    server = Memcached(**kwargs)  # type: ignore[arg-type]
+    try:
+        yield server
+    finally:
+        server.stop()
