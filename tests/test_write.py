@@ -1,0 +1,344 @@
+"""@invalidates and direct invalidation: which entries go, and when."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import delete, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+import cachedecor
+from cachedecor import cached_by_pk, invalidates
+from tests.conftest import SQLCounter, once
+from tests.models import Employee, Manager, Membership, Post, User
+
+
+@cached_by_pk(User)
+def get_user(session: Session, user_id: int) -> User | None:
+    return session.get(User, user_id)
+
+
+@cached_by_pk(User, region="second")
+def get_user_elsewhere(session: Session, user_id: int) -> User | None:
+    return session.get(User, user_id)
+
+
+@cached_by_pk(Employee)
+def get_employee(session: Session, employee_id: int) -> Employee | None:
+    return session.get(Employee, employee_id)
+
+
+@cached_by_pk(Membership)
+def get_membership(session: Session, key: tuple[str, int]) -> Membership | None:
+    return session.get(Membership, key)
+
+
+@invalidates(User)
+def rename_user(session: Session, user_id: int, name: str) -> None:
+    user = session.get(User, user_id)
+    assert user is not None
+    user.name = name
+    session.commit()
+
+
+@invalidates(User)
+def rename_without_commit(session: Session, user_id: int, name: str) -> None:
+    user = session.get(User, user_id)
+    assert user is not None
+    user.name = name
+    session.flush()
+
+
+@invalidates(User)
+def rename_without_flush(session: Session, user_id: int, name: str) -> None:
+    user = session.get(User, user_id)
+    assert user is not None
+    user.name = name
+
+
+@invalidates(User)
+def delete_user(session: Session, user_id: int) -> None:
+    session.execute(delete(Post).where(Post.user_id == user_id))
+    user = session.get(User, user_id)
+    session.delete(user)
+    session.commit()
+
+
+@invalidates(User)
+def create_user(session: Session, user_id: int) -> None:
+    session.add(User(id=user_id, name=f"new{user_id}"))
+    session.commit()
+
+
+@invalidates(User)
+def bulk_rename(session: Session, below: int, name: str) -> None:
+    session.execute(update(User).where(User.id < below).values(name=name))
+
+
+@invalidates(User)
+def bulk_delete(session: Session, user_id: int) -> None:
+    session.execute(delete(Post).where(Post.user_id == user_id))
+    session.execute(delete(User).where(User.id == user_id))
+
+
+@invalidates(User)
+def rename_by_pk_executemany(session: Session, names: dict[int, str]) -> None:
+    session.execute(update(User), [{"id": k, "name": v} for k, v in names.items()])
+
+
+@invalidates(User, pk="user_id")
+def touch_user_raw(session: Session, user_id: int) -> None:
+    # a write cachedecor cannot see (plain SQL), covered by pk=
+    session.connection().exec_driver_sql(
+        "UPDATE cd_users SET name = 'raw' WHERE id = %d" % int(user_id)  # noqa: UP031
+    )
+
+
+@invalidates(Post)
+def rename_post(session: Session, post_id: int) -> None:
+    post = session.get(Post, post_id)
+    assert post is not None
+    post.title = "changed"
+    post.user.name = "changed through a post"
+    session.commit()
+
+
+def name_in_db(engine: Engine, user_id: int) -> str | None:
+    with Session(engine) as s:
+        return s.scalar(select(User.name).where(User.id == user_id))
+
+
+@pytest.fixture
+def users(engine: Engine, backend: str) -> Engine:
+    with Session(engine) as s:
+        s.add_all([User(id=i, name=f"user{i}") for i in range(1, 6)])
+        s.add_all([Post(id=10 * i, user_id=i, title="t") for i in range(1, 6)])
+        s.commit()
+    for i in range(1, 6):
+        once(engine, get_user, i)
+    return engine
+
+
+def cached_name(engine: Engine, user_id: int) -> str:
+    user = once(engine, get_user, user_id)
+    assert user is not None
+    return user.name
+
+
+class TestAfterCommit:
+    def test_a_committed_change_is_read_back_new(self, users: Engine) -> None:
+        once(users, rename_user, 1, "renamed")
+        assert cached_name(users, 1) == "renamed"
+        assert cachedecor.stats()["default"]["invalidations"] >= 1
+
+    def test_other_rows_stay_cached(self, users: Engine, sql: SQLCounter) -> None:
+        once(users, rename_user, 1, "renamed")
+        sql.reset()
+        assert cached_name(users, 2) == "user2"
+        assert sql.count == 0
+
+    def test_invalidation_waits_for_the_callers_commit(self, users: Engine) -> None:
+        with Session(users) as writer:
+            rename_without_commit(writer, 1, "pending")
+            # not committed yet: others still read the committed (cached) row
+            assert cached_name(users, 1) == "user1"
+            writer.commit()
+        assert cached_name(users, 1) == "pending"
+
+    def test_changes_flushed_by_the_caller_after_the_function_returned(self, users: Engine) -> None:
+        with Session(users) as writer:
+            rename_without_flush(writer, 1, "late flush")
+            writer.commit()
+        assert cached_name(users, 1) == "late flush"
+
+    def test_rollback_invalidates_nothing(self, users: Engine, sql: SQLCounter) -> None:
+        with Session(users) as writer:
+            rename_without_commit(writer, 1, "rolled back")
+            writer.rollback()
+        sql.reset()
+        assert cached_name(users, 1) == "user1"
+        assert sql.count == 0
+        assert cachedecor.stats()["default"]["invalidations"] == 0
+
+    def test_a_later_commit_in_the_same_session_does_not_replay_a_rolled_back_change(
+        self, users: Engine, sql: SQLCounter
+    ) -> None:
+        with Session(users) as s:
+            rename_without_commit(s, 1, "rolled back")
+            s.rollback()
+            s.get(Post, 10).title = "unrelated"  # type: ignore[union-attr]
+            s.commit()
+        assert cachedecor.stats()["default"]["invalidations"] == 0
+        sql.reset()
+        assert cached_name(users, 1) == "user1"
+        assert sql.count == 0
+
+    def test_an_exception_in_the_function_then_rollback_invalidates_nothing(self, users: Engine) -> None:
+        @invalidates(User)
+        def fails(session: Session) -> None:
+            session.get(User, 1).name = "never"  # type: ignore[union-attr]
+            session.flush()
+            raise RuntimeError("boom")
+
+        with Session(users) as writer, pytest.raises(RuntimeError):
+            fails(writer)
+        assert cachedecor.stats()["default"]["invalidations"] == 0
+        assert cached_name(users, 1) == "user1"
+
+    def test_delete_invalidates(self, users: Engine) -> None:
+        once(users, delete_user, 2)
+        assert once(users, get_user, 2) is None
+
+    def test_insert_invalidates_a_cached_none(self, engine: Engine, backend: str) -> None:
+        @cached_by_pk(User, cache_none=True)
+        def get_or_none(session: Session, user_id: int) -> User | None:
+            return session.get(User, user_id)
+
+        assert once(engine, get_or_none, 42) is None
+        once(engine, create_user, 42)
+        assert once(engine, get_or_none, 42).name == "new42"
+
+    def test_only_the_named_models_are_tracked(self, users: Engine) -> None:
+        once(users, rename_post, 10)
+        # the user row changed too, but the function only invalidates Post
+        assert cached_name(users, 1) == "user1"
+        assert name_in_db(users, 1) == "changed through a post"
+
+    def test_every_region_caching_the_model_is_invalidated(self, users: Engine) -> None:
+        cachedecor.configure_regions({"regions": {"second": {"backend": "dogpile.cache.memory"}}})
+        assert once(users, get_user_elsewhere, 1).name == "user1"
+        once(users, rename_user, 1, "everywhere")
+        assert once(users, get_user_elsewhere, 1).name == "everywhere"
+        assert cached_name(users, 1) == "everywhere"
+
+    def test_subclass_rows_invalidate_entries_of_the_base_model(self, engine: Engine, backend: str) -> None:
+        with Session(engine) as s:
+            s.add(Manager(id=1, name="boss", budget=1))
+            s.commit()
+        assert once(engine, get_employee, 1).budget == 1
+
+        @invalidates(Manager)
+        def raise_budget(session: Session) -> None:
+            session.get(Manager, 1).budget = 2  # type: ignore[union-attr]
+            session.commit()
+
+        once(engine, raise_budget)
+        assert once(engine, get_employee, 1).budget == 2
+
+    def test_composite_keys_are_invalidated(self, engine: Engine, backend: str) -> None:
+        with Session(engine) as s:
+            s.add(Membership(tenant="acme", id=1, role="user"))
+            s.commit()
+        assert once(engine, get_membership, ("acme", 1)).role == "user"
+
+        @invalidates(Membership)
+        def promote(session: Session) -> None:
+            session.get(Membership, ("acme", 1)).role = "admin"  # type: ignore[union-attr]
+            session.commit()
+
+        once(engine, promote)
+        assert once(engine, get_membership, ("acme", 1)).role == "admin"
+
+
+class TestBulkStatements:
+    def test_bulk_update_invalidates_every_affected_row(self, users: Engine, sql: SQLCounter) -> None:
+        with Session(users) as s:
+            bulk_rename(s, 4, "bulk")
+            s.commit()
+        assert [cached_name(users, i) for i in range(1, 6)] == ["bulk"] * 3 + ["user4", "user5"]
+
+    def test_bulk_delete_invalidates(self, users: Engine) -> None:
+        with Session(users) as s:
+            bulk_delete(s, 3)
+            s.commit()
+        assert once(users, get_user, 3) is None
+
+    def test_bulk_update_by_primary_key_invalidates_those_rows(self, users: Engine) -> None:
+        with Session(users) as s:
+            rename_by_pk_executemany(s, {1: "a", 5: "e"})
+            s.commit()
+        assert [cached_name(users, i) for i in (1, 2, 5)] == ["a", "user2", "e"]
+
+    def test_bulk_update_rolled_back_invalidates_nothing(self, users: Engine) -> None:
+        with Session(users) as s:
+            bulk_rename(s, 4, "bulk")
+            s.rollback()
+        assert cachedecor.stats()["default"]["invalidations"] == 0
+
+
+class TestReadYourWrites:
+    def test_reads_in_the_writing_transaction_see_its_own_writes(self, users: Engine) -> None:
+        with Session(users) as s:
+            rename_without_commit(s, 1, "mine")
+            assert get_user(s, 1).name == "mine"
+            s.rollback()
+
+    def test_reads_in_the_writing_transaction_fill_nothing(self, users: Engine) -> None:
+        get_user.invalidate(1)
+        with Session(users) as s:
+            rename_without_commit(s, 1, "uncommitted")
+            assert get_user(s, 1).name == "uncommitted"
+            # other sessions never see the uncommitted value, from the cache or not
+            assert cached_name(users, 1) == "user1"
+            s.rollback()
+        assert cached_name(users, 1) == "user1"
+        assert cachedecor.stats()["default"]["bypasses"] == 1
+
+    def test_bulk_statement_bypasses_every_row_of_the_model_until_the_end(self, users: Engine) -> None:
+        with Session(users) as s:
+            bulk_rename(s, 3, "bulk")
+            assert get_user(s, 1).name == "bulk"
+            assert get_user(s, 4).name == "user4"
+            assert cachedecor.stats()["default"]["bypasses"] == 2
+            s.commit()
+        cachedecor.reset_stats()
+        assert cached_name(users, 4) == "user4"
+        assert cachedecor.stats()["default"]["bypasses"] == 0
+        assert cachedecor.stats()["default"]["hits"] == 1
+
+    def test_after_commit_and_return_the_same_process_reads_the_new_row(self, users: Engine) -> None:
+        with Session(users) as s:
+            rename_user(s, 2, "fresh")
+            assert get_user(s, 2).name == "fresh"
+        assert cached_name(users, 2) == "fresh"
+
+
+class TestExplicitKeys:
+    def test_pk_argument_is_invalidated_after_commit(self, users: Engine) -> None:
+        with Session(users) as s:
+            touch_user_raw(s, 3)
+            assert cached_name(users, 3) == "user3"  # not committed: entry kept
+            s.commit()
+        assert cached_name(users, 3) == "raw"
+
+    def test_pk_argument_is_dropped_on_rollback(self, users: Engine) -> None:
+        with Session(users) as s:
+            touch_user_raw(s, 3)
+            s.rollback()
+        assert cachedecor.stats()["default"]["invalidations"] == 0
+
+    def test_invalidate_deletes_now(self, users: Engine, sql: SQLCounter) -> None:
+        cachedecor.invalidate(User, 4)
+        sql.reset()
+        assert cached_name(users, 4) == "user4"
+        assert sql.selects() == 1
+
+    def test_invalidate_many_deletes_each_key(self, users: Engine, sql: SQLCounter) -> None:
+        cachedecor.invalidate_many(User, [1, 2])
+        sql.reset()
+        for i in (1, 2, 3):
+            cached_name(users, i)
+        assert sql.selects() == 2
+        assert cachedecor.stats()["default"]["invalidations"] == 2
+
+    def test_invalidate_with_a_session_waits_for_its_commit(self, users: Engine, sql: SQLCounter) -> None:
+        with Session(users) as s:
+            s.get(User, 1)  # begins the transaction
+            cachedecor.invalidate(User, 1, session=s)
+            assert cachedecor.stats()["default"]["invalidations"] == 0
+            s.commit()
+        assert cachedecor.stats()["default"]["invalidations"] == 1
+
+    def test_pk_needs_a_model(self) -> None:
+        with pytest.raises(TypeError, match="model"):
+            invalidates(pk="user_id")
