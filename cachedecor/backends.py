@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from dogpile.cache.api import NO_VALUE, DefaultSerialization
@@ -212,9 +212,7 @@ class MemcachedCluster:
     def set(self, key: str, value: Any, expire: int = 0, noreply: bool | None = None) -> bool:
         return bool(self._call(self.node_for(key), "set", key, value, expire, noreply))
 
-    def set_many(
-        self, values: dict[str, Any], expire: int = 0, noreply: bool | None = None
-    ) -> list[str]:
+    def set_many(self, values: dict[str, Any], expire: int = 0, noreply: bool | None = None) -> list[str]:
         failed: list[str] = []
         for node, group in self._by_node(values).items():
             failed += self._call(node, "set_many", {k: values[k] for k in group}, expire, noreply)
@@ -226,9 +224,7 @@ class MemcachedCluster:
         return bool(self._call(self.node_for(key), "add", key, value, expire, noreply))
 
     def cas(self, key: str, value: Any, cas: Any, expire: int = 0) -> bool | None:
-        result: bool | None = self._call(
-            self.node_for(key), "cas", key, value, cas, expire, False
-        )
+        result: bool | None = self._call(self.node_for(key), "cas", key, value, cas, expire, False)
         return result
 
     def delete(self, key: str, noreply: bool | None = None) -> bool:
@@ -327,7 +323,9 @@ class PyMemcacheBackend(DefaultSerialization, _DogpilePyMemcacheBackend):  # typ
         args = {**MEMCACHED_DEFAULTS, **arguments}
         if "hashclient_dead_timeout" in arguments and "dead_timeout" not in arguments:
             args["dead_timeout"] = arguments["hashclient_dead_timeout"]
-        super().__init__({k: v for k, v in args.items() if k not in MEMCACHED_DEFAULTS})
+        super().__init__(  # type: ignore[no-untyped-call]
+            {k: v for k, v in args.items() if k not in MEMCACHED_DEFAULTS}
+        )
         self.connect_timeout = float(args["connect_timeout"])
         self.timeout = float(args["timeout"])
         self.no_delay = bool(args["no_delay"])
@@ -359,15 +357,16 @@ class PyMemcacheBackend(DefaultSerialization, _DogpilePyMemcacheBackend):  # typ
         value = self.client.get(key)
         return NO_VALUE if value is None else value
 
-    def get_serialized_multi(self, keys: Sequence[str]) -> list[Any]:
+    def get_serialized_multi(self, keys: Iterable[str]) -> list[Any]:
+        keys = list(keys)
         values = self.client.get_many(keys)
         return [values.get(k, NO_VALUE) for k in keys]
 
     def set_serialized(self, key: str, value: bytes) -> None:
         self.client.set(key, value, **self.set_arguments)
 
-    def set_serialized_multi(self, mapping: dict[str, bytes]) -> None:
-        self.client.set_many(mapping, **self.set_arguments)
+    def set_serialized_multi(self, mapping: Mapping[str, bytes]) -> None:
+        self.client.set_many(dict(mapping), **self.set_arguments)
 
 
 # --------------------------------------------------------------------------------------
@@ -562,7 +561,7 @@ class RedisStore(Store):
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         if not keys:
             return {}
-        return {k: v for k, v in zip(keys, self.reader.mget(keys)) if v is not None}
+        return {k: v for k, v in zip(keys, self.reader.mget(keys), strict=True) if v is not None}
 
     def lease(self, key: str, ttl: int) -> Any:
         marker = new_lease_marker()

@@ -21,7 +21,9 @@ def main() -> None:
 
 @main.command()
 @click.option("--database", metavar="URL", help="SQLAlchemy URL (default: a temporary SQLite file).")
-@click.option("--memcached", metavar="HOST:PORT", help="Use this memcached server instead of the memory backend.")
+@click.option(
+    "--memcached", metavar="HOST:PORT", help="Use this memcached server instead of the memory backend."
+)
 @click.option("--rows", default=100, show_default=True, help="Rows to create.")
 @click.option("--repeat", default=300, show_default=True, help="Samples for the timing comparison.")
 def demo(database: str | None, memcached: str | None, rows: int, repeat: int) -> None:
@@ -77,7 +79,10 @@ def invalidate(config_path: str | None, model: str, pks: tuple[str, ...]) -> Non
     keys: list[Any] = []
     for raw in pks:
         parts = raw.split(",")
-        values = [col.type.python_type(p) if _simple(col) else p for col, p in zip(mapper.primary_key, parts)]
+        values = [
+            col.type.python_type(p) if _simple(col) else p
+            for col, p in zip(mapper.primary_key, parts, strict=False)
+        ]
         keys.append(tuple(values) if len(values) > 1 else values[0])
     cachedecor.invalidate_many(cls, keys)
     click.echo(f"invalidated {len(keys)} key(s) of {cls.__name__}")

@@ -132,9 +132,7 @@ def _default(value: Any) -> msgpack.ExtType:
         ]
         return msgpack.ExtType(EXT_TIME, msgpack.packb(spec))
     if isinstance(value, datetime.timedelta):
-        return msgpack.ExtType(
-            EXT_TIMEDELTA, msgpack.packb([value.days, value.seconds, value.microseconds])
-        )
+        return msgpack.ExtType(EXT_TIMEDELTA, msgpack.packb([value.days, value.seconds, value.microseconds]))
     if isinstance(value, decimal.Decimal):
         return msgpack.ExtType(EXT_DECIMAL, str(value).encode())
     if isinstance(value, uuid.UUID):
@@ -142,9 +140,9 @@ def _default(value: Any) -> msgpack.ExtType:
     if isinstance(value, int):  # beyond 64 bits (smaller ints never reach here)
         return msgpack.ExtType(EXT_BIGINT, str(int(value)).encode())
     if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)  # type: ignore[return-value]
+        return bytes(value)
     if isinstance(value, tuple):
-        return list(value)  # type: ignore[return-value]
+        return list(value)
     raise UnencodableValue(f"cannot cache a value of type {type(value).__name__}")
 
 
@@ -183,7 +181,8 @@ def pack_value(value: Any) -> bytes:
     Raises :class:`UnencodableValue` for a value with no safe encoding.
     """
     try:
-        return msgpack.packb(value, **_packer_options)
+        packed: bytes = msgpack.packb(value, **_packer_options)
+        return packed
     except UnencodableValue:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
@@ -232,20 +231,15 @@ class Codec:
 
     def __post_init__(self) -> None:
         if self.compression not in ("zlib", "zstd", "none"):
-            raise ConfigError(
-                f"compression must be one of zlib, zstd, none; got {self.compression!r}"
-            )
+            raise ConfigError(f"compression must be one of zlib, zstd, none; got {self.compression!r}")
         if self.compress_threshold < 0:
-            raise ConfigError(
-                f"compress_threshold must be 0 or more bytes; got {self.compress_threshold}"
-            )
+            raise ConfigError(f"compress_threshold must be 0 or more bytes; got {self.compress_threshold}")
         level = self.compress_level
         if level is not None:
             low, high = (-1, 9) if self.compression == "zlib" else (-7, 22)
             if self.compression != "none" and not low <= level <= high:
                 raise ConfigError(
-                    f"compress_level for {self.compression} must be between {low} and {high}; "
-                    f"got {level}"
+                    f"compress_level for {self.compression} must be between {low} and {high}; got {level}"
                 )
         compress: Callable[[bytes], bytes] | None = None
         decompress_zstd: Callable[[bytes], bytes] | None = None

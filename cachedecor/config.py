@@ -38,7 +38,9 @@ __all__ = [
 #: Environment variable naming the INI file used by ``configure_regions(None)``.
 ENV_VAR = "CACHEDECOR_CONFIG"
 
-dogpile.cache.register_backend("cachedecor.pymemcache", "cachedecor.backends", "PyMemcacheBackend")
+dogpile.cache.register_backend(  # type: ignore[no-untyped-call]
+    "cachedecor.pymemcache", "cachedecor.backends", "PyMemcacheBackend"
+)
 
 #: Backends that cachedecor replaces by its own implementation, and why: dogpile's
 #: pymemcache backend drops connect_timeout/timeout, so a hung server blocks forever.
@@ -71,9 +73,9 @@ _VALKEY_ARGUMENTS = {
     **{k: v for k, v in _REDIS_ARGUMENTS.items() if k != "redis_expiration_time"},
     "valkey_expiration_time": int,
 }
-_SENTINEL = {"sentinels": object, "service_name": str, "sentinel_kwargs": object}
-_CLUSTER = {"startup_nodes": object}
-_MEMORY = {"cache_dict": object}
+_SENTINEL: dict[str, type] = {"sentinels": object, "service_name": str, "sentinel_kwargs": object}
+_CLUSTER: dict[str, type] = {"startup_nodes": object}
+_MEMORY: dict[str, type] = {"cache_dict": object}
 
 #: Arguments accepted by each backend cachedecor supports, with their types.
 BACKEND_ARGUMENTS: dict[str, dict[str, type]] = {
@@ -195,9 +197,7 @@ class _Parsed:
 
 def _check_name(name: str, origin: str) -> str:
     if not name or not all(c.isalnum() or c in "_-" for c in name):
-        raise ConfigError(
-            f"{origin}: region name {name!r} must be letters, digits, '_' or '-'"
-        )
+        raise ConfigError(f"{origin}: region name {name!r} must be letters, digits, '_' or '-'")
     return name
 
 
@@ -230,7 +230,7 @@ def _from_flat(settings: Mapping[str, Any], prefix: str) -> _Parsed:
 
 def _from_nested(source: Mapping[str, Any]) -> _Parsed:
     parsed = _Parsed()
-    for key, value in source.items():
+    for key in source:
         if key not in _GLOBAL_OPTIONS:
             raise ConfigError(
                 f"unknown top-level option {key!r}: expected 'regions' (a dict of regions) "
@@ -302,9 +302,7 @@ def _parse(source: Any, prefix: str) -> _Parsed:
         if "regions" in source and isinstance(source["regions"], Mapping):
             return _from_nested(source)
         return _from_flat(source, prefix)
-    raise ConfigError(
-        f"configure_regions() takes an INI path, a dict or None, not {type(source).__name__}"
-    )
+    raise ConfigError(f"configure_regions() takes an INI path, a dict or None, not {type(source).__name__}")
 
 
 # --------------------------------------------------------------------------------------
@@ -314,11 +312,10 @@ def _parse(source: Any, prefix: str) -> _Parsed:
 def _region_names(parsed: _Parsed, prefix: str) -> list[str]:
     listed = parsed.globals.get("regions")
     if listed is None:
-        names = list(parsed.regions)
-        if not names:
+        if not parsed.regions:
             raise ConfigError(f"no regions are configured: set {prefix}regions and define each region")
-        return names
-    names = _coerce(listed, list, f"{prefix}regions")
+        return list(parsed.regions)
+    names: list[str] = _coerce(listed, list, f"{prefix}regions")
     for name in names:
         _check_name(name, f"{prefix}regions")
         if name not in parsed.regions:
@@ -329,8 +326,7 @@ def _region_names(parsed: _Parsed, prefix: str) -> list[str]:
     for name in parsed.regions:
         if name not in names:
             raise ConfigError(
-                f"region {name!r} is defined but not listed in {prefix}regions "
-                f"(listed: {', '.join(names)})"
+                f"region {name!r} is defined but not listed in {prefix}regions (listed: {', '.join(names)})"
             )
     return names
 
@@ -338,7 +334,7 @@ def _region_names(parsed: _Parsed, prefix: str) -> list[str]:
 def _check_backend(name: str, backend: str, prefix: str) -> str:
     backend = _SUBSTITUTES.get(backend, backend)
     try:
-        dogpile.cache.region._backend_loader.load(backend)
+        dogpile.cache.region._backend_loader.load(backend)  # type: ignore[attr-defined,no-untyped-call]
     except PluginLoader.NotFound:
         raise ConfigError(
             f"{prefix}{name}.backend: unknown backend {backend!r}; supported: "

@@ -121,7 +121,8 @@ def run_demo(
     say(f"cache:    {region['backend']} {memcached or '(in-process)'}")
     with Session(engine) as s:
         s.add_all(
-            Person(id=i, name=f"Person {i}", email=f"p{i}@example.org", city="Lyon") for i in range(1, rows + 1)
+            Person(id=i, name=f"Person {i}", email=f"p{i}@example.org", city="Lyon")
+            for i in range(1, rows + 1)
         )
         s.commit()
     if memcached:
@@ -164,7 +165,7 @@ def run_demo(
     with Session(engine) as s:
         step("get_people([1..10]) again (all hits)", lambda: len(get_people(s, list(range(1, 11)))))
 
-    say("\n5. what a hit costs against a database read (median of %d)" % repeat)
+    say(f"\n5. what a hit costs against a database read (median of {repeat})")
     for i in range(2, 12):
         read(i)
 

@@ -217,7 +217,6 @@ def key_for(model: Any, pk: Any, *, namespace: str = DEFAULT_NAMESPACE) -> str:
     return key_maker(model, namespace)(pk)
 
 
-
 _PLAIN_KEY = re.compile(r"^[\x21-\x7e]{1,250}$")
 _UNSAFE_CHAR = re.compile(r"[^\x21-\x7e]")
 

@@ -12,7 +12,7 @@ import functools
 import time
 import types
 from collections.abc import Callable, Iterable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import sqlalchemy
 from dogpile.cache import CacheRegion
@@ -68,6 +68,7 @@ class CachedFunction(Generic[R]):
         cache_none: bool,
     ) -> None:
         functools.update_wrapper(self, fn)
+        self._name: str = getattr(fn, "__qualname__", repr(fn))
         self.__wrapped__ = fn
         self.model = model
         self.region_name = region
@@ -76,7 +77,9 @@ class CachedFunction(Generic[R]):
         if expiration_time is not None and (
             isinstance(expiration_time, bool) or not isinstance(expiration_time, int) or expiration_time < 0
         ):
-            raise TypeError(f"expiration_time must be a whole number of seconds >= 0, got {expiration_time!r}")
+            raise TypeError(
+                f"expiration_time must be a whole number of seconds >= 0, got {expiration_time!r}"
+            )
         self.expiration_time = expiration_time
         self.binding = CallBinding(fn, pk)
         if many and self.binding.composite:
@@ -109,7 +112,7 @@ class CachedFunction(Generic[R]):
         return types.MethodType(self, obj)
 
     def __repr__(self) -> str:
-        return f"<cached_by_pk {self.__qualname__} of {self.model.__name__} in region {self.region_name!r}>"
+        return f"<cached_by_pk {self._name} of {self.model.__name__} in region {self.region_name!r}>"
 
     # -- resolution ---------------------------------------------------------------------
 
@@ -226,7 +229,7 @@ class CachedFunction(Generic[R]):
         assert self._plan is not None
         try:
             ident = (self._plan.identity_class, r.maker.normalize(pk), None)
-            return session.identity_map.get(ident) is not None  # type: ignore[arg-type]
+            return session.identity_map.get(ident) is not None
         except Exception:
             return True
 
@@ -238,12 +241,12 @@ class CachedFunction(Generic[R]):
         assert plan is not None
         if not isinstance(result, self.model):
             raise UsageError(
-                f"{self.__qualname__} is decorated with @cached_by_pk({self.model.__name__}) "
+                f"{self._name} is decorated with @cached_by_pk({self.model.__name__}) "
                 f"but returned {type(result).__name__}; it must return a {self.model.__name__} or None"
             )
         if r.maker(plan.pk_of(result)) != key:
             raise UsageError(
-                f"{self.__qualname__} was asked for the row with key {key!r} but returned "
+                f"{self._name} was asked for the row with key {key!r} but returned "
                 f"{result!r} with primary key {plan.pk_of(result)!r}"
             )
         payload = plan.snapshot(result)
@@ -259,7 +262,9 @@ class CachedFunction(Generic[R]):
             return
         if len(entry) > r.settings.max_entry_size:
             r.counters.oversized += 1
-            _stats.log_failure(r.name, "caching an entry", f"{key} is {len(entry)} bytes, over max_entry_size")
+            _stats.log_failure(
+                r.name, "caching an entry", f"{key} is {len(entry)} bytes, over max_entry_size"
+            )
             self._release(r, key, token)
             return
         try:
@@ -316,7 +321,7 @@ class CachedFunction(Generic[R]):
         requested = binding.pk(args, kwargs)
         if isinstance(requested, (str, bytes)) or not isinstance(requested, Iterable):
             raise TypeError(
-                f"{self.__qualname__} uses many=True: pass an iterable of primary keys, not {requested!r}"
+                f"{self._name} uses many=True: pass an iterable of primary keys, not {requested!r}"
             )
         maker = r.maker
         wanted: dict[str, Any] = {}
@@ -379,10 +384,10 @@ class CachedFunction(Generic[R]):
                     self._release(r, key, token)
                 raise
             assert self._plan is not None
-            for row in rows or ():
+            for row in cast("Iterable[Any]", rows or ()):
                 if not isinstance(row, self.model):
                     raise UsageError(
-                        f"{self.__qualname__} (many=True) returned a {type(row).__name__}; "
+                        f"{self._name} (many=True) returned a {type(row).__name__}; "
                         f"it must return {self.model.__name__} instances"
                     )
                 key = maker(self._plan.pk_of(row))

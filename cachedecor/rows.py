@@ -35,7 +35,7 @@ def _enum_class(col: Any) -> type[enum.Enum] | None:
     impl = getattr(type_, "impl", None)
     for t in (type_, impl):
         if isinstance(t, SAEnum) and t.enum_class is not None:
-            return t.enum_class  # type: ignore[no-any-return]
+            return t.enum_class
     return None
 
 
@@ -89,9 +89,7 @@ class ModelPlan:
         mappers = sorted(mapper.base_mapper.self_and_descendants, key=_qualname)
         self.plans = tuple(ClassPlan(m) for m in mappers)
         self.index_of = {p.cls: i for i, p in enumerate(self.plans)}
-        self.identity_class = mapper.identity_key_from_primary_key(
-            [None] * len(mapper.primary_key)
-        )[0]
+        self.identity_class = mapper.identity_key_from_primary_key(tuple([None] * len(mapper.primary_key)))[0]
         self.pk_getter = mapper.primary_key_from_instance
         # columns the decorated model itself loads (not deferred): they must be loaded
         # for an instance to be cached; a subclass's own columns may still be pending
@@ -162,7 +160,7 @@ class ModelPlan:
                 return existing
         obj = plan.manager.new_instance()
         d = obj.__dict__
-        for key, value in zip(plan.keys, values):
+        for key, value in zip(plan.keys, values, strict=True):
             if value is not ABSENT:
                 d[key] = value
         make_transient_to_detached(obj)
@@ -179,7 +177,7 @@ def _refresh_expired(obj: Any, plan: ClassPlan, values: list[Any]) -> None:
         return
     d = state.dict
     filled = []
-    for key, value in zip(plan.keys, values):
+    for key, value in zip(plan.keys, values, strict=True):
         if key in expired and value is not ABSENT and key not in d:
             d[key] = value
             filled.append(key)

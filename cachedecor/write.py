@@ -45,7 +45,7 @@ def register_cached(model: type, region: str) -> None:
 
 def _related_cached(model: type) -> list[tuple[type, str]]:
     """(cached model, region) pairs whose entries can hold rows of ``model``."""
-    out = []
+    out: list[tuple[type, str]] = []
     for cached, regions in _cached_in.items():
         if issubclass(model, cached) or issubclass(cached, model):
             out.extend((cached, r) for r in sorted(regions))
@@ -55,7 +55,7 @@ def _related_cached(model: type) -> list[tuple[type, str]]:
 def _identity_text(model: type, pk: Any) -> tuple[type, str]:
     """(hierarchy root class, encoded pk): how the tracker names a row."""
     maker = key_maker(model)
-    base = sqlalchemy.inspect(model).base_mapper.class_
+    base: type = sqlalchemy.inspect(model).base_mapper.class_
     return base, maker.encode_pk(pk)
 
 
@@ -145,7 +145,7 @@ class Tracker:
         """Whether a read of this row must bypass the cache in this transaction."""
         if self.bulk and any(issubclass(model, b) or issubclass(b, model) for b in self.bulk):
             return True
-        base = sqlalchemy.inspect(model).base_mapper.class_
+        base: type = sqlalchemy.inspect(model).base_mapper.class_
         return (base, pk_text) in self.written
 
     def clear(self) -> None:
@@ -164,7 +164,8 @@ def _tracker(session: Session) -> Tracker:
 
 def session_tracker(session: Session) -> Tracker | None:
     """The tracker of ``session`` if it has one (read side, hot path)."""
-    return session.info.get(_TRACKER)  # type: ignore[no-any-return]
+    tracker: Tracker | None = session.info.get(_TRACKER)
+    return tracker
 
 
 # --------------------------------------------------------------------------------------
@@ -238,7 +239,9 @@ def _bulk_affected(state: ORMExecuteState, mapper: Mapper[Any]) -> list[tuple[An
         query = query.where(where)
     try:
         rows = state.session.execute(
-            query, params if isinstance(params, dict) else None, execution_options={"cachedecor_internal": True}
+            query,
+            params if isinstance(params, dict) else None,
+            execution_options={"cachedecor_internal": True},
         )
         return [tuple(r) for r in rows]
     except Exception:

@@ -168,9 +168,7 @@ def memcached_config(*urls: str, **options: Any) -> dict[str, Any]:
 
 def redis_config(**options: Any) -> dict[str, Any]:
     return {
-        "regions": {
-            "default": {"backend": "dogpile.cache.redis", "arguments": {"url": REDIS_URL}, **options}
-        }
+        "regions": {"default": {"backend": "dogpile.cache.redis", "arguments": {"url": REDIS_URL}, **options}}
     }
 
 

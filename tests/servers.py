@@ -49,7 +49,9 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 
 
 def memcached_binary() -> str | None:
-    return shutil.which("memcached") or ("/usr/bin/memcached" if os.path.exists("/usr/bin/memcached") else None)
+    return shutil.which("memcached") or (
+        "/usr/bin/memcached" if os.path.exists("/usr/bin/memcached") else None
+    )
 
 
 class Memcached:
@@ -71,7 +73,19 @@ class Memcached:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        cmd = [self.binary, "-l", "127.0.0.1", "-p", str(self.port), "-U", "0", "-t", str(self.threads), "-m", "64"]
+        cmd = [
+            self.binary,
+            "-l",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "0",
+            "-t",
+            str(self.threads),
+            "-m",
+            "64",
+        ]
         if self.item_size:
             cmd += ["-I", self.item_size]
         if os.geteuid() == 0:

@@ -120,8 +120,10 @@ class TestServerDown:
         server.kill()
         with caplog.at_level(logging.ERROR, logger="cachedecor"):
             once(rows, rename_user, 1, "renamed while down")
-        assert any("could not invalidate" in r.getMessage() and get_user.cache_key(1) in r.getMessage()
-                   for r in caplog.records)
+        assert any(
+            "could not invalidate" in r.getMessage() and get_user.cache_key(1) in r.getMessage()
+            for r in caplog.records
+        )
         with Session(rows) as s:
             assert s.get(User, 1).name == "renamed while down"  # type: ignore[union-attr]
 
@@ -221,7 +223,9 @@ class TestGarbage:
 
 
 class TestSigning:
-    def test_changing_the_secret_invalidates_every_entry(self, rows: Engine, cache: Any, sql: SQLCounter) -> None:
+    def test_changing_the_secret_invalidates_every_entry(
+        self, rows: Engine, cache: Any, sql: SQLCounter
+    ) -> None:
         cachedecor.configure_regions({**memcached_config(cache.url), "secret": "one"})
         once(rows, get_user, 1)
         cachedecor.configure_regions({**memcached_config(cache.url), "secret": "two"})
@@ -255,7 +259,9 @@ class TestOversized:
 
     def test_value_the_server_refuses_is_not_cached(self, rows: Engine, memcached_factory: Any) -> None:
         server = memcached_factory(item_size="1m")
-        cachedecor.configure_regions(memcached_config(server.url, compression="none", max_entry_size=4_000_000))
+        cachedecor.configure_regions(
+            memcached_config(server.url, compression="none", max_entry_size=4_000_000)
+        )
         with Session(rows) as s:
             s.get(User, 3).name = "y" * 1_500_000  # type: ignore[union-attr]
             s.commit()

@@ -122,9 +122,7 @@ class TestSingleFlight:
             return session.get(User, user_id)
 
         settings = cachedecor.config.region_settings("default")
-        cachedecor.configure_regions(
-            {"regions": {"default": {**_same_backend(settings), "lease_wait": 5}}}
-        )
+        cachedecor.configure_regions({"regions": {"default": {**_same_backend(settings), "lease_wait": 5}}})
         results: dict[str, Any] = {}
 
         def first() -> None:
@@ -168,4 +166,3 @@ class TestSingleFlight:
 def _same_backend(settings: Any) -> dict[str, Any]:
     options: dict[str, Any] = {"backend": settings.backend, "arguments": dict(settings.arguments)}
     return options
-

@@ -20,7 +20,18 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 import cachedecor
 from cachedecor import UsageError, cached_by_pk
 from tests.conftest import SQLCounter, once
-from tests.models import Color, Employee, Engineer, Everything, Manager, Membership, Post, Truck, User, Vehicle
+from tests.models import (
+    Color,
+    Employee,
+    Engineer,
+    Everything,
+    Manager,
+    Membership,
+    Post,
+    Truck,
+    User,
+    Vehicle,
+)
 
 
 @cached_by_pk(User)
@@ -83,7 +94,9 @@ def users(engine: Engine, backend: str) -> Engine:
 
 
 class TestHitsAndMisses:
-    def test_first_read_queries_the_database_and_second_does_not(self, users: Engine, sql: SQLCounter) -> None:
+    def test_first_read_queries_the_database_and_second_does_not(
+        self, users: Engine, sql: SQLCounter
+    ) -> None:
         with Session(users) as s:
             assert get_user(s, 1).name == "user1"
         assert sql.selects() == 1
@@ -179,9 +192,13 @@ class TestHitsAndMisses:
 
 
 class TestKeysOfCalls:
-    def test_composite_key_from_several_parameters(self, engine: Engine, backend: str, sql: SQLCounter) -> None:
+    def test_composite_key_from_several_parameters(
+        self, engine: Engine, backend: str, sql: SQLCounter
+    ) -> None:
         with Session(engine) as s:
-            s.add_all([Membership(tenant="acme", id=1, role="admin"), Membership(tenant="zeta", id=1, role="user")])
+            s.add_all(
+                [Membership(tenant="acme", id=1, role="admin"), Membership(tenant="zeta", id=1, role="user")]
+            )
             s.commit()
         sql.reset()
         with Session(engine) as s:
@@ -214,7 +231,9 @@ class TestKeysOfCalls:
 
 
 class TestInheritance:
-    def test_joined_inheritance_hit_returns_the_subclass(self, engine: Engine, backend: str, sql: SQLCounter) -> None:
+    def test_joined_inheritance_hit_returns_the_subclass(
+        self, engine: Engine, backend: str, sql: SQLCounter
+    ) -> None:
         with Session(engine) as s:
             s.add_all([Manager(id=1, name="m", budget=10), Engineer(id=2, name="e", language="rust")])
             s.commit()
@@ -259,7 +278,7 @@ class TestValuesRoundTrip:
             "doc": {"a": [1, 2.5, "x", None, True], "b": {"nested": "ü"}},
             "ratio": 0.1,
             "flag": True,
-            "text": "naïve – text",
+            "text": "naïve \u2013 text",
         }
         with Session(engine) as s:
             s.add(Everything(id=key, **values))

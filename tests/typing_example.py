@@ -1,0 +1,52 @@
+"""Example user code that mypy --strict must accept (checked by ``make lint``)."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import cachedecor
+from cachedecor import CachedFunction, cached_by_pk, invalidates
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Account(Base):
+    __tablename__ = "typing_accounts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str]
+
+
+@cached_by_pk(Account, region="default", expiration_time=60)
+def get_account(session: Session, account_id: int) -> Account | None:
+    return session.get(Account, account_id)
+
+
+@cached_by_pk(Account, many=True)
+def get_accounts(session: Session, account_ids: list[int]) -> list[Account]:
+    return list(session.scalars(select(Account).where(Account.id.in_(account_ids))))
+
+
+@invalidates(Account, pk="account_id")
+def rename_account(session: Session, account_id: int, name: str) -> None:
+    account = session.get(Account, account_id)
+    if account is not None:
+        account.name = name
+    session.commit()
+
+
+def use(session: Session) -> str:
+    regions = cachedecor.configure_regions({"regions": {"default": {"backend": "dogpile.cache.memory"}}})
+    assert "default" in regions
+    account: Account | None = get_account(session, 1)
+    accounts: list[Account] = get_accounts(session, [1, 2])
+    fn: CachedFunction[Account | None] = get_account
+    key: str = fn.cache_key(1) + cachedecor.key_for(Account, 1)
+    get_account.invalidate(1)
+    cachedecor.invalidate(Account, 1)
+    cachedecor.invalidate_many(Account, [1, 2], session=session)
+    rename_account(session, 1, "x")
+    hits: int = cachedecor.stats()["default"]["hits"]
+    return f"{account} {accounts} {key} {hits}"
