@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 EXTRAS := test,docs,lint,zstd
 
-.PHONY: demo test lint format docs bench memcached clean
+.PHONY: demo test lint format docs bench race memcached clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,14 +27,18 @@ test: $(STAMP) memcached lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) docs
 
+## make race: readers and writers racing on PostgreSQL + memcached/Redis, naive vs cachedecor
+race: $(STAMP) memcached
+	$(BIN)/python benchmarks/race.py $(RACE_ARGS)
+
 lint: $(STAMP)
-	$(BIN)/ruff check cachedecor tests tools
-	$(BIN)/ruff format --check cachedecor tests tools
+	$(BIN)/ruff check cachedecor tests tools benchmarks
+	$(BIN)/ruff format --check cachedecor tests tools benchmarks
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix cachedecor tests tools
-	$(BIN)/ruff format cachedecor tests tools
+	$(BIN)/ruff check --fix cachedecor tests tools benchmarks
+	$(BIN)/ruff format cachedecor tests tools benchmarks
 
 docs: $(STAMP)
 	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
