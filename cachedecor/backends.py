@@ -31,7 +31,15 @@ from typing import Any
 from dogpile.cache.api import NO_VALUE, DefaultSerialization
 from dogpile.cache.backends.memcached import PyMemcacheBackend as _DogpilePyMemcacheBackend
 
-__all__ = ["LEASE_PREFIX", "MemcachedCluster", "NodeDown", "PyMemcacheBackend", "Store"]
+__all__ = [
+    "LEASE_PREFIX",
+    "MemcachedCluster",
+    "NodeDown",
+    "PyMemcacheBackend",
+    "Store",
+    "UndeliveredInvalidation",
+    "ValueRefused",
+]
 
 #: Every lease marker starts with this byte; real entries start with the format version.
 LEASE_PREFIX = b"\x00L"
@@ -77,19 +85,51 @@ class _RawSerde:
         return value
 
 
+class UndeliveredInvalidation(Exception):
+    """Deleting keys failed; they were queued and are retried in the background."""
+
+    def __init__(self, keys: Sequence[str], error: BaseException) -> None:
+        super().__init__(f"{len(keys)} key(s) queued for retry after {type(error).__name__}: {error}")
+        self.keys = list(keys)
+        self.error = error
+
+
 class NodeHealth:
-    """Circuit breaker shared by all threads' clients of one backend.
+    """Circuit breaker and undelivered-invalidation queue, shared by one backend's threads.
 
     After ``failures`` consecutive failures a node is skipped for ``dead_timeout``
-    seconds; the first call after that probes it again.
+    seconds; the first call after that probes it again. Deletes that could not be
+    delivered are kept per node (at most ``max_pending`` keys; beyond that the node
+    is flushed instead) and retried every ``retry_interval`` seconds for up to
+    ``retry_for`` seconds. While a node has undelivered deletes, its keys are
+    neither read nor filled: the deletes are delivered first.
     """
 
-    def __init__(self, dead_timeout: float, failures: int = 1) -> None:
+    def __init__(
+        self,
+        dead_timeout: float,
+        failures: int = 1,
+        *,
+        retry_interval: float = 0.5,
+        retry_for: float = 300.0,
+        max_pending: int = 10_000,
+    ) -> None:
         self.dead_timeout = dead_timeout
         self.failures = max(1, failures)
+        self.retry_interval = retry_interval
+        self.retry_for = retry_for
+        self.max_pending = max_pending
+        self.region = "?"
+        self.client_factory: Any = None
         self._down_until: dict[str, float] = {}
         self._failed: dict[str, int] = {}
+        self._pending: dict[str, dict[str, float]] = {}
+        self._flush: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._retrier: threading.Thread | None = None
+        self._wake = threading.Event()
+
+    # -- circuit breaker ---------------------------------------------------------------
 
     def is_down(self, node: str) -> bool:
         until = self._down_until.get(node)
@@ -119,6 +159,99 @@ class NodeHealth:
         now = time.monotonic()
         return sorted(n for n, until in self._down_until.items() if until > now)
 
+    # -- undelivered invalidations -----------------------------------------------------
+
+    def owes(self, node: str) -> bool:
+        """Whether ``node`` has deletes (or a flush) that must be delivered before use."""
+        return node in self._pending or node in self._flush
+
+    def queue(self, node: str, keys: Iterable[str]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if node in self._flush:
+                return
+            pending = self._pending.setdefault(node, {})
+            for key in keys:
+                pending.setdefault(key, now)
+            if len(pending) > self.max_pending:
+                # too many to remember: the node is flushed when it can be reached
+                self._flush[node] = min(pending.values())
+                del self._pending[node]
+        self._start_retrier()
+
+    def take(self, node: str) -> tuple[bool, dict[str, float]]:
+        """(flush needed, pending keys) of ``node``, removed from the queue."""
+        with self._lock:
+            flush = self._flush.pop(node, None)
+            pending = self._pending.pop(node, {})
+        if flush is not None:
+            return True, {"": flush}
+        return False, pending
+
+    def give_back(self, node: str, flush: bool, pending: dict[str, float]) -> None:
+        """Requeue what :meth:`take` returned after a failed delivery; expire old entries."""
+        from cachedecor.stats import counters as region_counters
+        from cachedecor.stats import log
+
+        now = time.monotonic()
+        expired = [k for k, since in pending.items() if now - since > self.retry_for]
+        with self._lock:
+            if flush:
+                if not expired:
+                    self._flush.setdefault(node, pending[""])
+            else:
+                target = self._pending.setdefault(node, {})
+                for key, since in pending.items():
+                    if now - since <= self.retry_for:
+                        target.setdefault(key, since)
+                if not target:
+                    del self._pending[node]
+        if expired:
+            region_counters(self.region).invalidations_lost += len(expired) if not flush else 1
+            log.error(
+                "cache region %r: gave up invalidating on memcached node %s after %ss; "
+                "these entries may be stale until they expire (the region's expiration_time): %s",
+                self.region,
+                node,
+                self.retry_for,
+                "(whole node flush)" if flush else ", ".join(sorted(expired)[:50]),
+            )
+
+    def pending_count(self) -> int:
+        with self._lock:
+            return sum(len(p) for p in self._pending.values()) + len(self._flush)
+
+    def _start_retrier(self) -> None:
+        if self.client_factory is None:
+            return
+        with self._lock:
+            if self._retrier is not None and self._retrier.is_alive():
+                self._wake.set()
+                return
+            self._retrier = threading.Thread(
+                target=self._retry_loop, name=f"cachedecor-retry-{self.region}", daemon=True
+            )
+            self._retrier.start()
+
+    def _retry_loop(self) -> None:
+        client: MemcachedCluster = self.client_factory()
+        try:
+            while True:
+                self._wake.wait(self.retry_interval)
+                self._wake.clear()
+                with self._lock:
+                    nodes = [n for n in {*self._pending, *self._flush}]
+                if not nodes:
+                    return
+                for node in nodes:
+                    if node in client.clients and not self.is_down(node):
+                        try:
+                            client.deliver(node)
+                        except Exception:
+                            pass  # requeued by deliver(); tried again next round
+        finally:
+            client.close()
+
 
 class MemcachedCluster:
     """A pymemcache-style client over one or more memcached nodes.
@@ -142,6 +275,9 @@ class MemcachedCluster:
         from pymemcache.client.base import Client
         from pymemcache.client.rendezvous import RendezvousHash
 
+        global _ANSWERED
+        _ANSWERED = _answered_errors()
+
         self.servers = list(servers)
         self.health = health
         self.retry_attempts = retry_attempts
@@ -159,14 +295,37 @@ class MemcachedCluster:
         node: str = self._hash.get_node(key)
         return node
 
+    def deliver(self, node: str) -> None:
+        """Deliver the deletes (or flush) ``node`` is owed; on failure requeue and raise."""
+        flush, pending = self.health.take(node)
+        if not flush and not pending:
+            return
+        client = self.clients[node]
+        try:
+            if flush:
+                client.flush_all(noreply=False)
+            else:
+                client.delete_many(list(pending), noreply=False)
+        except Exception:
+            client.close()
+            self.health.give_back(node, flush, pending)
+            self.health.failed(node)
+            raise
+        self.health.succeeded(node)
+
     def _call(self, node: str, name: str, *args: Any, **kwargs: Any) -> Any:
-        if self.health.is_down(node):
+        health = self.health
+        if health.is_down(node):
             raise NodeDown(f"memcached node {node} is marked down")
+        if health.owes(node):
+            self.deliver(node)
         client = self.clients[node]
         attempts = self.retry_attempts
         while True:
             try:
                 result = getattr(client, name)(*args, **kwargs)
+            except _ANSWERED:
+                raise  # the server is fine: it answered, with an error about this request
             except Exception:
                 client.close()
                 if attempts > 0:
@@ -228,17 +387,21 @@ class MemcachedCluster:
         return result
 
     def delete(self, key: str, noreply: bool | None = None) -> bool:
-        return bool(self._call(self.node_for(key), "delete", key, noreply))
+        return self.delete_many([key], noreply)
 
     def delete_many(self, keys: Iterable[str], noreply: bool | None = None) -> bool:
+        """Delete keys; those of unreachable nodes are queued for retry (and reported)."""
         error: BaseException | None = None
+        queued: list[str] = []
         for node, group in self._by_node(keys).items():
             try:
                 self._call(node, "delete_many", group, noreply)
             except Exception as exc:
+                self.health.queue(node, group)
+                queued += group
                 error = exc
         if error is not None:
-            raise error
+            raise UndeliveredInvalidation(queued, error)
         return True
 
     delete_multi = delete_many
@@ -268,6 +431,19 @@ class PartialResult(Exception):
         self.error = error
 
 
+class ValueRefused(Exception):
+    """The server refused to store a value (too large, out of memory, ...)."""
+
+
+def _answered_errors() -> tuple[type[BaseException], ...]:
+    from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
+
+    return (MemcacheServerError, MemcacheClientError)
+
+
+_ANSWERED: tuple[type[BaseException], ...] = ()
+
+
 def _server_spec(server: str) -> Any:
     if server.startswith("/"):
         return server  # unix socket
@@ -295,6 +471,9 @@ MEMCACHED_ARGUMENTS: dict[str, type] = {
     "lock_timeout": int,
     "socket_keepalive": object,
     "tls_context": object,
+    "invalidation_retry_interval": float,
+    "invalidation_retry_for": float,
+    "max_pending_invalidations": int,
 }
 
 #: Defaults cachedecor applies where dogpile's backend would wait forever.
@@ -306,6 +485,9 @@ MEMCACHED_DEFAULTS: dict[str, Any] = {
     "hashclient_retry_attempts": 1,
     "retry_attempts": 0,
     "retry_delay": 0.0,
+    "invalidation_retry_interval": 0.5,
+    "invalidation_retry_for": 300.0,
+    "max_pending_invalidations": 10_000,
 }
 
 
@@ -331,7 +513,14 @@ class PyMemcacheBackend(DefaultSerialization, _DogpilePyMemcacheBackend):  # typ
         self.no_delay = bool(args["no_delay"])
         self.retry_attempts_ = int(args["retry_attempts"]) if args.get("enable_retry_client", True) else 0
         self.retry_delay_ = float(args["retry_delay"] or 0.0)
-        self.health = NodeHealth(float(args["dead_timeout"]), int(args["hashclient_retry_attempts"]))
+        self.health = NodeHealth(
+            float(args["dead_timeout"]),
+            int(args["hashclient_retry_attempts"]),
+            retry_interval=float(args["invalidation_retry_interval"]),
+            retry_for=float(args["invalidation_retry_for"]),
+            max_pending=int(args["max_pending_invalidations"]),
+        )
+        self.health.client_factory = self._create_client
 
     def _create_client(self) -> MemcachedCluster:
         kwargs: dict[str, Any] = {
@@ -454,7 +643,10 @@ class MemcachedStore(Store):
         return cas
 
     def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
-        return bool(self.client.cas(key, value, token, _memcached_expire(ttl)))
+        try:
+            return bool(self.client.cas(key, value, token, _memcached_expire(ttl)))
+        except _ANSWERED as exc:
+            raise ValueRefused(str(exc)) from exc
 
     def release(self, key: str, token: Any) -> None:
         # memcached has no compare-and-delete. Deleting is safe either way: if the

@@ -405,6 +405,9 @@ def _build(name: str, parsed: _Parsed, prefix: str) -> RegionSettings:
         raise
     except Exception as exc:
         raise ConfigError(f"{where}: backend {backend!r} refused its arguments: {exc}") from exc
+    health = getattr(region.actual_backend, "health", None)
+    if health is not None:
+        health.region = name
     store = store_for(region.actual_backend)
     if store is None:
         raise ConfigError(

@@ -19,13 +19,14 @@ from dogpile.cache import CacheRegion
 from sqlalchemy.orm import Session
 
 from cachedecor import config as _config
-from cachedecor import stats as _stats
-from cachedecor.backends import PartialResult, is_lease
+from cachedecor.backends import PartialResult, ValueRefused, is_lease
 from cachedecor.binding import CallBinding
 from cachedecor.codec import BadEntry, UnencodableValue
 from cachedecor.errors import RegionNotConfigured, UsageError
 from cachedecor.keys import KeyMaker, key_maker
 from cachedecor.rows import ModelPlan, model_plan
+from cachedecor.stats import counters as region_counters
+from cachedecor.stats import log_failure
 from cachedecor.write import invalidate_many, register_cached, session_tracker
 
 __all__ = ["CachedFunction", "cached_by_pk"]
@@ -44,7 +45,7 @@ class _Resolved:
         self.store = settings.store
         self.codec = settings.codec
         self.maker: KeyMaker = key_maker(fn.model, settings.namespace)
-        self.counters = _stats.counters(settings.name)
+        self.counters = region_counters(settings.name)
         self.ttl = fn.expiration_time if fn.expiration_time is not None else settings.expiration_time
 
 
@@ -148,7 +149,7 @@ class CachedFunction(Generic[R]):
             data = r.store.get(key)
         except Exception as exc:
             r.counters.errors += 1
-            _stats.log_failure(r.name, "get", exc)
+            log_failure(r.name, "get", exc)
             return self.__wrapped__(*args, **kwargs)
         if data is not None:
             if not is_lease(data):
@@ -170,7 +171,7 @@ class CachedFunction(Generic[R]):
             return True, self._plan.build(payload, session)
         except BadEntry as exc:
             r.counters.bad_entries += 1
-            _stats.log_failure(r.name, "decoding an entry", f"{key}: {exc}")
+            log_failure(r.name, "decoding an entry", f"{key}: {exc}")
             try:
                 r.store.delete_many([key])
             except Exception:
@@ -178,7 +179,7 @@ class CachedFunction(Generic[R]):
             return False, None
         except Exception as exc:
             r.counters.errors += 1
-            _stats.log_failure(r.name, "attaching a cached row", exc)
+            log_failure(r.name, "attaching a cached row", exc)
             return False, None
 
     def _miss(
@@ -199,7 +200,7 @@ class CachedFunction(Generic[R]):
                 token = r.store.lease(key, r.settings.lease_timeout)
             except Exception as exc:
                 r.counters.errors += 1
-                _stats.log_failure(r.name, "lease", exc)
+                log_failure(r.name, "lease", exc)
                 return self.__wrapped__(*args, **kwargs)
         if token is None:
             found, value = self._wait_for_fill(r, key, session)
@@ -257,21 +258,24 @@ class CachedFunction(Generic[R]):
             entry = r.codec.encode(key, payload)
         except UnencodableValue as exc:
             r.counters.errors += 1
-            _stats.log_failure(r.name, "encoding a row", exc)
+            log_failure(r.name, "encoding a row", exc)
             self._release(r, key, token)
             return
         if len(entry) > r.settings.max_entry_size:
             r.counters.oversized += 1
-            _stats.log_failure(
-                r.name, "caching an entry", f"{key} is {len(entry)} bytes, over max_entry_size"
-            )
+            log_failure(r.name, "caching an entry", f"{key} is {len(entry)} bytes, over max_entry_size")
             self._release(r, key, token)
             return
         try:
             stored = r.store.fill(key, entry, token, r.ttl)
+        except ValueRefused as exc:
+            r.counters.oversized += 1
+            log_failure(r.name, "caching an entry", f"{key} ({len(entry)} bytes) refused: {exc}")
+            self._release(r, key, token)
+            return
         except Exception as exc:
             r.counters.errors += 1
-            _stats.log_failure(r.name, "fill", exc)
+            log_failure(r.name, "fill", exc)
             return
         if stored:
             r.counters.fills += 1
@@ -283,7 +287,7 @@ class CachedFunction(Generic[R]):
             r.store.release(key, token)
         except Exception as exc:
             r.counters.errors += 1
-            _stats.log_failure(r.name, "lease release", exc)
+            log_failure(r.name, "lease release", exc)
 
     def _wait_for_fill(self, r: _Resolved, key: str, session: Session | None) -> tuple[bool, Any]:
         """Another reader holds the lease: wait up to ``lease_wait`` for its value."""
@@ -303,7 +307,7 @@ class CachedFunction(Generic[R]):
                 data = r.store.get(key)
             except Exception as exc:
                 r.counters.errors += 1
-                _stats.log_failure(r.name, "get", exc)
+                log_failure(r.name, "get", exc)
                 return False, None
             if data is None:
                 return False, None  # the lease was released or invalidated
@@ -346,11 +350,11 @@ class CachedFunction(Generic[R]):
             except PartialResult as exc:
                 found = exc.found
                 counters.errors += 1
-                _stats.log_failure(r.name, "get_many", exc.error)
+                log_failure(r.name, "get_many", exc.error)
                 cache_ok = False
             except Exception as exc:
                 counters.errors += 1
-                _stats.log_failure(r.name, "get_many", exc)
+                log_failure(r.name, "get_many", exc)
                 cache_ok = False
         missing: list[str] = []
         for key in wanted:
@@ -371,7 +375,7 @@ class CachedFunction(Generic[R]):
                     tokens = r.store.lease_many(leasable, r.settings.lease_timeout)
                 except Exception as exc:
                     counters.errors += 1
-                    _stats.log_failure(r.name, "lease", exc)
+                    log_failure(r.name, "lease", exc)
             counters.lease_wins += len(tokens)
             if session is not None and tokens:
                 for key in [k for k in tokens if self._in_identity_map(session, r, wanted[k])]:

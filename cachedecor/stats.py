@@ -45,7 +45,11 @@ class RegionStats:
     lease_waits: int = 0
     """Misses that found another process filling the key and waited for it."""
     oversized: int = 0
-    """Entries not cached because they exceed the region's ``max_entry_size``."""
+    """Entries not cached because they exceed the region's ``max_entry_size`` (or the server refused them)."""
+    invalidations_queued: int = 0
+    """Invalidations that could not be delivered at once and were queued for retry."""
+    invalidations_lost: int = 0
+    """Queued invalidations given up after ``invalidation_retry_for`` seconds (logged with their keys)."""
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""

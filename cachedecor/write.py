@@ -21,10 +21,12 @@ import sqlalchemy
 from sqlalchemy import event, select
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction
 
-from cachedecor import stats as _stats
+from cachedecor.backends import UndeliveredInvalidation
 from cachedecor.binding import CallBinding
 from cachedecor.config import configured_regions
 from cachedecor.keys import key_maker
+from cachedecor.stats import counters as region_counters
+from cachedecor.stats import log_failure
 
 __all__ = ["invalidate", "invalidate_many", "invalidates"]
 
@@ -98,13 +100,18 @@ def _delete_now(rows: dict[type, list[Any]]) -> None:
                 keys.append(maker(pk))
     for region_name, keys in by_region.items():
         settings = regions[region_name]
-        counters = _stats.counters(region_name)
+        counters = region_counters(region_name)
         unique = list(dict.fromkeys(keys))
         try:
             settings.store.delete_many(unique)
+        except UndeliveredInvalidation as exc:
+            counters.errors += 1
+            counters.invalidations_queued += len(exc.keys)
+            counters.invalidations += len(unique) - len(exc.keys)
+            log_failure(region_name, "invalidation", f"{exc}; retrying in the background")
         except Exception as exc:
             counters.errors += 1
-            _stats.log_failure(region_name, "invalidation", exc)
+            log_failure(region_name, "invalidation", exc)
             log.error(
                 "cache region %r: could not invalidate %d key(s); they may be stale "
                 "for up to %ss (the region's expiration_time): %s",

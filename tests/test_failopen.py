@@ -6,6 +6,7 @@ import logging
 import pickle
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,15 @@ from cachedecor.config import region_settings
 from tests.conftest import SQLCounter, memcached_config, once
 from tests.models import User
 from tests.servers import free_port
+
+
+def wait_until(condition: Any, timeout: float = 10.0) -> None:
+    """Poll an observable condition (synchronisation, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.005)
 
 
 @cachedecor.cached_by_pk(User)
@@ -112,20 +122,78 @@ class TestServerDown:
         assert counters()["hits"] >= 1
 
     def test_invalidation_while_down_does_not_break_the_commit(
-        self, rows: Engine, memcached_factory: Any, caplog: pytest.LogCaptureFixture
+        self, rows: Engine, memcached_factory: Any
     ) -> None:
         server = memcached_factory()
         cachedecor.configure_regions(memcached_config(server.url))
         once(rows, get_user, 1)
         server.kill()
-        with caplog.at_level(logging.ERROR, logger="cachedecor"):
-            once(rows, rename_user, 1, "renamed while down")
-        assert any(
-            "could not invalidate" in r.getMessage() and get_user.cache_key(1) in r.getMessage()
-            for r in caplog.records
-        )
+        once(rows, rename_user, 1, "renamed while down")
         with Session(rows) as s:
             assert s.get(User, 1).name == "renamed while down"  # type: ignore[union-attr]
+        assert counters()["invalidations_queued"] == 1
+
+    def test_queued_invalidation_is_delivered_before_the_node_is_read_again(
+        self, rows: Engine, memcached_factory: Any
+    ) -> None:
+        server = memcached_factory()
+        config = memcached_config(server.url)
+        config["regions"]["default"]["arguments"].update(
+            timeout=0.2, dead_timeout=0.5, invalidation_retry_interval=3600
+        )
+        cachedecor.configure_regions(config)
+        once(rows, get_user, 1)
+        health = region_settings("default").store.backend.health  # type: ignore[attr-defined]
+        server.pause()
+        try:
+            once(rows, get_user, 2)  # times out: the node is marked down
+        finally:
+            server.resume()
+        assert health.down_nodes() == [server.url]
+        once(rows, rename_user, 1, "renamed while down")  # the delete is not even sent
+        assert counters()["invalidations_queued"] == 1
+        assert raw_client(server.port).get(get_user.cache_key(1)) is not None  # stale on the server
+        wait_until(lambda: health.down_nodes() == [])
+        assert once(rows, get_user, 1).name == "renamed while down"
+        assert health.pending_count() == 0
+
+    def test_queued_invalidation_is_retried_in_the_background(
+        self, rows: Engine, memcached_factory: Any
+    ) -> None:
+        server = memcached_factory()
+        config = memcached_config(server.url)
+        config["regions"]["default"]["arguments"].update(
+            timeout=0.2, dead_timeout=0, invalidation_retry_interval=0.01
+        )
+        cachedecor.configure_regions(config)
+        once(rows, get_user, 1)
+        key = get_user.cache_key(1)
+        server.pause()
+        try:
+            once(rows, rename_user, 1, "renamed while paused")
+        finally:
+            server.resume()
+        health = region_settings("default").store.backend.health  # type: ignore[attr-defined]
+        wait_until(lambda: health.pending_count() == 0)
+        assert raw_client(server.port).get(key) is None
+
+    def test_invalidation_given_up_is_logged_with_its_keys(
+        self, rows: Engine, memcached_factory: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        server = memcached_factory()
+        config = memcached_config(server.url)
+        config["regions"]["default"]["arguments"].update(
+            dead_timeout=0, invalidation_retry_interval=0.01, invalidation_retry_for=0.05
+        )
+        cachedecor.configure_regions(config)
+        once(rows, get_user, 1)
+        server.kill()
+        with caplog.at_level(logging.ERROR, logger="cachedecor"):
+            once(rows, rename_user, 1, "lost")
+            wait_until(lambda: counters()["invalidations_lost"] == 1)
+        assert any(
+            "gave up" in r.getMessage() and get_user.cache_key(1) in r.getMessage() for r in caplog.records
+        )
 
 
 class TestSlowServer:
@@ -268,4 +336,5 @@ class TestOversized:
         assert len(once(rows, get_user, 3).name) == 1_500_000
         assert len(once(rows, get_user, 3).name) == 1_500_000
         assert counters()["fills"] == 0
-        assert counters()["errors"] >= 1
+        assert counters()["oversized"] == 2
+        assert counters()["errors"] == 0  # the server answered: it is not marked down
