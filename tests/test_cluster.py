@@ -103,7 +103,9 @@ def test_keys_of_a_dead_node_are_read_through_and_never_filled_elsewhere(
             assert any(v is not None for v in on_others)
 
 
-def test_load_survives_kill_pause_and_restart_without_stale_entries(cluster: tuple[Engine, list[Any]]) -> None:
+def test_load_survives_kill_pause_and_restart_without_stale_entries(
+    cluster: tuple[Engine, list[Any]],
+) -> None:
     engine, nodes = cluster
     stop = threading.Event()
     errors: list[BaseException] = []
