@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlalchemy
 from sqlalchemy import Enum as SAEnum
-from sqlalchemy.orm import Mapper, Session, make_transient_to_detached
+from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 
 from cachedecor.codec import ABSENT, BadEntry
@@ -42,13 +42,14 @@ def _enum_class(col: Any) -> type[enum.Enum] | None:
 class ClassPlan:
     """What to store for one mapped class of a hierarchy."""
 
-    __slots__ = ("cls", "decoders", "encoders", "keys", "manager", "pk_positions")
+    __slots__ = ("cls", "decoders", "eager", "encoders", "keys", "manager", "pk_positions")
 
     def __init__(self, mapper: Mapper[Any]) -> None:
         self.cls = mapper.class_
         self.manager = mapper.class_manager
         props = list(mapper.column_attrs)
         self.keys: tuple[str, ...] = tuple(p.key for p in props)
+        self.eager = frozenset(p.key for p in props if not p.deferred)
         self.pk_positions = tuple(
             self.keys.index(mapper.get_property_by_column(col).key) for col in mapper.primary_key
         )
@@ -152,21 +153,44 @@ class ModelPlan:
             raise BadEntry("payload does not match the mapped columns")
         for i, dec in plan.decoders:
             values[i] = dec(values[i])
+        ident = (self.identity_class, tuple([values[i] for i in plan.pk_positions]), None)
         if session is not None:
-            ident = (self.identity_class, tuple(values[i] for i in plan.pk_positions), None)
             existing = session.identity_map.get(ident)
             if existing is not None:
                 _refresh_expired(existing, plan, values)
                 return existing
         obj = plan.manager.new_instance()
-        d = obj.__dict__
-        for key, value in zip(plan.keys, values, strict=True):
-            if value is not ABSENT:
-                d[key] = value
-        make_transient_to_detached(obj)
+        state = instance_state(obj)
+        d = state.dict
+        d.update(zip(plan.keys, values, strict=True))
+        if ABSENT in values:
+            absent = [k for k, v in zip(plan.keys, values, strict=True) if v is ABSENT]
+            for key in absent:
+                del d[key]
+            # a deferred column loads on access by itself; any other column that was
+            # not loaded is expired, so that it loads like an expired attribute
+            eager = [k for k in absent if k in plan.eager]
+            if eager:
+                state._expire_attributes(d, eager)
+        # what the ORM's loader does for a row it has just read: the instance is
+        # persistent with this identity and all its values are committed
+        state.key = ident
         if session is not None:
-            session.add(obj)
+            _attach(session, state, obj)
         return obj
+
+
+def _attach_public(session: Session, state: Any, obj: Any) -> None:
+    session.add(obj)
+
+
+def _attach_direct(session: Session, state: Any, obj: Any) -> None:
+    # Session.add() minus the save-update cascade, which finds nothing on an
+    # instance whose relationships are all unloaded; attach events still fire.
+    session._update_impl(state)
+
+
+_attach = _attach_direct if hasattr(Session, "_update_impl") else _attach_public
 
 
 def _refresh_expired(obj: Any, plan: ClassPlan, values: list[Any]) -> None:
