@@ -275,9 +275,6 @@ class MemcachedCluster:
         from pymemcache.client.base import Client
         from pymemcache.client.rendezvous import RendezvousHash
 
-        global _ANSWERED
-        _ANSWERED = _answered_errors()
-
         self.servers = list(servers)
         self.health = health
         self.retry_attempts = retry_attempts
@@ -314,6 +311,34 @@ class MemcachedCluster:
         self.health.succeeded(node)
 
     def _call(self, node: str, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self._run(node, lambda client: getattr(client, name)(*args, **kwargs))
+
+    def meta(self, key: str, command: bytes) -> tuple[bytes, list[bytes], bytes | None]:
+        """Send one meta command for ``key`` and return its reply (code, flags, value)."""
+        replies: list[tuple[bytes, list[bytes], bytes | None]] = self._run(
+            self.node_for(key), _Exchange(command, 1)
+        )
+        return replies[0]
+
+    def meta_many(self, commands: dict[str, bytes]) -> dict[str, tuple[bytes, list[bytes], bytes | None]]:
+        """Send one meta command per key, pipelined per node (one round trip each)."""
+        out: dict[str, tuple[bytes, list[bytes], bytes | None]] = {}
+        error: BaseException | None = None
+        for node, group in self._by_node(commands).items():
+            payload = b"".join(commands[k] for k in group)
+            try:
+                replies = self._run(node, _Exchange(payload, len(group)))
+            except MetaUnsupported:
+                raise
+            except Exception as exc:
+                error = exc
+                continue
+            out.update(zip(group, replies, strict=True))
+        if error is not None:
+            raise PartialResult(out, error)
+        return out
+
+    def _run(self, node: str, operation: Any) -> Any:
         health = self.health
         if health.is_down(node):
             raise NodeDown(f"memcached node {node} is marked down")
@@ -323,10 +348,10 @@ class MemcachedCluster:
         attempts = self.retry_attempts
         while True:
             try:
-                result = getattr(client, name)(*args, **kwargs)
-            except _ANSWERED:
-                raise  # the server is fine: it answered, with an error about this request
-            except Exception:
+                result = operation(client)
+            except Exception as exc:
+                if isinstance(exc, MetaUnsupported) or _answered(exc):
+                    raise  # the server is fine: it answered, with an error about this request
                 client.close()
                 if attempts > 0:
                     attempts -= 1
@@ -435,13 +460,72 @@ class ValueRefused(Exception):
     """The server refused to store a value (too large, out of memory, ...)."""
 
 
-def _answered_errors() -> tuple[type[BaseException], ...]:
-    from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
-
-    return (MemcacheServerError, MemcacheClientError)
+class MetaUnsupported(Exception):
+    """The server answered ERROR to a meta command: it predates memcached 1.6."""
 
 
-_ANSWERED: tuple[type[BaseException], ...] = ()
+_META_CODES = frozenset((b"HD", b"EN", b"NF", b"EX", b"NS", b"MN"))
+
+
+def _exchange(client: Any, payload: bytes, count: int) -> list[tuple[bytes, list[bytes], bytes | None]]:
+    """Write ``payload`` (``count`` meta commands) and read ``count`` replies.
+
+    Uses pymemcache's connection (timeouts, TCP_NODELAY, TLS) and its line reader.
+    A reply the protocol does not allow closes the connection, so that a stream
+    out of step is never reused.
+    """
+    from pymemcache.client.base import _readline, _readvalue
+
+    if client.sock is None:
+        client._connect()
+    sock = client.sock
+    sock.sendall(payload)
+    buf = b""
+    replies: list[tuple[bytes, list[bytes], bytes | None]] = []
+    for _ in range(count):
+        buf, line = _readline(sock, buf)
+        parts = line.split()
+        code = parts[0] if parts else b""
+        if code == b"VA":
+            buf, value = _readvalue(sock, buf, int(parts[1]))
+            replies.append((code, parts[2:], value))
+        elif code in _META_CODES or code == b"SERVER_ERROR":
+            replies.append((code, parts[1:], None))
+        else:
+            client.close()
+            if line == b"ERROR":
+                raise MetaUnsupported("the server does not know meta commands")
+            raise ProtocolError(line.decode("ascii", "replace"))
+    if buf:
+        client.close()
+        raise ProtocolError("unexpected bytes after the last reply")
+    return replies
+
+
+class _Exchange:
+    """A pipelined meta exchange, as an operation for :meth:`MemcachedCluster._run`."""
+
+    __slots__ = ("count", "payload")
+
+    def __init__(self, payload: bytes, count: int) -> None:
+        self.payload = payload
+        self.count = count
+
+    def __call__(self, client: Any) -> list[tuple[bytes, list[bytes], bytes | None]]:
+        return _exchange(client, self.payload, self.count)
+
+
+class ProtocolError(Exception):
+    """memcached answered something the protocol does not allow here."""
+
+
+def _answered(exc: BaseException) -> bool:
+    """Whether ``exc`` is the server's answer to a request (not a failed connection)."""
+    from pymemcache.exceptions import MemcacheClientError, MemcacheServerError, MemcacheUnexpectedCloseError
+
+    return isinstance(exc, (MemcacheServerError, MemcacheClientError)) and not isinstance(
+        exc, MemcacheUnexpectedCloseError
+    )
 
 
 def _server_spec(server: str) -> Any:
@@ -474,6 +558,7 @@ MEMCACHED_ARGUMENTS: dict[str, type] = {
     "invalidation_retry_interval": float,
     "invalidation_retry_for": float,
     "max_pending_invalidations": int,
+    "meta_protocol": bool,
 }
 
 #: Defaults cachedecor applies where dogpile's backend would wait forever.
@@ -488,6 +573,7 @@ MEMCACHED_DEFAULTS: dict[str, Any] = {
     "invalidation_retry_interval": 0.5,
     "invalidation_retry_for": 300.0,
     "max_pending_invalidations": 10_000,
+    "meta_protocol": True,
 }
 
 
@@ -521,6 +607,7 @@ class PyMemcacheBackend(DefaultSerialization, _DogpilePyMemcacheBackend):  # typ
             max_pending=int(args["max_pending_invalidations"]),
         )
         self.health.client_factory = self._create_client
+        self.meta_protocol = bool(args["meta_protocol"])
 
     def _create_client(self) -> MemcachedCluster:
         kwargs: dict[str, Any] = {
@@ -592,6 +679,48 @@ class Store:
                 out[key] = token
         return out
 
+    def lookup(self, key: str, ttl: int) -> tuple[bytes | None, Any]:
+        """Read ``key``, taking its fill lease if it is missing.
+
+        Returns ``(entry, None)`` on a hit, ``(None, token)`` when the caller now
+        holds the lease, and ``(None, None)`` when another reader holds it.
+        """
+        data = self.get(key)
+        if data is None:
+            token = self.lease(key, ttl)
+            if token is not None:
+                return None, token
+            data = self.get(key)  # lost the race for the lease: filled, or leased
+        if data is not None and not is_lease(data):
+            return data, None
+        return None, None
+
+    def lookup_many(self, keys: Sequence[str], ttl: int) -> dict[str, tuple[bytes | None, Any]]:
+        """:meth:`lookup` of several keys. A partial failure raises :class:`PartialResult`
+        whose ``found`` holds every key (failed ones as ``(None, None)``)."""
+        found = self.get_many(keys)
+        missing = [k for k in keys if k not in found]
+        tokens = self.lease_many(missing, ttl) if missing else {}
+        out: dict[str, tuple[bytes | None, Any]] = {}
+        for key in keys:
+            data = found.get(key)
+            out[key] = (data, None) if data is not None and not is_lease(data) else (None, tokens.get(key))
+        return out
+
+    def peek(self, key: str) -> bytes | None:
+        """The stored bytes of ``key`` (an entry or a lease marker), without taking a lease."""
+        return self.get(key)
+
+    def fill_many(self, items: Sequence[tuple[str, bytes, Any]], ttl: int | None) -> dict[str, Any]:
+        """:meth:`fill` of several keys: key -> True, False, or the exception it raised."""
+        out: dict[str, Any] = {}
+        for key, value, token in items:
+            try:
+                out[key] = self.fill(key, value, token, ttl)
+            except Exception as exc:
+                out[key] = exc
+        return out
+
     def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
         raise NotImplementedError
 
@@ -612,18 +741,28 @@ def _memcached_expire(ttl: int | None) -> int:
 
 
 class MemcachedStore(Store):
-    """Leases with ``add`` (waiting for the reply), ``gets`` and ``cas``."""
+    """memcached with its meta protocol, falling back to ``add``/``gets``/``cas``.
+
+    With memcached 1.6 meta commands a read takes the lease in the same round trip
+    (``mg <key> v c N<ttl>``: a miss creates an empty placeholder and tells exactly
+    one client it won), and the fill is ``ms <key> C<cas>``: a miss costs two round
+    trips, as plain cache-aside does. Servers without meta commands get the classic
+    lease: ``add`` of a marker, ``gets``, then ``cas`` (two more round trips).
+    """
 
     name = "memcached"
 
     def __init__(self, backend: PyMemcacheBackend) -> None:
         self.backend = backend
         self._clients = backend._clients
+        self.meta = bool(backend.meta_protocol)
 
     @property
     def client(self) -> MemcachedCluster:
         client: MemcachedCluster = self._clients.memcached
         return client
+
+    # -- classic commands (also the fallback) -------------------------------------------
 
     def get(self, key: str) -> bytes | None:
         value: bytes | None = self._clients.memcached.get(key)
@@ -642,20 +781,143 @@ class MemcachedStore(Store):
             return None
         return cas
 
-    def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
-        try:
-            return bool(self.client.cas(key, value, token, _memcached_expire(ttl)))
-        except _ANSWERED as exc:
-            raise ValueRefused(str(exc)) from exc
-
-    def release(self, key: str, token: Any) -> None:
-        # memcached has no compare-and-delete. Deleting is safe either way: if the
-        # lease is no longer ours the key holds another lease (whose fill then fails)
-        # or a fresh entry (which costs one miss).
-        self.client.delete(key, noreply=False)
-
     def delete_many(self, keys: Sequence[str]) -> None:
         self.client.delete_many(keys, noreply=False)
+
+    # -- meta-protocol operations -------------------------------------------------------
+
+    def _unsupported(self) -> None:
+        self.meta = False
+        log_meta_fallback()
+
+    def lookup(self, key: str, ttl: int) -> tuple[bytes | None, Any]:
+        if self.meta:
+            try:
+                code, flags, value = self.client.meta(key, b"mg %b v c N%d\r\n" % (key.encode(), ttl))
+            except MetaUnsupported:
+                self._unsupported()
+            else:
+                return _lookup_result(code, flags, value)
+        return super().lookup(key, ttl)
+
+    def lookup_many(self, keys: Sequence[str], ttl: int) -> dict[str, tuple[bytes | None, Any]]:
+        if self.meta:
+            commands = {k: b"mg %b v c N%d\r\n" % (k.encode(), ttl) for k in keys}
+            try:
+                replies = self.client.meta_many(commands)
+            except MetaUnsupported:
+                self._unsupported()
+            except PartialResult as exc:
+                out = {k: _lookup_result(*r) for k, r in exc.found.items()}
+                raise PartialResult({k: out.get(k, (None, None)) for k in keys}, exc.error) from exc.error
+            else:
+                return {k: _lookup_result(*replies[k]) for k in keys}
+        return super().lookup_many(keys, ttl)
+
+    def peek(self, key: str) -> bytes | None:
+        if self.meta:
+            code, flags, value = self.client.meta(key, b"mg %b v\r\n" % key.encode())
+            if code != b"VA":
+                return None
+            if b"W" in flags or b"Z" in flags or not value:
+                return LEASE_PREFIX  # the placeholder of a reader that is filling it
+            return value
+        return self.get(key)
+
+    def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
+        if self.meta:
+            code, flags, _ = self.client.meta(key, _ms(key, value, token, ttl))
+            return _stored(code, flags)
+        try:
+            return bool(self.client.cas(key, value, token, _memcached_expire(ttl)))
+        except Exception as exc:
+            if _answered(exc):
+                raise ValueRefused(str(exc)) from exc
+            raise
+
+    def fill_many(self, items: Sequence[tuple[str, bytes, Any]], ttl: int | None) -> dict[str, Any]:
+        if not self.meta:
+            return super().fill_many(items, ttl)
+        commands = {key: _ms(key, value, token, ttl) for key, value, token in items}
+        try:
+            replies = self.client.meta_many(commands)
+        except PartialResult as exc:
+            replies = exc.found
+            failed: dict[str, Any] = {k: exc.error for k in commands if k not in replies}
+        else:
+            failed = {}
+        out: dict[str, Any] = dict(failed)
+        for key, (code, flags, _) in replies.items():
+            try:
+                out[key] = _stored(code, flags)
+            except ValueRefused as exc:
+                out[key] = exc
+        return out
+
+    def release(self, key: str, token: Any) -> None:
+        if self.meta:
+            self.client.meta(key, b"md %b C%b\r\n" % (key.encode(), _cas_bytes(token)))
+            return
+        # memcached's classic protocol has no compare-and-delete. Deleting is safe:
+        # if the lease is no longer ours the key holds another lease (whose fill then
+        # fails) or a fresh entry (which costs one miss).
+        self.client.delete(key, noreply=False)
+
+
+def _cas_bytes(token: Any) -> bytes:
+    return token if isinstance(token, bytes) else str(int(token)).encode()
+
+
+def _ms(key: str, value: bytes, token: Any, ttl: int | None) -> bytes:
+    return b"ms %b %d C%b T%d\r\n%b\r\n" % (
+        key.encode(),
+        len(value),
+        _cas_bytes(token),
+        _memcached_expire(ttl),
+        value,
+    )
+
+
+def _stored(code: bytes, flags: list[bytes]) -> bool:
+    if code == b"HD":
+        return True
+    if code in (b"EX", b"NF", b"NS"):
+        return False
+    raise ValueRefused(b" ".join([code, *flags]).decode("ascii", "replace"))
+
+
+def _lookup_result(code: bytes, flags: list[bytes], value: bytes | None) -> tuple[bytes | None, Any]:
+    if code != b"VA":
+        return None, None  # EN: nothing stored and nothing vivified; read through
+    won = lost = False
+    cas = None
+    for flag in flags:
+        if flag == b"W":
+            won = True
+        elif flag == b"Z":
+            lost = True
+        elif flag[:1] == b"c":
+            cas = flag[1:]
+    if won:
+        return None, cas
+    if lost or not value:
+        return None, None
+    return value, None
+
+
+_meta_fallback_logged = False
+
+
+def log_meta_fallback() -> None:
+    global _meta_fallback_logged
+    if not _meta_fallback_logged:
+        _meta_fallback_logged = True
+        from cachedecor.stats import log
+
+        log.warning(
+            "memcached does not speak the meta protocol (memcached < 1.6): using add/gets/cas "
+            "leases, which cost two more round trips per miss"
+        )
 
 
 class MemoryStore(Store):

@@ -145,21 +145,31 @@ class CachedFunction(Generic[R]):
             if tracker is not None and tracker.dirty and tracker.blocks(self.model, r.maker.encode_pk(pk)):
                 r.counters.bypasses += 1
                 return self.__wrapped__(*args, **kwargs)
+        lease_ttl = r.settings.lease_timeout
         try:
-            data = r.store.get(key)
-        except Exception as exc:
-            r.counters.errors += 1
-            log_failure(r.name, "get", exc)
-            return self.__wrapped__(*args, **kwargs)
-        if data is not None:
-            if not is_lease(data):
+            data, token = r.store.lookup(key, lease_ttl)
+            if data is not None:
                 found, value = self._decode(r, key, data, session)
                 if found:
                     r.counters.hits += 1
                     return value  # type: ignore[no-any-return]
-            else:
-                return self._miss(r, key, pk, session, args, kwargs, lease_held=True)
-        return self._miss(r, key, pk, session, args, kwargs, lease_held=False)
+                data, token = r.store.lookup(key, lease_ttl)  # the bad entry was deleted
+        except Exception as exc:
+            r.counters.errors += 1
+            log_failure(r.name, "get", exc)
+            return self.__wrapped__(*args, **kwargs)
+        r.counters.misses += 1
+        if data is not None:
+            found, value = self._decode(r, key, data, session)
+            if found:
+                return value  # type: ignore[no-any-return]
+            return self.__wrapped__(*args, **kwargs)
+        if token is None:
+            found, value = self._wait_for_fill(r, key, session)
+            if found:
+                return value  # type: ignore[no-any-return]
+            return self.__wrapped__(*args, **kwargs)
+        return self._fill_after_call(r, key, pk, token, session, args, kwargs)
 
     def _decode(self, r: _Resolved, key: str, data: bytes, session: Session | None) -> tuple[bool, Any]:
         """(True, instance or None) for a usable entry; (False, None) after dropping a bad one."""
@@ -182,31 +192,17 @@ class CachedFunction(Generic[R]):
             log_failure(r.name, "attaching a cached row", exc)
             return False, None
 
-    def _miss(
+    def _fill_after_call(
         self,
         r: _Resolved,
         key: str,
         pk: Any,
+        token: Any,
         session: Session | None,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        *,
-        lease_held: bool,
     ) -> R:
-        r.counters.misses += 1
-        token = None
-        if not lease_held:
-            try:
-                token = r.store.lease(key, r.settings.lease_timeout)
-            except Exception as exc:
-                r.counters.errors += 1
-                log_failure(r.name, "lease", exc)
-                return self.__wrapped__(*args, **kwargs)
-        if token is None:
-            found, value = self._wait_for_fill(r, key, session)
-            if found:
-                return value  # type: ignore[no-any-return]
-            return self.__wrapped__(*args, **kwargs)
+        """Call the function while holding the lease of ``key``, then fill the entry."""
         r.counters.lease_wins += 1
         preloaded = session is not None and self._in_identity_map(session, r, pk)
         try:
@@ -253,34 +249,44 @@ class CachedFunction(Generic[R]):
         payload = plan.snapshot(result)
         return _SKIP if payload is None else payload
 
-    def _fill(self, r: _Resolved, key: str, token: Any, payload: Any) -> None:
+    def _entry(self, r: _Resolved, key: str, token: Any, payload: Any) -> bytes | None:
+        """The stored form of ``payload``, or ``None`` (lease released) if it cannot be cached."""
         try:
             entry = r.codec.encode(key, payload)
         except UnencodableValue as exc:
             r.counters.errors += 1
             log_failure(r.name, "encoding a row", exc)
             self._release(r, key, token)
-            return
+            return None
         if len(entry) > r.settings.max_entry_size:
             r.counters.oversized += 1
             log_failure(r.name, "caching an entry", f"{key} is {len(entry)} bytes, over max_entry_size")
             self._release(r, key, token)
+            return None
+        return entry
+
+    def _fill(self, r: _Resolved, key: str, token: Any, payload: Any) -> None:
+        entry = self._entry(r, key, token, payload)
+        if entry is None:
             return
         try:
             stored = r.store.fill(key, entry, token, r.ttl)
-        except ValueRefused as exc:
-            r.counters.oversized += 1
-            log_failure(r.name, "caching an entry", f"{key} ({len(entry)} bytes) refused: {exc}")
-            self._release(r, key, token)
-            return
         except Exception as exc:
-            r.counters.errors += 1
-            log_failure(r.name, "fill", exc)
+            self._fill_failed(r, key, token, exc)
             return
         if stored:
             r.counters.fills += 1
         else:
             r.counters.lease_losses += 1
+
+    def _fill_failed(self, r: _Resolved, key: str, token: Any, exc: BaseException) -> None:
+        if isinstance(exc, ValueRefused):
+            r.counters.oversized += 1
+            log_failure(r.name, "caching an entry", f"{key} refused by the server: {exc}")
+            self._release(r, key, token)
+        else:
+            r.counters.errors += 1
+            log_failure(r.name, "fill", exc)
 
     def _release(self, r: _Resolved, key: str, token: Any) -> None:
         try:
@@ -304,7 +310,7 @@ class CachedFunction(Generic[R]):
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.02)
             try:
-                data = r.store.get(key)
+                data = r.store.peek(key)
             except Exception as exc:
                 r.counters.errors += 1
                 log_failure(r.name, "get", exc)
@@ -342,71 +348,82 @@ class CachedFunction(Generic[R]):
                 counters.bypasses += len(blocked)
         lookup = [k for k in wanted if k not in blocked]
         results: dict[str, Any] = {}
-        found: dict[str, bytes] = {}
-        cache_ok = True
+        replies: dict[str, tuple[bytes | None, Any]] = {}
         if lookup:
             try:
-                found = r.store.get_many(lookup)
+                replies = r.store.lookup_many(lookup, r.settings.lease_timeout)
             except PartialResult as exc:
-                found = exc.found
+                replies = exc.found
                 counters.errors += 1
                 log_failure(r.name, "get_many", exc.error)
-                cache_ok = False
             except Exception as exc:
                 counters.errors += 1
                 log_failure(r.name, "get_many", exc)
-                cache_ok = False
         missing: list[str] = []
+        tokens: dict[str, Any] = {}
         for key in wanted:
-            data = found.get(key)
-            if data is not None and not is_lease(data):
+            data, token = replies.get(key, (None, None))
+            if data is not None:
                 ok, value = self._decode(r, key, data, session)
                 if ok:
                     counters.hits += 1
                     results[key] = value
                     continue
+            elif token is not None:
+                tokens[key] = token
             missing.append(key)
-        if missing:
-            counters.misses += len(missing)
-            tokens: dict[str, Any] = {}
-            leasable = [k for k in missing if k not in blocked and k not in found] if cache_ok else []
-            if leasable:
-                try:
-                    tokens = r.store.lease_many(leasable, r.settings.lease_timeout)
-                except Exception as exc:
-                    counters.errors += 1
-                    log_failure(r.name, "lease", exc)
-            counters.lease_wins += len(tokens)
-            if session is not None and tokens:
-                for key in [k for k in tokens if self._in_identity_map(session, r, wanted[k])]:
-                    self._release(r, key, tokens.pop(key))
-            call_args, call_kwargs = binding.replace_pk(args, kwargs, [wanted[k] for k in missing])
-            try:
-                rows = self.__wrapped__(*call_args, **call_kwargs)
-            except BaseException:
-                for key, token in tokens.items():
-                    self._release(r, key, token)
-                raise
-            assert self._plan is not None
-            for row in cast("Iterable[Any]", rows or ()):
-                if not isinstance(row, self.model):
-                    raise UsageError(
-                        f"{self._name} (many=True) returned a {type(row).__name__}; "
-                        f"it must return {self.model.__name__} instances"
-                    )
-                key = maker(self._plan.pk_of(row))
-                if key in wanted and key not in results:
-                    results[key] = row
+        if not missing:
+            return [results[k] for k in wanted if results[k] is not None]
+        counters.misses += len(missing)
+        counters.lease_wins += len(tokens)
+        if session is not None and tokens:
+            for key in [k for k in tokens if self._in_identity_map(session, r, wanted[k])]:
+                self._release(r, key, tokens.pop(key))
+        call_args, call_kwargs = binding.replace_pk(args, kwargs, [wanted[k] for k in missing])
+        try:
+            rows = self.__wrapped__(*call_args, **call_kwargs)
+        except BaseException:
             for key, token in tokens.items():
-                row = results.get(key)
-                if row is None and not self.cache_none:
-                    self._release(r, key, token)
-                    continue
-                payload = None if row is None else self._plan.snapshot(row)
-                if row is not None and payload is None:
-                    self._release(r, key, token)
+                self._release(r, key, token)
+            raise
+        plan = self._plan
+        assert plan is not None
+        for row in cast("Iterable[Any]", rows or ()):
+            if not isinstance(row, self.model):
+                raise UsageError(
+                    f"{self._name} (many=True) returned a {type(row).__name__}; "
+                    f"it must return {self.model.__name__} instances"
+                )
+            key = maker(plan.pk_of(row))
+            if key in wanted and key not in results:
+                results[key] = row
+        entries: list[tuple[str, bytes, Any]] = []
+        for key, token in tokens.items():
+            row = results.get(key)
+            payload = _SKIP if row is None and not self.cache_none else None
+            if row is not None:
+                payload = plan.snapshot(row)
+                if payload is None:
+                    payload = _SKIP
+            if payload is _SKIP:
+                self._release(r, key, token)
+                continue
+            entry = self._entry(r, key, token, payload)
+            if entry is not None:
+                entries.append((key, entry, token))
+        if entries:
+            try:
+                outcomes = r.store.fill_many(entries, r.ttl)
+            except Exception as exc:
+                outcomes = {key: exc for key, _, _ in entries}
+            for key, _, token in entries:
+                outcome = outcomes.get(key, False)
+                if outcome is True:
+                    counters.fills += 1
+                elif outcome is False:
+                    counters.lease_losses += 1
                 else:
-                    self._fill(r, key, token, payload)
+                    self._fill_failed(r, key, token, outcome)
         return [results[k] for k in wanted if results.get(k) is not None]
 
 

@@ -183,12 +183,18 @@ def redis_available() -> None:
         unavailable(f"Redis is not reachable at {REDIS_URL}: {exc}")
 
 
-@pytest.fixture(params=["memcached", "memory", "redis"])
+@pytest.fixture(params=["memcached", "memcached-classic", "memory", "redis"])
 def backend(request: pytest.FixtureRequest) -> str:
-    """Configure region ``default`` on each backend cachedecor supports."""
-    if request.param == "memcached":
+    """Configure region ``default`` on each backend cachedecor supports.
+
+    ``memcached-classic`` is memcached without the meta protocol (the add/gets/cas
+    leases used with servers older than 1.6).
+    """
+    if request.param.startswith("memcached"):
         server = request.getfixturevalue("memcached")
-        cachedecor.configure_regions(memcached_config(server.url))
+        config = memcached_config(server.url)
+        config["regions"]["default"]["arguments"]["meta_protocol"] = request.param == "memcached"
+        cachedecor.configure_regions(config)
     elif request.param == "memory":
         cachedecor.configure_regions({"regions": {"default": {"backend": "dogpile.cache.memory"}}})
     else:
