@@ -474,8 +474,7 @@ def _exchange(client: Any, payload: bytes, count: int) -> list[tuple[bytes, list
     A reply the protocol does not allow closes the connection, so that a stream
     out of step is never reused.
     """
-    from pymemcache.client.base import _readline, _readvalue
-
+    _readline, _readvalue = _readers()
     if client.sock is None:
         client._connect()
     sock = client.sock
@@ -500,6 +499,18 @@ def _exchange(client: Any, payload: bytes, count: int) -> list[tuple[bytes, list
         client.close()
         raise ProtocolError("unexpected bytes after the last reply")
     return replies
+
+
+def _readers() -> Any:
+    global _READERS
+    if _READERS is None:
+        from pymemcache.client import base
+
+        _READERS = (base._readline, base._readvalue)
+    return _READERS
+
+
+_READERS: Any = None
 
 
 class _Exchange:

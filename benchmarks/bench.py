@@ -1,0 +1,428 @@
+"""cachedecor benchmarks: the hit path against the floor and the alternatives.
+
+Starts its own memcached (one worker thread, so that two connections are not
+served by different threads at different speeds), uses PostgreSQL at
+127.0.0.1:5432 (SQLite, with a note, when it is absent), and measures in one run,
+alternating the compared calls so that each comparison sees the same machine:
+
+* the floor: raw pymemcache ``get`` of cachedecor's stored bytes plus decoding;
+* plain dogpile.cache ``cache_on_arguments`` returning a pickled instance, plus
+  ``session.merge(obj, load=False)`` (what users write today);
+* ``@cached_by_pk`` hits, with a session (attached instance) and without;
+* ``session.get`` on a fresh session (what every hit saves);
+* ``many=True`` with 1, 10, 100 and 1000 keys against single hits and ``SELECT IN``;
+* the miss path (lease + query + fill) against a plain miss-and-set;
+* bytes stored per row.
+
+Prints a table of medians (µs per operation, and per key for batches) with ratios
+to the floor and to the dogpile baseline, and writes the same as JSON under
+benchmarks/results/.
+
+    python benchmarks/bench.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import decimal
+import enum
+import json
+import os
+import pickle
+import platform
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import sqlalchemy
+from dogpile.cache import make_region
+from pymemcache.client.base import Client
+from sqlalchemy import JSON, Numeric, String, Text, Uuid, select
+from sqlalchemy import Enum as SAEnum
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import cachedecor
+from cachedecor.config import region_settings
+from tests.servers import PG_URL, Memcached
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Status(enum.Enum):
+    ACTIVE = "active"
+    BLOCKED = "blocked"
+
+
+class Account(Base):
+    """A realistic 12-column row."""
+
+    __tablename__ = "cachedecor_bench_accounts"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(100))
+    email: Mapped[str] = mapped_column(String(200))
+    age: Mapped[int]
+    score: Mapped[float]
+    active: Mapped[bool]
+    created: Mapped[datetime.datetime] = mapped_column(sqlalchemy.DateTime(timezone=True))
+    birthday: Mapped[datetime.date]
+    balance: Mapped[decimal.Decimal] = mapped_column(Numeric(12, 2))
+    ref: Mapped[uuid.UUID] = mapped_column(Uuid)
+    status: Mapped[Status] = mapped_column(SAEnum(Status))
+    tags: Mapped[Any] = mapped_column(JSON)
+
+
+class Document(Base):
+    """A wide row: a 5 KB text column."""
+
+    __tablename__ = "cachedecor_bench_documents"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    title: Mapped[str] = mapped_column(String(200))
+    body: Mapped[str] = mapped_column(Text)
+    words: Mapped[int]
+
+
+@cachedecor.cached_by_pk(Account, region="bench")
+def get_account(session: Session, account_id: int) -> Account | None:
+    return session.get(Account, account_id)
+
+
+@cachedecor.cached_by_pk(Document, region="bench")
+def get_document(session: Session, document_id: int) -> Document | None:
+    return session.get(Document, document_id)
+
+
+@cachedecor.cached_by_pk(Account, region="bench", many=True)
+def get_accounts(session: Session, account_ids: list[int]) -> list[Account]:
+    return list(session.scalars(select(Account).where(Account.id.in_(account_ids))))
+
+
+ROWS = 1200
+
+
+def make_rows(engine: sqlalchemy.engine.Engine) -> None:
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    now = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.timezone.utc)
+    paragraph = "The quick brown fox jumps over the lazy dog and keeps running. "
+    with Session(engine) as s:
+        s.add_all(
+            Account(
+                id=i,
+                name=f"Account holder {i}",
+                email=f"holder{i}@example.org",
+                age=20 + i % 50,
+                score=i * 1.5,
+                active=i % 3 != 0,
+                created=now - datetime.timedelta(days=i),
+                birthday=datetime.date(1980 + i % 30, 1 + i % 12, 1 + i % 28),
+                balance=decimal.Decimal(f"{i}.{i % 100:02d}"),
+                ref=uuid.UUID(int=i),
+                status=Status.ACTIVE if i % 5 else Status.BLOCKED,
+                tags=["a", "b", i % 7],
+            )
+            for i in range(ROWS)
+        )
+        s.add_all(
+            Document(id=i, title=f"Document {i}", body=(paragraph * 80)[:5000] + str(i), words=900)
+            for i in range(ROWS)
+        )
+        s.commit()
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def compare(variants: dict[str, Callable[[], Any]], rounds: int, setup: Callable[[], Any] | None = None) -> dict[str, float]:
+    """Median seconds per call of each variant, calls alternated round by round."""
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(max(20, rounds // 20)):  # warm-up
+        for fn in variants.values():
+            if setup:
+                setup()
+            fn()
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            if setup:
+                setup()
+            samples[name].append(timed(fn))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+class Bench:
+    def __init__(self, quick: bool) -> None:
+        self.rounds = 300 if quick else 2000
+        self.server = Memcached(threads=1)
+        self.db_note = ""
+        try:
+            engine = sqlalchemy.create_engine(PG_URL)
+            engine.connect().close()
+        except Exception as exc:
+            self.db_note = f"PostgreSQL not reachable ({type(exc).__name__}); using SQLite"
+            engine = sqlalchemy.create_engine("sqlite:///" + os.path.join(RESULTS, "bench.sqlite"))
+        self.engine = engine
+        make_rows(engine)
+        cachedecor.configure_regions(
+            {
+                "regions": {
+                    "bench": {
+                        "backend": "cachedecor.pymemcache",
+                        "expiration_time": 3600,
+                        "arguments": {"url": [self.server.url]},
+                    }
+                }
+            }
+        )
+        self.region = region_settings("bench")
+        self.dogpile = make_region().configure(
+            "dogpile.cache.pymemcache",
+            expiration_time=3600,
+            arguments={"url": [self.server.url]},
+        )
+        self.raw = Client(("127.0.0.1", self.server.port), no_delay=True)
+        self.session = Session(engine)
+        self.results: dict[str, Any] = {"rows": {}, "notes": [self.db_note] if self.db_note else []}
+
+    def dogpile_loader(self, model: type) -> Callable[[int], Any]:
+        engine = self.engine
+
+        @self.dogpile.cache_on_arguments(namespace=model.__name__, function_key_generator=_key_generator)
+        def load(pk: int) -> Any:
+            with Session(engine) as s:
+                return s.get(model, pk)
+
+        return load
+
+    def fresh_session(self) -> None:
+        self.session.expunge_all()
+
+    # -- single-row hits ------------------------------------------------------------
+
+    def single(self, label: str, model: type, cached: Any, pk: int) -> None:
+        engine = self.engine
+        cached(Session(engine), pk)  # fill
+        key = cached.cache_key(pk)
+        codec = self.region.codec
+        raw = self.raw
+        load = self.dogpile_loader(model)
+        load(pk)  # fill
+        session = self.session
+
+        @cachedecor.cached_by_pk(model, region="bench")
+        def no_session(pk: int) -> Any:
+            with Session(engine) as s:
+                return s.get(model, pk)
+
+        no_session(pk)
+
+        def floor() -> Any:
+            return codec.decode(key, raw.get(key))
+
+        def dogpile_merge() -> Any:
+            return session.merge(load(pk), load=False)
+
+        def dogpile_only() -> Any:
+            return load(pk)
+
+        def hit_session() -> Any:
+            return cached(session, pk)
+
+        def hit_detached() -> Any:
+            return no_session(pk)
+
+        def db_get() -> Any:
+            with Session(engine) as s:
+                return s.get(model, pk)
+
+        medians = compare(
+            {
+                "floor: pymemcache get + decode": floor,
+                "dogpile cache_on_arguments hit (pickle)": dogpile_only,
+                "dogpile hit + session.merge(load=False)": dogpile_merge,
+                "@cached_by_pk hit, attached to a session": hit_session,
+                "@cached_by_pk hit, no session (detached)": hit_detached,
+                "session.get on a fresh session (database)": db_get,
+            },
+            self.rounds,
+            setup=self.fresh_session,
+        )
+        entry = raw.get(key)
+        with Session(engine) as s:
+            obj = s.get(model, pk)
+            pickled = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        uncompressed = region_settings("bench").codec.__class__(compression="none").encode(key, _payload(cached, obj))
+        self.results["rows"][label] = {
+            "medians_us": {k: v * 1e6 for k, v in medians.items()},
+            "bytes": {
+                "cachedecor entry (as stored)": len(entry),
+                "cachedecor entry, uncompressed": len(uncompressed),
+                "pickled instance (dogpile)": len(pickled),
+            },
+        }
+
+    # -- many=True ------------------------------------------------------------------
+
+    def many(self) -> None:
+        engine = self.engine
+        session = self.session
+        out: dict[str, Any] = {}
+        for n in (1, 10, 100, 1000):
+            ids = list(range(n))
+            get_accounts(Session(engine), ids)  # fill
+
+            def batch() -> Any:
+                return get_accounts(session, ids)
+
+            def singles() -> Any:
+                return [get_account(session, i) for i in ids]
+
+            def select_in() -> Any:
+                with Session(engine) as s:
+                    return list(s.scalars(select(Account).where(Account.id.in_(ids))))
+
+            rounds = max(30, self.rounds // max(1, n // 10))
+            medians = compare(
+                {"many=True": batch, "single hits": singles, "SELECT ... IN": select_in},
+                rounds,
+                setup=self.fresh_session,
+            )
+            out[str(n)] = {k: v * 1e6 for k, v in medians.items()}
+        self.results["many"] = out
+
+    # -- misses -----------------------------------------------------------------------
+
+    def misses(self) -> None:
+        engine = self.engine
+        session = self.session
+        raw = self.raw
+        codec = self.region.codec
+        pk = 7
+        key = get_account.cache_key(pk)
+        plain_key = "bench-plain-miss"
+
+        def invalidate() -> None:
+            session.expunge_all()
+            raw.delete(key, noreply=False)
+            raw.delete(plain_key, noreply=False)
+
+        def cachedecor_miss() -> Any:
+            return get_account(session, pk)
+
+        def undecorated() -> Any:
+            return get_account.__wrapped__(session, pk)
+
+        def plain_miss_and_set() -> Any:
+            # cache-aside without a lease: get (miss), query, encode, set
+            raw.get(plain_key)
+            obj = session.get(Account, pk)
+            raw.set(plain_key, codec.encode(plain_key, _payload(get_account, obj)), noreply=False)
+            return obj
+
+        medians = compare(
+            {
+                "@cached_by_pk miss (lease + query + fill)": cachedecor_miss,
+                "plain miss-and-set (get + query + set)": plain_miss_and_set,
+                "undecorated function (query only)": undecorated,
+            },
+            max(100, self.rounds // 2),
+            setup=invalidate,
+        )
+
+        def one_get() -> Any:
+            return raw.get("bench-absent")
+
+        rtt = compare({"round trip (get of an absent key)": one_get}, self.rounds)
+        self.results["misses"] = {k: v * 1e6 for k, v in {**medians, **rtt}.items()}
+
+    def close(self) -> None:
+        self.session.close()
+        self.engine.dispose()
+        self.server.stop()
+
+
+def _key_generator(namespace: str | None, fn: Any, **kw: Any) -> Callable[..., str]:
+    prefix = f"bench-dogpile:{namespace}:"
+
+    def generate(*args: Any) -> str:
+        return prefix + ",".join(map(str, args))
+
+    return generate
+
+
+def _payload(cached: Any, obj: Any) -> Any:
+    cached._resolve()
+    return cached._plan.snapshot(obj)
+
+
+# -- report -------------------------------------------------------------------------
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = []
+    for note in results["notes"]:
+        lines.append(f"note: {note}")
+    for label, row in results["rows"].items():
+        med = row["medians_us"]
+        floor = med["floor: pymemcache get + decode"]
+        dogpile = med["dogpile hit + session.merge(load=False)"]
+        lines.append(f"\n{label}: median us per call (x floor, x dogpile+merge)")
+        for name, us in med.items():
+            lines.append(f"  {name:<44} {us:8.1f} us  {us / floor:5.2f}x  {us / dogpile:5.2f}x")
+        lines.append("  bytes per row:")
+        for name, n in row["bytes"].items():
+            lines.append(f"    {name:<42} {n:6d}")
+    lines.append("\nmany=True (Account): median us per key (total us)")
+    single_hit = results["rows"]["Account (12 columns)"]["medians_us"]["@cached_by_pk hit, attached to a session"]
+    for n, med in results["many"].items():
+        k = int(n)
+        cells = "  ".join(f"{name} {us / k:7.1f} ({us:8.1f})" for name, us in med.items())
+        lines.append(f"  {n:>5} keys: {cells}  | per key / single hit: {med['many=True'] / k / single_hit:.3f}")
+    lines.append("\nmiss path (Account): median us per call")
+    mis = results["misses"]
+    for name, us in mis.items():
+        lines.append(f"  {name:<44} {us:8.1f} us")
+    rtt = mis["round trip (get of an absent key)"]
+    extra = mis["@cached_by_pk miss (lease + query + fill)"] - mis["plain miss-and-set (get + query + set)"]
+    lines.append(f"  lease cost over a plain miss-and-set: {extra:.1f} us = {extra / rtt:.1f} round trips")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument("--output", default=None, help="JSON file (default: benchmarks/results/bench-<time>.json)")
+    args = parser.parse_args(argv)
+    os.makedirs(RESULTS, exist_ok=True)
+    bench = Bench(args.quick)
+    try:
+        bench.single("Account (12 columns)", Account, get_account, 5)
+        bench.single("Document (5 KB text)", Document, get_document, 5)
+        bench.many()
+        bench.misses()
+    finally:
+        bench.close()
+    results = bench.results
+    results["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(), "when": time.ctime()}
+    text = report(results)
+    print(text)
+    path = args.output or os.path.join(RESULTS, time.strftime("bench-%Y%m%d-%H%M%S.json"))
+    with open(path, "w") as fh:
+        json.dump(results, fh, indent=2)
+    print(f"\nwritten: {os.path.relpath(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
