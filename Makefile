@@ -27,6 +27,10 @@ test: $(STAMP) memcached lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) docs
 
+## make bench: hit path against the floor, plain dogpile and the database (prints ratios)
+bench: $(STAMP) memcached
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
 ## make race: readers and writers racing on PostgreSQL + memcached/Redis, naive vs cachedecor
 race: $(STAMP) memcached
 	$(BIN)/python benchmarks/race.py $(RACE_ARGS)
