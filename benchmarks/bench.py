@@ -145,7 +145,9 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def compare(variants: dict[str, Callable[[], Any]], rounds: int, setup: Callable[[], Any] | None = None) -> dict[str, float]:
+def compare(
+    variants: dict[str, Callable[[], Any]], rounds: int, setup: Callable[[], Any] | None = None
+) -> dict[str, float]:
     """Median seconds per call of each variant, calls alternated round by round."""
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(max(20, rounds // 20)):  # warm-up
@@ -262,7 +264,9 @@ class Bench:
         with Session(engine) as s:
             obj = s.get(model, pk)
             pickled = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
-        uncompressed = region_settings("bench").codec.__class__(compression="none").encode(key, _payload(cached, obj))
+        uncompressed = (
+            region_settings("bench").codec.__class__(compression="none").encode(key, _payload(cached, obj))
+        )
         self.results["rows"][label] = {
             "medians_us": {k: v * 1e6 for k, v in medians.items()},
             "bytes": {
@@ -282,13 +286,13 @@ class Bench:
             ids = list(range(n))
             get_accounts(Session(engine), ids)  # fill
 
-            def batch() -> Any:
+            def batch(ids: list[int] = ids) -> Any:
                 return get_accounts(session, ids)
 
-            def singles() -> Any:
+            def singles(ids: list[int] = ids) -> Any:
                 return [get_account(session, i) for i in ids]
 
-            def select_in() -> Any:
+            def select_in(ids: list[int] = ids) -> Any:
                 with Session(engine) as s:
                     return list(s.scalars(select(Account).where(Account.id.in_(ids))))
 
@@ -304,7 +308,6 @@ class Bench:
     # -- misses -----------------------------------------------------------------------
 
     def misses(self) -> None:
-        engine = self.engine
         session = self.session
         raw = self.raw
         codec = self.region.codec
@@ -384,11 +387,15 @@ def report(results: dict[str, Any]) -> str:
         for name, n in row["bytes"].items():
             lines.append(f"    {name:<42} {n:6d}")
     lines.append("\nmany=True (Account): median us per key (total us)")
-    single_hit = results["rows"]["Account (12 columns)"]["medians_us"]["@cached_by_pk hit, attached to a session"]
+    single_hit = results["rows"]["Account (12 columns)"]["medians_us"][
+        "@cached_by_pk hit, attached to a session"
+    ]
     for n, med in results["many"].items():
         k = int(n)
         cells = "  ".join(f"{name} {us / k:7.1f} ({us:8.1f})" for name, us in med.items())
-        lines.append(f"  {n:>5} keys: {cells}  | per key / single hit: {med['many=True'] / k / single_hit:.3f}")
+        lines.append(
+            f"  {n:>5} keys: {cells}  | per key / single hit: {med['many=True'] / k / single_hit:.3f}"
+        )
     lines.append("\nmiss path (Account): median us per call")
     mis = results["misses"]
     for name, us in mis.items():
@@ -400,9 +407,13 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
-    parser.add_argument("--output", default=None, help="JSON file (default: benchmarks/results/bench-<time>.json)")
+    parser.add_argument(
+        "--output", default=None, help="JSON file (default: benchmarks/results/bench-<time>.json)"
+    )
     args = parser.parse_args(argv)
     os.makedirs(RESULTS, exist_ok=True)
     bench = Bench(args.quick)
