@@ -11,7 +11,7 @@ from cachedecor.config import configure_regions, get_region, reset
 from cachedecor.errors import CacheError, ConfigError, InvalidKeyError, RegionNotConfigured, UsageError
 from cachedecor.keys import key_for
 from cachedecor.read import CachedFunction, cached_by_pk
-from cachedecor.stats import RegionStats, reset_stats, stats
+from cachedecor.stats import RegionStats, dump_stats, reset_stats, stats
 from cachedecor.write import invalidate, invalidate_many, invalidates
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "UsageError",
     "cached_by_pk",
     "configure_regions",
+    "dump_stats",
     "get_region",
     "invalidate",
     "invalidate_many",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 from typing import Any
 
 import click
@@ -26,11 +27,14 @@ def main() -> None:
 )
 @click.option("--rows", default=100, show_default=True, help="Rows to create.")
 @click.option("--repeat", default=300, show_default=True, help="Samples for the timing comparison.")
-def demo(database: str | None, memcached: str | None, rows: int, repeat: int) -> None:
+@click.option("--stats-file", metavar="JSON", help="Write the demo's counters here (see 'cachedecor stats').")
+def demo(database: str | None, memcached: str | None, rows: int, repeat: int, stats_file: str | None) -> None:
     """Run the example application: misses, hits, invalidation, rollback, timings."""
     from cachedecor.demo import run_demo
 
     run_demo(database=database, memcached=memcached, rows=rows, repeat=repeat)
+    if stats_file:
+        cachedecor.dump_stats(stats_file)
 
 
 @main.command()
@@ -59,6 +63,82 @@ def check(config_path: str | None) -> None:
                 version = result.get(b"version", b"?")
                 version = version.decode() if isinstance(version, bytes) else version
                 click.echo(f"{name:<12} {server:<24} ok (memcached {version})")
+    sys.exit(1 if failed else 0)
+
+
+_SERVER_COLUMNS = ("server", "version", "items", "MB used", "MB limit", "hit ratio", "evictions", "conns")
+
+
+def _server_row(server: str, raw: dict[bytes, Any]) -> tuple[str, ...]:
+    def num(name: str) -> float:
+        value = raw.get(name.encode(), 0)
+        try:
+            return float(value.decode() if isinstance(value, bytes) else value)
+        except ValueError:
+            return 0.0
+
+    hits, misses = num("get_hits"), num("get_misses")
+    ratio = f"{hits / (hits + misses):.1%}" if hits + misses else "-"
+    version = raw.get(b"version", b"?")
+    return (
+        server,
+        version.decode() if isinstance(version, bytes) else str(version),
+        f"{num('curr_items'):.0f}",
+        f"{num('bytes') / 1e6:.2f}",
+        f"{num('limit_maxbytes') / 1e6:.0f}",
+        ratio,
+        f"{num('evictions'):.0f}",
+        f"{num('curr_connections'):.0f}",
+    )
+
+
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--config", "config_path", metavar="INI", help="INI file (default: $CACHEDECOR_CONFIG).")
+@click.option(
+    "--counters",
+    "counters_path",
+    metavar="JSON",
+    help="Also print client-side counters from a file written by cachedecor.dump_stats().",
+)
+def stats(config_path: str | None, counters_path: str | None) -> None:
+    """Show each region's memcached servers' own statistics (and client counters)."""
+    import json
+
+    from cachedecor.config import region_settings
+
+    regions = cachedecor.configure_regions(config_path)
+    failed = False
+    for name in sorted(regions):
+        settings = region_settings(name)
+        client = getattr(settings.store, "client", None)
+        click.echo(f"region {name} ({settings.backend})")
+        if client is None or not hasattr(client, "stats"):
+            click.echo("  no memcached servers\n")
+            continue
+        rows: list[tuple[str, ...]] = []
+        for server, result in sorted(client.stats().items()):
+            if isinstance(result, BaseException):
+                failed = True
+                rows.append((server, f"FAILED: {type(result).__name__}", "", "", "", "", "", ""))
+            else:
+                rows.append(_server_row(server, result))
+        click.echo(_table(rows, _SERVER_COLUMNS) + "\n")
+    if counters_path:
+        with open(counters_path) as fh:
+            snapshot = json.load(fh)
+        click.echo(f"client counters of process {snapshot['pid']} at {time.ctime(snapshot['time'])}")
+        names = sorted({k for counters in snapshot["regions"].values() for k in counters})
+        rows = [
+            (region, *(str(c.get(k, 0)) for k in names)) for region, c in sorted(snapshot["regions"].items())
+        ]
+        click.echo(_table(rows, ("region", *names)))
     sys.exit(1 if failed else 0)
 
 

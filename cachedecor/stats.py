@@ -12,7 +12,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
-__all__ = ["RegionStats", "reset_stats", "stats"]
+__all__ = ["RegionStats", "dump_stats", "reset_stats", "stats"]
 
 log = logging.getLogger("cachedecor")
 
@@ -76,6 +76,22 @@ def stats(region: str | None = None) -> dict[str, dict[str, int]]:
     if region is not None:
         return {region: _counters[region].as_dict()}
     return {name: c.as_dict() for name, c in sorted(_counters.items())}
+
+
+def dump_stats(path: str) -> None:
+    """Write the counters of this process to ``path`` as JSON (atomically).
+
+    ``cachedecor stats --counters PATH`` prints such a file; a service can call this
+    periodically or at shutdown to make its client-side counters visible.
+    """
+    import json
+    import os
+
+    data = {"pid": os.getpid(), "time": time.time(), "regions": stats()}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2)
+    os.replace(tmp, path)
 
 
 def reset_stats() -> None:

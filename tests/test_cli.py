@@ -69,6 +69,39 @@ class TestCheck:
         assert "unknown backend 'nope'" in result.output
 
 
+class TestStats:
+    def test_stats_shows_server_statistics_and_client_counters(self, tmp_path: Path, memcached: Any) -> None:
+        counters = tmp_path / "counters.json"
+        demo = CliRunner().invoke(
+            main,
+            [
+                "demo",
+                "--rows",
+                "5",
+                "--repeat",
+                "3",
+                "--memcached",
+                memcached.url,
+                "--stats-file",
+                str(counters),
+            ],
+        )
+        assert demo.exit_code == 0, demo.output
+        ini = write_ini(tmp_path, memcached.url)
+        result = CliRunner().invoke(main, ["stats", "--config", str(ini), "--counters", str(counters)])
+        assert result.exit_code == 0, result.output
+        assert "hit ratio" in result.output and memcached.url in result.output
+        demo_line = next(line for line in result.output.splitlines() if line.startswith("demo "))
+        assert demo_line.split()[1:] != ["0"] * len(demo_line.split()[1:])
+
+    def test_stats_reports_an_unreachable_server(self, tmp_path: Path) -> None:
+        result = CliRunner().invoke(
+            main, ["stats", "--config", str(write_ini(tmp_path, f"127.0.0.1:{free_port()}"))]
+        )
+        assert result.exit_code == 1
+        assert "FAILED" in result.output
+
+
 class TestInvalidate:
     def test_invalidate_deletes_the_keys(self, tmp_path: Path, memcached: Any) -> None:
         import cachedecor
