@@ -244,6 +244,46 @@ class TestSlowServer:
             listener.close()
 
 
+class TestOldServer:
+    def test_a_server_without_meta_commands_switches_to_classic_leases(self, rows: Engine) -> None:
+        # A fake: a server that answers ERROR to everything, as memcached < 1.6 does
+        # to meta commands; no installed memcached can be made to do this.
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        stop = threading.Event()
+
+        def serve() -> None:
+            listener.settimeout(0.1)
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    continue
+                conn.settimeout(0.1)
+                with conn:
+                    while not stop.is_set():
+                        try:
+                            data = conn.recv(4096)
+                        except OSError:
+                            continue
+                        if not data:
+                            break
+                        conn.sendall(b"ERROR\r\n" * max(1, data.count(b"\r\n")))
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            cachedecor.configure_regions(memcached_config(f"127.0.0.1:{listener.getsockname()[1]}"))
+            assert once(rows, get_user, 1).name == "user1"
+            assert region_settings("default").store.meta is False  # type: ignore[attr-defined]
+            assert counters()["errors"] == 1
+        finally:
+            stop.set()
+            thread.join()
+            listener.close()
+
+
 class TestGarbage:
     def test_garbage_entry_is_a_miss_deleted_and_counted(
         self, rows: Engine, cache: Any, sql: SQLCounter
