@@ -164,9 +164,17 @@ def compare(
 
 
 class Bench:
-    def __init__(self, quick: bool) -> None:
+    def __init__(self, quick: bool, pin: bool) -> None:
         self.rounds = 300 if quick else 2000
         self.server = Memcached(threads=1)
+        if pin:
+            # client and server on one CPU: a loopback round trip then costs what the
+            # machine needs to switch between them, not a cross-CPU wake-up, and the
+            # Python work on each side is what the comparison sees
+            cpu = min(os.sched_getaffinity(0))
+            os.sched_setaffinity(0, {cpu})
+            assert self.server.proc is not None
+            os.sched_setaffinity(self.server.proc.pid, {cpu})
         self.db_note = ""
         try:
             engine = sqlalchemy.create_engine(PG_URL)
@@ -412,11 +420,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     parser.add_argument(
+        "--pin", action="store_true", help="pin this process and memcached to one CPU (a quiet machine only)"
+    )
+    parser.add_argument(
         "--output", default=None, help="JSON file (default: benchmarks/results/bench-<time>.json)"
     )
     args = parser.parse_args(argv)
     os.makedirs(RESULTS, exist_ok=True)
-    bench = Bench(args.quick)
+    bench = Bench(args.quick, args.pin)
     try:
         bench.single("Account (12 columns)", Account, get_account, 5)
         bench.single("Document (5 KB text)", Document, get_document, 5)
@@ -425,7 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.close()
     results = bench.results
-    results["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(), "when": time.ctime()}
+    results["machine"] = {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "pinned to one cpu": args.pin,
+        "when": time.ctime(),
+    }
     text = report(results)
     print(text)
     path = args.output or os.path.join(RESULTS, time.strftime("bench-%Y%m%d-%H%M%S.json"))
