@@ -22,10 +22,9 @@ demo: $(STAMP)
 memcached:
 	@bash tools/ensure-memcached.sh
 
-## make test: lint, the whole test suite against real servers, and the docs build
+## make test: lint, then the whole suite against real servers (it also builds the docs)
 test: $(STAMP) memcached lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
-	$(MAKE) docs
 
 ## make bench: hit path against the floor, plain dogpile and the database (prints ratios)
 bench: $(STAMP) memcached
