@@ -205,11 +205,12 @@ def key_maker(model: Any, namespace: str = DEFAULT_NAMESPACE) -> KeyMaker:
 def key_for(model: Any, pk: Any, *, namespace: str = DEFAULT_NAMESPACE) -> str:
     """The cache key that :func:`cached_by_pk` uses for the row of ``model`` with ``pk``.
 
-    >>> from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+    >>> from sqlalchemy import Integer
+    >>> from sqlalchemy.orm import DeclarativeBase, mapped_column
     >>> class Base(DeclarativeBase): pass
     >>> class Item(Base):
     ...     __tablename__ = "items"
-    ...     id: Mapped[int] = mapped_column(primary_key=True)
+    ...     id = mapped_column(Integer, primary_key=True)
     >>> key = key_for(Item, 42)
     >>> key.startswith("cachedecor:items:") and key.endswith(":42")
     True

@@ -451,11 +451,12 @@ def cached_by_pk(
     :param cache_none: also cache a ``None`` result (a row that does not exist).
 
     >>> from cachedecor import cached_by_pk
-    >>> from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+    >>> from sqlalchemy import Integer
+    >>> from sqlalchemy.orm import DeclarativeBase, mapped_column
     >>> class Base(DeclarativeBase): pass
     >>> class Note(Base):
     ...     __tablename__ = "notes"
-    ...     id: Mapped[int] = mapped_column(primary_key=True)
+    ...     id = mapped_column(Integer, primary_key=True)
     >>> @cached_by_pk(Note)
     ... def get_note(session, note_id):
     ...     "Load a note."
