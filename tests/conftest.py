@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -153,13 +154,14 @@ def sql(engine: Engine) -> Iterator[SQLCounter]:
     counter.close()
 
 
-def memcached_config(*urls: str, **options: Any) -> dict[str, Any]:
+def memcached_config(*urls: str, arguments: dict[str, Any] | None = None, **options: Any) -> dict[str, Any]:
+    """Region ``default`` on memcached ``urls``; ``arguments`` override the backend's."""
     return {
         "regions": {
             "default": {
                 "backend": "cachedecor.pymemcache",
                 "expiration_time": 300,
-                "arguments": {"url": list(urls), "connect_timeout": 0.5, "timeout": 0.5},
+                "arguments": {"url": list(urls), "connect_timeout": 0.5, "timeout": 0.5, **(arguments or {})},
                 **options,
             }
         }
@@ -218,3 +220,12 @@ def once(engine: Engine, fn: Any, *args: Any) -> Any:
     """Call ``fn(session, *args)`` in a session of its own, closed afterwards."""
     with Session(engine) as session:
         return fn(session, *args)
+
+
+def wait_until(condition: Any, timeout: float = 10.0) -> None:
+    """Poll an observable condition until it holds (synchronisation, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout}s")
+        time.sleep(0.002)

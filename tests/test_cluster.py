@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,7 +14,7 @@ from sqlalchemy.orm import Session
 
 import cachedecor
 from cachedecor.config import region_settings
-from tests.conftest import memcached_config, once
+from tests.conftest import memcached_config, once, wait_until
 from tests.models import User
 
 ROWS = 30
@@ -34,22 +33,17 @@ def bump(session: Session, user_id: int) -> None:
     session.commit()
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.005)
-
-
 @pytest.fixture
 def cluster(pg_engine: Engine, memcached_factory: Any) -> tuple[Engine, list[Any]]:
     nodes = [memcached_factory() for _ in range(3)]
-    config = memcached_config(*(n.url for n in nodes))
-    config["regions"]["default"]["arguments"].update(
-        timeout=0.2, connect_timeout=0.2, dead_timeout=0.3, invalidation_retry_interval=0.05
+    cachedecor.configure_regions(
+        memcached_config(
+            *(n.url for n in nodes),
+            arguments=dict(
+                timeout=0.2, connect_timeout=0.2, dead_timeout=0.3, invalidation_retry_interval=0.05
+            ),
+        )
     )
-    cachedecor.configure_regions(config)
     with Session(pg_engine) as s:
         s.add_all([User(id=i, name=f"u{i}", version=0) for i in range(ROWS)])
         s.commit()

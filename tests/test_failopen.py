@@ -6,7 +6,6 @@ import logging
 import pickle
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,18 +16,9 @@ from sqlalchemy.orm import Session
 
 import cachedecor
 from cachedecor.config import region_settings
-from tests.conftest import SQLCounter, memcached_config, once
+from tests.conftest import SQLCounter, memcached_config, once, wait_until
 from tests.models import User
 from tests.servers import free_port
-
-
-def wait_until(condition: Any, timeout: float = 10.0) -> None:
-    """Poll an observable condition (synchronisation, not a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.005)
 
 
 @cachedecor.cached_by_pk(User)
@@ -89,9 +79,7 @@ class TestServerDown:
 
     def test_a_failed_node_is_skipped_until_dead_timeout(self, rows: Engine) -> None:
         url = f"127.0.0.1:{free_port()}"
-        config = memcached_config(url)
-        config["regions"]["default"]["arguments"]["dead_timeout"] = 60
-        cachedecor.configure_regions(config)
+        cachedecor.configure_regions(memcached_config(url, arguments={"dead_timeout": 60}))
         once(rows, get_user, 1)
         store = region_settings("default").store
         assert store.backend.health.down_nodes() == [url]  # type: ignore[attr-defined]
@@ -111,9 +99,7 @@ class TestServerDown:
 
     def test_restarted_server_is_used_again(self, rows: Engine, memcached_factory: Any) -> None:
         server = memcached_factory()
-        config = memcached_config(server.url)
-        config["regions"]["default"]["arguments"]["dead_timeout"] = 0
-        cachedecor.configure_regions(config)
+        cachedecor.configure_regions(memcached_config(server.url, arguments={"dead_timeout": 0}))
         once(rows, get_user, 1)
         server.restart()
         once(rows, get_user, 1)  # reconnects (or fails once and probes again)
@@ -137,11 +123,11 @@ class TestServerDown:
         self, rows: Engine, memcached_factory: Any
     ) -> None:
         server = memcached_factory()
-        config = memcached_config(server.url)
-        config["regions"]["default"]["arguments"].update(
-            timeout=0.2, dead_timeout=0.5, invalidation_retry_interval=3600
+        cachedecor.configure_regions(
+            memcached_config(
+                server.url, arguments=dict(timeout=0.2, dead_timeout=0.5, invalidation_retry_interval=3600)
+            )
         )
-        cachedecor.configure_regions(config)
         once(rows, get_user, 1)
         health = region_settings("default").store.backend.health  # type: ignore[attr-defined]
         server.pause()
@@ -161,11 +147,11 @@ class TestServerDown:
         self, rows: Engine, memcached_factory: Any
     ) -> None:
         server = memcached_factory()
-        config = memcached_config(server.url)
-        config["regions"]["default"]["arguments"].update(
-            timeout=0.2, dead_timeout=0, invalidation_retry_interval=0.01
+        cachedecor.configure_regions(
+            memcached_config(
+                server.url, arguments=dict(timeout=0.2, dead_timeout=0, invalidation_retry_interval=0.01)
+            )
         )
-        cachedecor.configure_regions(config)
         once(rows, get_user, 1)
         key = get_user.cache_key(1)
         server.pause()
@@ -181,11 +167,12 @@ class TestServerDown:
         self, rows: Engine, memcached_factory: Any, caplog: pytest.LogCaptureFixture
     ) -> None:
         server = memcached_factory()
-        config = memcached_config(server.url)
-        config["regions"]["default"]["arguments"].update(
-            dead_timeout=0, invalidation_retry_interval=0.01, invalidation_retry_for=0.05
+        cachedecor.configure_regions(
+            memcached_config(
+                server.url,
+                arguments=dict(dead_timeout=0, invalidation_retry_interval=0.01, invalidation_retry_for=0.05),
+            )
         )
-        cachedecor.configure_regions(config)
         once(rows, get_user, 1)
         server.kill()
         with caplog.at_level(logging.ERROR, logger="cachedecor"):
@@ -199,9 +186,9 @@ class TestServerDown:
 class TestSlowServer:
     def test_paused_server_returns_within_the_timeout(self, rows: Engine, memcached_factory: Any) -> None:
         server = memcached_factory()
-        config = memcached_config(server.url)
-        config["regions"]["default"]["arguments"].update(timeout=0.2, connect_timeout=0.2)
-        cachedecor.configure_regions(config)
+        cachedecor.configure_regions(
+            memcached_config(server.url, arguments=dict(timeout=0.2, connect_timeout=0.2))
+        )
         once(rows, get_user, 1)
         server.pause()
         try:
@@ -231,9 +218,9 @@ class TestSlowServer:
         thread = threading.Thread(target=accept, daemon=True)
         thread.start()
         try:
-            config = memcached_config(f"127.0.0.1:{listener.getsockname()[1]}")
-            config["regions"]["default"]["arguments"].update(timeout=0.2)
-            cachedecor.configure_regions(config)
+            cachedecor.configure_regions(
+                memcached_config(f"127.0.0.1:{listener.getsockname()[1]}", arguments=dict(timeout=0.2))
+            )
             assert once(rows, get_user, 1).name == "user1"
             assert counters()["errors"] == 1
         finally:

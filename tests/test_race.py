@@ -8,7 +8,6 @@ exact interleaving that leaves stale rows behind with plain cache-aside.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from sqlalchemy.orm import Session
 
 import cachedecor
 from cachedecor import cached_by_pk, invalidates
-from tests.conftest import once
+from tests.conftest import once, wait_until
 from tests.models import User
 
 
@@ -46,15 +45,6 @@ def row(engine: Engine, backend: str) -> Engine:
 
 def counters(region: str = "default") -> dict[str, int]:
     return cachedecor.stats(region)[region]
-
-
-def wait_until(condition: Any, timeout: float = 10.0) -> None:
-    """Poll an observable condition (synchronisation, not a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.001)
 
 
 class TestNoStaleFill:
