@@ -69,7 +69,8 @@ class _RawSerde:
     """pymemcache serde that stores and returns bytes only and never unpickles.
 
     dogpile-level values reach the client already serialized (the backend's
-    ``serializer``), and cachedecor's own entries are bytes, so nothing else is needed.
+    ``serializer``), cachedecor's own entries are bytes, and dogpile's distributed
+    lock stores the integer 1, so bytes, text and integers are all it needs.
     """
 
     @staticmethod
@@ -78,6 +79,8 @@ class _RawSerde:
             return value, 0
         if isinstance(value, str):
             return value.encode(), 0
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value).encode(), 0
         raise TypeError(f"cachedecor's memcached client stores bytes, not {type(value).__name__}")
 
     @staticmethod
@@ -592,8 +595,10 @@ class PyMemcacheBackend(DefaultSerialization, _DogpilePyMemcacheBackend):  # typ
     """dogpile.cache backend ``cachedecor.pymemcache``: pymemcache with timeouts.
 
     Accepts dogpile's ``dogpile.cache.pymemcache`` arguments plus ``connect_timeout``,
-    ``timeout``, ``no_delay``, ``dead_timeout``, ``retry_attempts`` and ``retry_delay``
-    (see :doc:`/configuration` for types and defaults). Values that dogpile itself
+    ``timeout``, ``no_delay``, ``dead_timeout``, ``retry_attempts``, ``retry_delay``,
+    ``invalidation_retry_interval``, ``invalidation_retry_for``,
+    ``max_pending_invalidations`` and ``meta_protocol`` (see :doc:`/configuration`
+    for types and defaults). Values that dogpile itself
     stores through this backend are pickled by dogpile as with its Redis backend;
     cachedecor's own entries are plain bytes and are never unpickled.
     """
@@ -1009,7 +1014,7 @@ return 0
 
 
 class RedisStore(Store):
-    """Leases with ``SET NX PX`` and a compare-and-set script for the fill."""
+    """Leases with ``SET NX EX`` and compare-and-set scripts for the fill and the release."""
 
     name = "redis"
 

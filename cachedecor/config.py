@@ -138,7 +138,10 @@ _settings: dict[str, RegionSettings] = {}
 def _coerce(value: Any, kind: type, where: str) -> Any:
     if kind is object:
         if isinstance(value, str):
-            raise ConfigError(f"{where}: takes a Python object and can only be set from a dict")
+            raise ConfigError(
+                f"{where}: expects a Python object (not the string {value!r}); "
+                f"pass the object in a dict configuration"
+            )
         return value
     if kind is list:
         if isinstance(value, str):
@@ -376,11 +379,12 @@ def _build(name: str, parsed: _Parsed, prefix: str) -> RegionSettings:
         namespace = check_namespace(values["namespace"])
     except ConfigError as exc:
         raise ConfigError(f"{where}.namespace: {exc}") from None
+    secret_option = f"{where}.secret" if values["secret"] is not None else f"{prefix}secret"
     secret = values["secret"] if values["secret"] is not None else parsed.globals.get("secret")
     if secret is not None:
-        secret = _coerce(secret, str, f"{prefix}secret")
+        secret = _coerce(secret, str, secret_option)
         if not secret:
-            raise ConfigError(f"{prefix}secret: must not be empty when set")
+            raise ConfigError(f"{secret_option}: must not be empty when set")
     try:
         codec = Codec(
             compress_threshold=values["compress_threshold"],
@@ -488,6 +492,7 @@ def configure_regions(
     ... )
     >>> sorted(regions)
     ['default']
+    >>> cachedecor.reset()
     """
     if not prefix.endswith("."):
         prefix += "."

@@ -73,11 +73,15 @@ def invalidate_many(model: Any, pks: Iterable[Any], *, session: Session | None =
     pks = list(pks)
     if not pks:
         return
-    if session is not None and session.in_transaction():
+    if session is not None:
         tracker = _tracker(session)
         for pk in pks:
             tracker.add_row(model, pk)
-        return
+        if session.in_transaction():
+            return
+        # No transaction is open: the change was committed already, or the caller
+        # has yet to write it. Delete now for the first case; the keys also stay
+        # queued for the session's next commit, for the second.
     _delete_now({model: pks})
 
 
@@ -112,12 +116,14 @@ def _delete_now(rows: dict[type, list[Any]]) -> None:
         except Exception as exc:
             counters.errors += 1
             log_failure(region_name, "invalidation", exc)
+            bound = (
+                f"{settings.expiration_time}s" if settings.expiration_time else "ever (no expiration_time)"
+            )
             log.error(
-                "cache region %r: could not invalidate %d key(s); they may be stale "
-                "for up to %ss (the region's expiration_time): %s",
+                "cache region %r: could not invalidate %d key(s); they may be stale for up to %s: %s",
                 region_name,
                 len(unique),
-                settings.expiration_time or "ever",
+                bound,
                 ", ".join(unique[:20]) + (" ..." if len(unique) > 20 else ""),
             )
         else:
@@ -127,9 +133,10 @@ def _delete_now(rows: dict[type, list[Any]]) -> None:
 class Tracker:
     """Per-session state: which models are watched and which rows changed."""
 
-    __slots__ = ("active", "bulk", "rows", "watched", "written")
+    __slots__ = ("active", "bulk", "rows", "watched", "written", "wrote")
 
     def __init__(self) -> None:
+        self.wrote = False
         self.active: dict[type, int] = {}
         self.rows: dict[type, set[Any]] = {}
         self.written: set[tuple[type, str]] = set()
@@ -156,6 +163,7 @@ class Tracker:
         return (base, pk_text) in self.written
 
     def clear(self) -> None:
+        self.wrote = False
         self.rows.clear()
         self.written.clear()
         self.bulk.clear()
@@ -190,10 +198,26 @@ def _record_instance(tracker: Tracker, obj: Any) -> None:
         tracker.add_row(model, tuple(pk))
 
 
+def may_fill(session: Session | None) -> bool:
+    """Whether a row read in ``session`` may be written to the cache.
+
+    Not once the session's transaction has written anything: what it reads may then
+    be its own uncommitted change, which other sessions must never see.
+    """
+    if session is None:
+        return True
+    tracker: Tracker | None = session.info.get(_TRACKER)
+    return tracker is None or not tracker.wrote
+
+
+_READ_ONLY_SQL = ("SELECT", "WITH", "SHOW", "EXPLAIN", "VALUES")
+
+
 @event.listens_for(Session, "after_flush")
 def _after_flush(session: Session, flush_context: Any) -> None:
-    tracker = session.info.get(_TRACKER)
-    if tracker is None or not (tracker.active or tracker.watched):
+    tracker = _tracker(session)
+    tracker.wrote = True
+    if not (tracker.active or tracker.watched):
         return
     for group in (session.new, session.dirty, session.deleted):
         for obj in group:
@@ -203,9 +227,14 @@ def _after_flush(session: Session, flush_context: Any) -> None:
 
 @event.listens_for(Session, "do_orm_execute")
 def _do_orm_execute(state: ORMExecuteState) -> None:
+    if state.is_select:
+        return
     if not (state.is_update or state.is_delete):
+        if state.is_insert or _writes(state.statement):
+            _tracker(state.session).wrote = True
         return
     session = state.session
+    _tracker(session).wrote = True
     tracker = session.info.get(_TRACKER)
     if tracker is None or not tracker.active:
         return
@@ -227,6 +256,15 @@ def _do_orm_execute(state: ORMExecuteState) -> None:
         return
     for pk in pks:
         tracker.add_row(model, pk)
+
+
+def _writes(statement: Any) -> bool:
+    """Whether a textual statement may write (anything but a plain query)."""
+    text = getattr(statement, "text", None)
+    if not isinstance(text, str):
+        return False
+    words = text.lstrip().split(None, 1)
+    return bool(words) and words[0].upper() not in _READ_ONLY_SQL
 
 
 def _bulk_affected(state: ORMExecuteState, mapper: Mapper[Any]) -> list[tuple[Any, ...]] | None:

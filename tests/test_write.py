@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -303,6 +303,38 @@ class TestReadYourWrites:
         assert cached_name(users, 2) == "fresh"
 
 
+class TestWritesOutsideInvalidates:
+    def test_a_transaction_that_wrote_never_fills_the_cache(self, users: Engine) -> None:
+        get_user.invalidate(1)
+        cachedecor.reset_stats()
+        with Session(users) as s:
+            s.execute(update(User).where(User.id == 1).values(name="uncommitted"))  # not tracked
+            assert get_user(s, 1).name == "uncommitted"
+            s.rollback()
+        assert cached_name(users, 1) == "user1"
+        assert cachedecor.stats()["default"]["fills"] == 1  # only the committed row, read afterwards
+
+    def test_a_textual_write_also_stops_fills(self, users: Engine) -> None:
+        get_user.invalidate(2)
+        with Session(users) as s:
+            s.execute(text("UPDATE cd_users SET name = 'raw' WHERE id = 2"))
+            assert get_user(s, 2).name == "raw"
+            s.rollback()
+        assert cached_name(users, 2) == "user2"
+
+    def test_a_flush_outside_invalidates_stops_fills_until_the_transaction_ends(self, users: Engine) -> None:
+        get_user.invalidate(3)
+        cachedecor.reset_stats()
+        with Session(users) as s:
+            s.add(Post(id=999, user_id=1, title="new"))
+            s.flush()
+            get_user(s, 3)
+            assert cachedecor.stats()["default"]["fills"] == 0
+            s.commit()
+            get_user(s, 3)
+        assert cachedecor.stats()["default"]["fills"] == 1
+
+
 class TestExplicitKeys:
     def test_pk_argument_is_invalidated_after_commit(self, users: Engine) -> None:
         with Session(users) as s:
@@ -338,6 +370,20 @@ class TestExplicitKeys:
             assert cachedecor.stats()["default"]["invalidations"] == 0
             s.commit()
         assert cachedecor.stats()["default"]["invalidations"] == 1
+
+    def test_pk_given_outside_a_transaction_is_invalidated_again_at_the_next_commit(
+        self, users: Engine
+    ) -> None:
+        @invalidates(User, pk="user_id")
+        def announce(session: Session, user_id: int) -> None:
+            """Declares the change; the caller writes it."""
+
+        with Session(users) as s:
+            announce(s, 4)  # no transaction yet: deleted now, and kept for the next commit
+            assert cached_name(users, 4) == "user4"  # a reader refills the old row meanwhile
+            s.execute(update(User).where(User.id == 4).values(name="written later"))
+            s.commit()
+        assert cached_name(users, 4) == "written later"
 
     def test_pk_needs_a_model(self) -> None:
         with pytest.raises(TypeError, match="model"):
