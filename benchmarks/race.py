@@ -200,7 +200,7 @@ def cached_versions(opts: Options, variant: str) -> dict[int, int]:
     for i in range(opts.rows):
         key = read_row.cache_key(i)
         data = settings.store.get(key)
-        if data is None or data[:2] == b"\x00L":  # absent, or a lease marker
+        if not data or data[:2] == b"\x00L":  # absent, a lease marker or a meta placeholder
             continue
         payload = settings.codec.decode(key, data)
         out[i] = payload[1][version_at]

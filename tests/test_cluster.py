@@ -66,7 +66,7 @@ def stale_entries(engine: Engine, nodes: list[Any]) -> list[int]:
         for row_id, version in truth.items():
             key = get_user.cache_key(row_id)
             data = client.get(key)
-            if data is None or data[:2] == b"\x00L":
+            if not data or data[:2] == b"\x00L":  # absent, a lease marker or a placeholder
                 continue
             if codec.decode(key, data)[1][version_at] != version:
                 stale.append(row_id)
