@@ -44,7 +44,7 @@ _SAFE = "-_.~"
 
 def check_namespace(namespace: str) -> str:
     """Return ``namespace`` if it is usable in keys, else raise :class:`ConfigError`."""
-    if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
         raise ConfigError(
             f"namespace {namespace!r} must be 1-64 characters of letters, digits, '_', '.' or '-'"
         )
@@ -229,7 +229,7 @@ def mangle_key(key: str) -> str:
     non-ASCII characters, too long) becomes a readable prefix plus a hash of the
     whole. This makes dogpile's own ``cache_on_arguments`` safe on memcached.
     """
-    if _PLAIN_KEY.match(key):
+    if _PLAIN_KEY.fullmatch(key):
         return key
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
     readable = _UNSAFE_CHAR.sub("_", key)[: MAX_KEY_LENGTH - len(digest) - 1]

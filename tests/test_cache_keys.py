@@ -194,7 +194,7 @@ class TestNamespaces:
     def test_namespace_is_the_first_part(self) -> None:
         assert KeyMaker(User, "app1")(5).startswith("app1:cd_users:")
 
-    @pytest.mark.parametrize("namespace", ["", "a b", "a:b", "x" * 65, "ü"])
+    @pytest.mark.parametrize("namespace", ["", "a b", "a:b", "x" * 65, "ü", "app\n"])
     def test_bad_namespaces_are_config_errors(self, namespace: str) -> None:
         with pytest.raises(ConfigError):
             KeyMaker(User, namespace)
@@ -203,6 +203,10 @@ class TestNamespaces:
 class TestMangleKey:
     def test_plain_keys_pass_unchanged(self) -> None:
         assert mangle_key("module:function|1") == "module:function|1"
+
+    def test_a_trailing_newline_is_not_plain(self) -> None:
+        assert_valid(mangle_key("0\n"))
+        assert mangle_key("0\n") != mangle_key("0")
 
     @SETTINGS
     @given(st.lists(texts.filter(bool), min_size=2, max_size=2, unique=True))
