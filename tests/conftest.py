@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 import sqlalchemy
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -17,7 +18,12 @@ from sqlalchemy.orm import Session
 
 import cachedecor
 from tests.models import Base
-from tests.servers import PG_URL, REDIS_URL, Memcached, unavailable
+from tests.servers import IN_CI, PG_URL, REDIS_URL, Memcached, unavailable
+
+# CI explores the same examples on every run; local runs explore new ones.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if IN_CI:
+    hypothesis_settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)
