@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import settings as hypothesis_settings
 import sqlalchemy
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
