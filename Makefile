@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 EXTRAS := test,docs,lint,zstd
 
-.PHONY: demo test lint format docs bench race memcached clean
+.PHONY: demo test lint format docs bench faults race memcached clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP) memcached lint
 ## make bench: hit path against the floor, plain dogpile and the database (prints ratios)
 bench: $(STAMP) memcached
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+## make faults: what a caller sees (latency, result, counters) for each kind of cache failure
+faults: $(STAMP) memcached
+	$(BIN)/python benchmarks/faults.py
 
 ## make race: readers and writers racing on PostgreSQL + memcached/Redis, naive vs cachedecor
 race: $(STAMP) memcached

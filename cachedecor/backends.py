@@ -350,12 +350,17 @@ class MemcachedCluster:
         client = self.clients[node]
         attempts = self.retry_attempts
         while True:
+            reused = client.sock is not None
             try:
                 result = operation(client)
             except Exception as exc:
                 if isinstance(exc, MetaUnsupported) or _answered(exc):
                     raise  # the server is fine: it answered, with an error about this request
                 client.close()
+                if reused and _stale_connection(exc):
+                    # a connection the server closed while idle (a restart, an idle
+                    # timeout): one immediate retry on a new connection, not a failure
+                    continue
                 if attempts > 0:
                     attempts -= 1
                     if self.retry_delay:
@@ -531,6 +536,15 @@ class _Exchange:
 
 class ProtocolError(Exception):
     """memcached answered something the protocol does not allow here."""
+
+
+def _stale_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection was closed by the other side (not a timeout)."""
+    from pymemcache.exceptions import MemcacheUnexpectedCloseError
+
+    return isinstance(
+        exc, (MemcacheUnexpectedCloseError, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+    )
 
 
 def _answered(exc: BaseException) -> bool:

@@ -199,7 +199,7 @@ class _Parsed:
 
 
 def _check_name(name: str, origin: str) -> str:
-    if not name or not all(c.isalnum() or c in "_-" for c in name):
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-" for c in name):
         raise ConfigError(f"{origin}: region name {name!r} must be letters, digits, '_' or '-'")
     return name
 
@@ -260,7 +260,9 @@ def _from_nested(source: Mapping[str, Any]) -> _Parsed:
 
 def _read_ini(path: str | os.PathLike[str], prefix: str) -> dict[str, str]:
     section = prefix.rstrip(".")
-    parser = configparser.ConfigParser(interpolation=None)
+    # A [DEFAULT] section (Paste-deploy files have one) would otherwise add its keys to
+    # every section; "\n" can never be a section name, so [DEFAULT] is just ignored.
+    parser = configparser.ConfigParser(interpolation=None, default_section="\n")
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     try:
         with open(path, encoding="utf-8") as fh:

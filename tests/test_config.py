@@ -1,0 +1,725 @@
+"""configure_regions / get_region / reset: every source form, coercion, and early, named errors.
+
+Configuration never connects to a server, so memcached regions here point at free ports
+that nothing listens on, except where a test really uses the cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dogpile.cache.backends.memory import MemoryBackend
+
+import cachedecor
+from cachedecor import CacheError, ConfigError, RegionNotConfigured
+from cachedecor.backends import PyMemcacheBackend
+from cachedecor.config import ENV_VAR, RegionSettings, region_settings
+from tests.servers import Memcached, free_port
+
+MEMORY = "dogpile.cache.memory"
+
+# The INI example of API.md, with {p1} and {p2} for the ports.
+API_EXAMPLE_INI = """\
+[cachedecor]
+regions = default, users
+; optional, signs every entry with HMAC (see Security)
+secret = change-me
+
+[cachedecor.default]
+backend = dogpile.cache.pymemcache
+expiration_time = 300
+arguments.url = 127.0.0.1:{p1}
+compress_threshold = 1024
+compress_level = 6
+
+[cachedecor.users]
+backend = dogpile.cache.pymemcache
+expiration_time = 60
+arguments.url = 127.0.0.1:{p1}, 127.0.0.1:{p2}
+arguments.connect_timeout = 0.2
+arguments.timeout = 0.2
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "cache.ini") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def api_example(tmp_path: Path) -> tuple[Path, int, int]:
+    p1, p2 = free_port(), free_port()
+    return write(tmp_path, API_EXAMPLE_INI.format(p1=p1, p2=p2)), p1, p2
+
+
+def memory(**options: Any) -> dict[str, Any]:
+    """Nested config: region ``r`` on the memory backend."""
+    return {"regions": {"r": {"backend": MEMORY, **options}}}
+
+
+def memcached(**arguments: Any) -> dict[str, Any]:
+    """Nested config: region ``r`` on cachedecor's memcached backend (nothing listening)."""
+    return {
+        "regions": {
+            "r": {
+                "backend": "cachedecor.pymemcache",
+                "arguments": {"url": "127.0.0.1:11299", **arguments},
+            }
+        }
+    }
+
+
+def flat(**options: str) -> dict[str, str]:
+    """Flat config of region ``r`` on the memory backend; ``options`` are ``r``'s keys as strings."""
+    settings = {"cachedecor.regions": "r", "cachedecor.r.backend": MEMORY}
+    settings.update({f"cachedecor.r.{k}": v for k, v in options.items()})
+    return settings
+
+
+def described(settings: RegionSettings) -> dict[str, Any]:
+    """Everything cachedecor resolved for a region, without the live objects."""
+    return {
+        "name": settings.name,
+        "backend": settings.backend,
+        "backend_class": type(settings.region.actual_backend),
+        "expiration_time": settings.expiration_time,
+        "dogpile_expiration_time": settings.region.expiration_time,
+        "namespace": settings.namespace,
+        "lease_timeout": settings.lease_timeout,
+        "lease_wait": settings.lease_wait,
+        "max_entry_size": settings.max_entry_size,
+        "arguments": dict(settings.arguments),
+        "codec": settings.codec,
+        "store": type(settings.store),
+    }
+
+
+def client_options(name: str) -> list[tuple[Any, Any, Any]]:
+    """(connect_timeout, timeout, no_delay) of each pymemcache client of region ``name``."""
+    clients = region_settings(name).store.client.clients  # type: ignore[attr-defined]
+    return [(c.connect_timeout, c.timeout, c.no_delay) for c in clients.values()]
+
+
+# --------------------------------------------------------------------------------------
+# source forms
+
+
+def test_ini_file_of_the_api_example_configures_its_regions(tmp_path: Path) -> None:
+    path, p1, p2 = api_example(tmp_path)
+
+    regions = cachedecor.configure_regions(path)
+
+    assert sorted(regions) == ["default", "users"]
+    default, users = region_settings("default"), region_settings("users")
+    assert (default.backend, default.expiration_time) == ("cachedecor.pymemcache", 300)
+    assert default.arguments["url"] == [f"127.0.0.1:{p1}"]
+    assert (default.codec.compress_threshold, default.codec.compress_level) == (1024, 6)
+    assert (users.backend, users.expiration_time) == ("cachedecor.pymemcache", 60)
+    assert users.arguments["url"] == [f"127.0.0.1:{p1}", f"127.0.0.1:{p2}"]
+    assert (users.arguments["connect_timeout"], users.arguments["timeout"]) == (0.2, 0.2)
+
+
+def test_ini_path_may_be_a_string(tmp_path: Path) -> None:
+    path, _, _ = api_example(tmp_path)
+
+    assert sorted(cachedecor.configure_regions(str(path))) == ["default", "users"]
+
+
+def test_global_secret_signs_every_region(tmp_path: Path) -> None:
+    path, _, _ = api_example(tmp_path)
+
+    cachedecor.configure_regions(path)
+
+    assert region_settings("default").codec.secret == b"change-me"
+    assert region_settings("users").codec.secret == b"change-me"
+
+
+def test_region_secret_overrides_the_global_secret() -> None:
+    config = {
+        "regions": {"a": {"backend": MEMORY, "secret": "own"}, "b": {"backend": MEMORY}},
+        "secret": "shared",
+    }
+
+    cachedecor.configure_regions(config)
+
+    assert region_settings("a").codec.secret == b"own"
+    assert region_settings("b").codec.secret == b"shared"
+
+
+def test_nested_dict_configures_its_regions() -> None:
+    port = free_port()
+    config = {
+        "regions": {
+            "default": {
+                "backend": "cachedecor.pymemcache",
+                "expiration_time": 300,
+                "arguments": {"url": [f"127.0.0.1:{port}"]},
+                "compress_threshold": 2048,
+            },
+            "local": {"backend": MEMORY, "expiration_time": 60},
+        },
+        "secret": "s3cret",
+    }
+
+    regions = cachedecor.configure_regions(config)
+
+    assert sorted(regions) == ["default", "local"]
+    default = region_settings("default")
+    assert default.arguments["url"] == [f"127.0.0.1:{port}"]
+    assert (default.expiration_time, default.codec.compress_threshold) == (300, 2048)
+    assert default.codec.secret == b"s3cret"
+    assert isinstance(region_settings("local").region.actual_backend, MemoryBackend)
+
+
+def test_flat_dict_configures_its_regions_and_ignores_other_settings() -> None:
+    settings = {
+        "sqlalchemy.url": "sqlite://",
+        "pyramid.reload_templates": "true",
+        "cachedecor.regions": "default, users",
+        "cachedecor.default.backend": MEMORY,
+        "cachedecor.default.expiration_time": "120",
+        "cachedecor.users.backend": MEMORY,
+    }
+
+    regions = cachedecor.configure_regions(settings)
+
+    assert sorted(regions) == ["default", "users"]
+    assert region_settings("default").expiration_time == 120
+
+
+@pytest.mark.parametrize("prefix", ["myapp.cache.", "myapp.cache"], ids=["with-dot", "without-dot"])
+def test_flat_dict_with_a_custom_prefix_reads_only_its_keys(prefix: str) -> None:
+    settings = {
+        "myapp.cache.regions": "default",
+        "myapp.cache.default.backend": MEMORY,
+        "myapp.cache.default.expiration_time": "45",
+        "cachedecor.regions": "other",  # not ours under this prefix
+        "cachedecor.other.backend": "no.such.backend",
+    }
+
+    regions = cachedecor.configure_regions(settings, prefix=prefix)
+
+    assert list(regions) == ["default"]
+    assert region_settings("default").expiration_time == 45
+
+
+def test_ini_file_with_a_custom_prefix_reads_its_sections(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[cachedecor.default]\nbackend = no.such.backend\n\n"
+        "[myapp.cache]\nregions = default\n\n[myapp.cache.default]\nbackend = dogpile.cache.memory\n",
+    )
+
+    cachedecor.configure_regions(path, prefix="myapp.cache.")
+
+    assert region_settings("default").backend == MEMORY
+
+
+def test_environment_variable_names_the_ini_file_used_by_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _, _ = api_example(tmp_path)
+    monkeypatch.setenv(ENV_VAR, str(path))
+
+    regions = cachedecor.configure_regions(None)
+
+    assert sorted(regions) == ["default", "users"]
+    assert region_settings("users").expiration_time == 60
+
+
+def test_none_without_the_environment_variable_is_one_memory_region() -> None:
+    assert ENV_VAR not in os.environ
+
+    regions = cachedecor.configure_regions()
+
+    assert list(regions) == ["default"]
+    assert region_settings("default").backend == MEMORY
+    assert isinstance(regions["default"].actual_backend, MemoryBackend)
+
+
+def test_ini_sections_and_flat_keys_are_the_same_settings(tmp_path: Path) -> None:
+    port = free_port()
+    path = write(
+        tmp_path,
+        f"""\
+[cachedecor]
+regions = mc, mem
+secret = k
+
+[cachedecor.mc]
+backend = dogpile.cache.pymemcache
+expiration_time = 90
+compress_threshold = 10
+compress_level = 3
+compression = zstd
+namespace = app.v2
+lease_timeout = 7
+lease_wait = 0.25
+max_entry_size = 5000
+arguments.url = 127.0.0.1:{port}
+arguments.connect_timeout = 0.3
+arguments.timeout = 0.4
+arguments.no_delay = false
+arguments.distributed_lock = yes
+arguments.lock_timeout = 3
+
+[cachedecor.mem]
+backend = dogpile.cache.memory
+expiration_time = 0
+secret = own
+""",
+    )
+    settings = {
+        "cachedecor.regions": "mc, mem",
+        "cachedecor.secret": "k",
+        "cachedecor.mc.backend": "dogpile.cache.pymemcache",
+        "cachedecor.mc.expiration_time": "90",
+        "cachedecor.mc.compress_threshold": "10",
+        "cachedecor.mc.compress_level": "3",
+        "cachedecor.mc.compression": "zstd",
+        "cachedecor.mc.namespace": "app.v2",
+        "cachedecor.mc.lease_timeout": "7",
+        "cachedecor.mc.lease_wait": "0.25",
+        "cachedecor.mc.max_entry_size": "5000",
+        "cachedecor.mc.arguments.url": f"127.0.0.1:{port}",
+        "cachedecor.mc.arguments.connect_timeout": "0.3",
+        "cachedecor.mc.arguments.timeout": "0.4",
+        "cachedecor.mc.arguments.no_delay": "false",
+        "cachedecor.mc.arguments.distributed_lock": "yes",
+        "cachedecor.mc.arguments.lock_timeout": "3",
+        "cachedecor.mem.backend": "dogpile.cache.memory",
+        "cachedecor.mem.expiration_time": "0",
+        "cachedecor.mem.secret": "own",
+    }
+
+    cachedecor.configure_regions(path)
+    from_ini = {name: described(region_settings(name)) for name in ("mc", "mem")}
+    cachedecor.reset()
+    cachedecor.configure_regions(settings)
+    from_flat = {name: described(region_settings(name)) for name in ("mc", "mem")}
+
+    assert from_ini == from_flat
+    assert from_ini["mc"]["namespace"] == "app.v2"  # the settings were really read
+
+
+def test_ini_default_section_does_not_leak_into_cachedecor_sections(tmp_path: Path) -> None:
+    # Paste-deploy files commonly carry a [DEFAULT] section for the application.
+    path = write(
+        tmp_path,
+        "[DEFAULT]\ndebug = false\n\n"
+        "[cachedecor]\nregions = default\n\n[cachedecor.default]\nbackend = dogpile.cache.memory\n",
+    )
+
+    assert list(cachedecor.configure_regions(path)) == ["default"]
+
+
+# --------------------------------------------------------------------------------------
+# coercion and memcached arguments
+
+
+def test_ini_strings_are_coerced_to_their_types() -> None:
+    cachedecor.configure_regions(
+        {
+            "cachedecor.regions": "r",
+            "cachedecor.r.backend": "cachedecor.pymemcache",
+            "cachedecor.r.expiration_time": " 300 ",
+            "cachedecor.r.lease_wait": "0.5",
+            "cachedecor.r.compress_threshold": "2048",
+            "cachedecor.r.arguments.url": "127.0.0.1:11298 ,127.0.0.1:11299",
+            "cachedecor.r.arguments.timeout": "1.5",
+            "cachedecor.r.arguments.no_delay": "off",
+            "cachedecor.r.arguments.lock_timeout": "9",
+        }
+    )
+
+    settings = region_settings("r")
+    assert settings.expiration_time == 300
+    assert settings.lease_wait == 0.5
+    assert settings.codec.compress_threshold == 2048
+    assert settings.arguments == {
+        "url": ["127.0.0.1:11298", "127.0.0.1:11299"],
+        "timeout": 1.5,
+        "no_delay": False,
+        "lock_timeout": 9,
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("true", True),
+        ("yes", True),
+        ("on", True),
+        ("1", True),
+        (" TRUE ", True),
+        ("false", False),
+        ("no", False),
+        ("off", False),
+        ("0", False),
+        ("False", False),
+    ],
+)
+def test_bool_words_are_coerced(text: str, expected: bool) -> None:
+    cachedecor.configure_regions(memcached(no_delay=text))
+
+    assert region_settings("r").arguments["no_delay"] is expected
+
+
+def test_url_list_in_a_dict_is_kept_as_a_list() -> None:
+    cachedecor.configure_regions(memcached(url=["127.0.0.1:11298", " 127.0.0.1:11299"]))
+
+    assert region_settings("r").arguments["url"] == ["127.0.0.1:11298", "127.0.0.1:11299"]
+
+
+def test_zero_expiration_time_means_entries_never_expire() -> None:
+    cachedecor.configure_regions(flat(expiration_time="0"))
+
+    assert region_settings("r").expiration_time == 0
+    assert region_settings("r").region.expiration_time is None
+
+
+def test_dogpile_pymemcache_backend_is_served_by_cachedecor_pymemcache() -> None:
+    config = memcached()
+    config["regions"]["r"]["backend"] = "dogpile.cache.pymemcache"
+
+    cachedecor.configure_regions(config)
+
+    assert region_settings("r").backend == "cachedecor.pymemcache"
+    assert isinstance(region_settings("r").region.actual_backend, PyMemcacheBackend)
+
+
+@pytest.mark.parametrize("backend", ["dogpile.cache.pymemcache", "cachedecor.pymemcache"])
+def test_connect_timeout_timeout_and_no_delay_reach_every_pymemcache_client(backend: str) -> None:
+    cachedecor.configure_regions(
+        {
+            "cachedecor.regions": "r",
+            "cachedecor.r.backend": backend,
+            "cachedecor.r.arguments.url": f"127.0.0.1:{free_port()}, 127.0.0.1:{free_port()}",
+            "cachedecor.r.arguments.connect_timeout": "0.2",
+            "cachedecor.r.arguments.timeout": "0.3",
+            "cachedecor.r.arguments.no_delay": "false",
+        }
+    )
+
+    assert client_options("r") == [(0.2, 0.3, False), (0.2, 0.3, False)]
+
+
+def test_memcached_region_without_timeouts_still_has_finite_ones() -> None:
+    cachedecor.configure_regions(memcached())
+
+    [(connect_timeout, timeout, _)] = client_options("r")
+    assert connect_timeout is not None and 0 < connect_timeout < 10
+    assert timeout is not None and 0 < timeout < 10
+
+
+# --------------------------------------------------------------------------------------
+# bad configuration fails at configure time, naming the region and the option
+
+
+def redis(**arguments: Any) -> dict[str, Any]:
+    return {
+        "regions": {
+            "r": {"backend": "dogpile.cache.redis", "arguments": {"url": "redis://127.0.0.1:1/0", **arguments}}
+        }
+    }
+
+
+BAD_CONFIGS = [
+    pytest.param(
+        {"regions": {"r": {"backend": "no.such.backend"}}},
+        ["cachedecor.r.backend", "no.such.backend"],
+        id="unknown-backend",
+    ),
+    pytest.param(memory(colour="red"), ["cachedecor.r.colour", "unknown option"], id="unknown-region-option"),
+    pytest.param(flat(expiry="60"), ["cachedecor.r.expiry", "unknown option"], id="unknown-flat-option"),
+    pytest.param(memcached(bogus="1"), ["cachedecor.r.arguments.bogus"], id="unknown-memcached-argument"),
+    pytest.param(redis(bogus="1"), ["cachedecor.r.arguments.bogus", "dogpile.cache.redis"], id="unknown-redis-argument"),
+    pytest.param(
+        memory(arguments={"url": "x"}), ["cachedecor.r.arguments.url", MEMORY], id="unknown-memory-argument"
+    ),
+    pytest.param(flat(expiration_time="soon"), ["cachedecor.r.expiration_time", "soon"], id="non-numeric-expiry"),
+    pytest.param(flat(expiration_time="1.5"), ["cachedecor.r.expiration_time", "1.5"], id="fractional-expiry"),
+    pytest.param(flat(expiration_time="-1"), ["cachedecor.r.expiration_time", "-1"], id="negative-expiry"),
+    pytest.param(
+        flat(compress_threshold="-5"), ["cachedecor.r.compress_threshold", "-5"], id="negative-compress-threshold"
+    ),
+    pytest.param(flat(compress_level="10"), ["cachedecor.r", "compress_level", "10"], id="compress-level-too-high"),
+    pytest.param(flat(compress_level="max"), ["cachedecor.r.compress_level", "max"], id="compress-level-not-int"),
+    pytest.param(flat(compression="lz4"), ["cachedecor.r", "compression", "lz4"], id="unknown-compression"),
+    pytest.param(flat(serializer="pickle"), ["cachedecor.r.serializer", "pickle"], id="unknown-serializer"),
+    pytest.param(flat(lease_wait="nan"), ["cachedecor.r.lease_wait", "nan"], id="non-finite-number"),
+    pytest.param(memcached(no_delay="maybe"), ["cachedecor.r.arguments.no_delay", "maybe"], id="bad-bool"),
+    pytest.param(memcached(timeout="slow"), ["cachedecor.r.arguments.timeout", "slow"], id="non-numeric-timeout"),
+    pytest.param(memcached(connect_timeout=0), ["cachedecor.r.arguments.connect_timeout"], id="zero-connect-timeout"),
+    pytest.param(memcached(url="127.0.0.1"), ["cachedecor.r.arguments.url", "127.0.0.1"], id="url-without-port"),
+    pytest.param(memcached(url="localhost:http"), ["cachedecor.r.arguments.url", "localhost:http"], id="url-bad-port"),
+    pytest.param(memcached(url="a:1,,b:2"), ["cachedecor.r.arguments.url"], id="url-empty-item"),
+    pytest.param({"regions": {"r": {"expiration_time": 60}}}, ["cachedecor.r.backend", "missing"], id="no-backend"),
+    pytest.param(
+        {"regions": {"r": {"backend": "cachedecor.pymemcache"}}},
+        ["cachedecor.r.arguments.url", "missing"],
+        id="memcached-without-url",
+    ),
+    pytest.param(
+        {"regions": {"r": {"backend": "dogpile.cache.pymemcache"}}},
+        ["cachedecor.r.arguments.url", "missing"],
+        id="dogpile-memcached-without-url",
+    ),
+    pytest.param(
+        {"cachedecor.regions": "r, s", "cachedecor.r.backend": MEMORY},
+        ["'s'", "cachedecor.regions", "not defined"],
+        id="listed-not-defined",
+    ),
+    pytest.param(
+        {"cachedecor.regions": "r", "cachedecor.r.backend": MEMORY, "cachedecor.s.backend": MEMORY},
+        ["'s'", "cachedecor.regions", "not listed"],
+        id="defined-not-listed",
+    ),
+    pytest.param(memory(namespace="my app"), ["cachedecor.r.namespace", "my app"], id="namespace-with-space"),
+    pytest.param(memory(namespace="a:b"), ["cachedecor.r.namespace", "a:b"], id="namespace-with-colon"),
+    pytest.param(memory(namespace=""), ["cachedecor.r.namespace"], id="empty-namespace"),
+    pytest.param(memory(secret=""), ["cachedecor.r.secret", "empty"], id="empty-region-secret"),
+    pytest.param({**memory(), "secret": "  "}, ["cachedecor.secret", "empty"], id="empty-global-secret"),
+    pytest.param({**memory(), "region": {}}, ["'region'"], id="unknown-top-level-option"),
+    pytest.param(
+        memcached(tls_context="yes"), ["cachedecor.r.arguments.tls_context", "object"], id="object-argument-as-string"
+    ),
+    pytest.param(
+        memory(arguments={"cache_dict": "{}"}), ["cachedecor.r.arguments.cache_dict"], id="object-argument-memory"
+    ),
+    pytest.param({"regions": {"my region": {"backend": MEMORY}}}, ["'my region'"], id="bad-region-name"),
+    pytest.param({"regions": {5: {"backend": MEMORY}}}, ["5", "region name"], id="non-string-region-name"),
+    pytest.param({"regions": {"r": "dogpile.cache.memory"}}, ["'r'", "dict"], id="region-options-not-a-dict"),
+    pytest.param({"unrelated.key": "1"}, ["no regions"], id="no-regions-at-all"),
+    pytest.param(["cachedecor.regions"], ["list"], id="source-of-wrong-type"),
+]
+
+
+@pytest.mark.parametrize(("source", "fragments"), BAD_CONFIGS)
+def test_bad_configuration_is_a_config_error_naming_the_option(source: Any, fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as raised:
+        cachedecor.configure_regions(source)
+
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+
+
+@pytest.mark.parametrize("backend", ["dogpile.cache.null", "dogpile.cache.dbm"])
+def test_backends_without_lease_safe_fills_are_refused(backend: str, tmp_path: Path) -> None:
+    arguments = {"filename": str(tmp_path / "cache.dbm")} if backend.endswith("dbm") else {}
+
+    with pytest.raises(ConfigError) as raised:
+        cachedecor.configure_regions({"regions": {"r": {"backend": backend, "arguments": arguments}}})
+
+    assert "cachedecor.r.backend" in str(raised.value)
+    assert backend in str(raised.value)
+
+
+def test_config_error_is_a_cache_error_and_a_value_error() -> None:
+    with pytest.raises(ConfigError) as raised:
+        cachedecor.configure_regions(flat(expiration_time="soon"))
+
+    assert isinstance(raised.value, CacheError)
+    assert isinstance(raised.value, ValueError)
+
+
+# --------------------------------------------------------------------------------------
+# INI files that cannot be used
+
+
+def test_missing_ini_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "absent.ini"
+
+    with pytest.raises(ConfigError, match="does not exist") as raised:
+        cachedecor.configure_regions(path)
+
+    assert str(path) in str(raised.value)
+
+
+def test_missing_ini_file_named_by_the_environment_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "absent.ini"
+    monkeypatch.setenv(ENV_VAR, str(path))
+
+    with pytest.raises(ConfigError, match="does not exist") as raised:
+        cachedecor.configure_regions()
+
+    assert str(path) in str(raised.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_unreadable_ini_file_is_a_config_error(tmp_path: Path) -> None:
+    path, _, _ = api_example(tmp_path)
+    path.chmod(0)
+
+    with pytest.raises(ConfigError, match="cannot be read") as raised:
+        cachedecor.configure_regions(path)
+
+    assert str(path) in str(raised.value)
+
+
+def test_directory_given_as_ini_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot be read") as raised:
+        cachedecor.configure_regions(tmp_path)
+
+    assert str(tmp_path) in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("regions = default\n", id="option-before-any-section"),
+        pytest.param("[cachedecor\nregions = default\n", id="unclosed-section-header"),
+        pytest.param("[cachedecor]\nregions = a\nregions = b\n", id="duplicate-option"),
+        pytest.param("[cachedecor]\n[cachedecor]\n", id="duplicate-section"),
+        pytest.param("[cachedecor]\nthis line has no separator\n", id="line-without-equals"),
+    ],
+)
+def test_malformed_ini_file_is_a_config_error(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+
+    with pytest.raises(ConfigError, match="not valid INI") as raised:
+        cachedecor.configure_regions(path)
+
+    assert str(path) in str(raised.value)
+
+
+def test_ini_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.ini"
+    path.write_bytes("[cachedecor]\nsecret = caf\xe9\n".encode("latin-1"))
+
+    with pytest.raises(ConfigError) as raised:
+        cachedecor.configure_regions(path)
+
+    assert str(path) in str(raised.value)
+
+
+def test_ini_file_without_a_cachedecor_section_is_a_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "[app:main]\nuse = egg:myapp\n")
+
+    with pytest.raises(ConfigError, match=r"no \[cachedecor\]") as raised:
+        cachedecor.configure_regions(path)
+
+    assert str(path) in str(raised.value)
+
+
+# --------------------------------------------------------------------------------------
+# reconfiguring, failing and forgetting
+
+
+def test_failed_configure_leaves_configured_regions_unchanged() -> None:
+    cachedecor.configure_regions({"regions": {"a": {"backend": MEMORY}, "b": {"backend": MEMORY}}})
+    before = {name: region_settings(name) for name in ("a", "b")}
+
+    with pytest.raises(ConfigError):
+        cachedecor.configure_regions(
+            {
+                "regions": {
+                    "a": {"backend": MEMORY, "expiration_time": 5},  # valid, but the whole source is not
+                    "c": {"backend": MEMORY, "expiration_time": "soon"},
+                }
+            }
+        )
+
+    assert {name: region_settings(name) for name in ("a", "b")} == before
+    assert all(region_settings(name) is before[name] for name in ("a", "b"))
+    with pytest.raises(RegionNotConfigured):
+        cachedecor.get_region("c")
+
+
+def test_configuring_again_replaces_named_regions_and_keeps_the_others() -> None:
+    cachedecor.configure_regions({"regions": {"a": {"backend": MEMORY}, "b": {"backend": MEMORY}}})
+    kept = region_settings("b")
+    old_a = cachedecor.get_region("a")
+
+    regions = cachedecor.configure_regions({"regions": {"a": {"backend": MEMORY, "expiration_time": 7}}})
+
+    assert cachedecor.get_region("a") is not old_a
+    assert region_settings("a").expiration_time == 7
+    assert region_settings("b") is kept
+    assert sorted(regions) == ["a", "b"]
+
+
+def test_configure_returns_every_region_configured_so_far() -> None:
+    cachedecor.configure_regions(memory())
+    regions = cachedecor.configure_regions({"regions": {"s": {"backend": MEMORY}}})
+
+    assert sorted(regions) == ["r", "s"]
+    assert regions["r"] is cachedecor.get_region("r")
+    assert regions["s"] is cachedecor.get_region("s")
+
+
+def test_reconfigured_region_takes_the_new_settings() -> None:
+    cachedecor.configure_regions(flat(expiration_time="10"))
+
+    cachedecor.configure_regions(flat(expiration_time="20"))
+
+    assert region_settings("r").expiration_time == 20
+
+
+def test_get_region_without_a_name_is_the_default_region() -> None:
+    regions = cachedecor.configure_regions()
+
+    assert cachedecor.get_region() is regions["default"]
+
+
+def test_unconfigured_region_raises_region_not_configured_saying_how_to_configure_it() -> None:
+    cachedecor.configure_regions(memory())
+
+    with pytest.raises(RegionNotConfigured) as raised:
+        cachedecor.get_region("reports")
+
+    assert isinstance(raised.value, CacheError)
+    assert isinstance(raised.value, LookupError)
+    assert "'reports'" in str(raised.value)
+    assert "configure_regions" in str(raised.value)
+    assert raised.value.name == "reports"
+
+
+def test_reset_forgets_every_region() -> None:
+    cachedecor.configure_regions(memory())
+
+    cachedecor.reset()
+
+    with pytest.raises(RegionNotConfigured):
+        cachedecor.get_region("r")
+
+
+# --------------------------------------------------------------------------------------
+# dogpile's own region API on configured regions
+
+
+class Point:
+    def __init__(self, x: int, y: int) -> None:
+        self.x, self.y = x, y
+
+
+def test_dogpile_set_and_get_work_on_a_memory_region() -> None:
+    region = cachedecor.configure_regions(memory())["r"]
+
+    region.set("a point", Point(1, 2))
+    value = region.get("a point")
+
+    assert isinstance(value, Point)
+    assert (value.x, value.y) == (1, 2)
+
+
+def test_dogpile_cache_on_arguments_with_spaces_in_arguments_works_on_memcached(memcached: Memcached) -> None:
+    region = cachedecor.configure_regions(
+        {"regions": {"r": {"backend": "cachedecor.pymemcache", "arguments": {"url": memcached.url}}}}
+    )["r"]
+    calls: list[str] = []
+
+    @region.cache_on_arguments()
+    def shout(text: str) -> str:
+        calls.append(text)
+        return text.upper()
+
+    assert shout("two words") == "TWO WORDS"
+    assert shout("two words") == "TWO WORDS"
+    assert shout("two  words") == "TWO  WORDS"
+    assert calls == ["two words", "two  words"]
