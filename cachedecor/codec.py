@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import functools
 import hashlib
 import hmac
+import struct
+import threading
 import uuid
 import zlib
 from collections.abc import Callable
@@ -30,7 +33,7 @@ from zoneinfo import ZoneInfo
 
 import msgpack
 
-from cachedecor.errors import ConfigError
+from cachedecor.errors import CacheError, ConfigError
 
 __all__ = ["FORMAT_VERSION", "BadEntry", "Codec", "UnencodableValue", "pack_value", "unpack_value"]
 
@@ -46,6 +49,8 @@ SIG_LEN = 16
 
 #: A decompressed body larger than this is refused (protects against decompression bombs).
 MAX_BODY_SIZE = 16 * 1024 * 1024
+#: Longest integer (in decimal digits) written and read: Python's default str/int limit.
+MAX_INT_DIGITS = 4300
 
 # Extension type codes. Never reuse a code for another meaning.
 EXT_ABSENT = 0
@@ -58,11 +63,11 @@ EXT_UUID = 6
 EXT_BIGINT = 7
 
 
-class BadEntry(Exception):
+class BadEntry(CacheError):
     """An entry that cannot be used: corrupt, foreign, unsigned or wrongly signed."""
 
 
-class UnencodableValue(TypeError):
+class UnencodableValue(CacheError, TypeError):
     """A column value has no safe encoding (for example a custom object)."""
 
 
@@ -78,36 +83,61 @@ class _Absent:
 ABSENT: Any = _Absent()
 
 
-def _tz_spec(tz: datetime.tzinfo | None, dt: datetime.datetime | None) -> Any:
+# Fixed layouts of the date and time extension types (big-endian).
+_DATETIME = struct.Struct(">HBBBBBIB")  # year, month, day, hour, minute, second, microsecond, fold
+_DATE = struct.Struct(">HBB")
+_TIME = struct.Struct(">BBBIB")  # hour, minute, second, microsecond, fold
+_TIMEDELTA = struct.Struct(">iII")  # days, seconds, microseconds
+_OFFSET = struct.Struct(">q")  # a UTC offset in microseconds
+_UTC = datetime.timezone.utc
+
+
+def _tz_tail(tz: datetime.tzinfo | None, dt: datetime.datetime | None) -> bytes:
+    """The time zone after the fixed fields: nothing (naive), Z (UTC), O/N (a fixed
+    offset, without/with its own name) or K (a zoneinfo key)."""
     if tz is None:
-        return None
+        return b""
     if isinstance(tz, ZoneInfo) and tz.key is not None:
-        return tz.key
+        return b"K" + tz.key.encode()
     offset = tz.utcoffset(dt)
     if offset is None:
-        return None
+        return b""
     name = tz.tzname(dt) if isinstance(tz, datetime.timezone) else None
-    default_name = datetime.timezone(offset).tzname(None)
-    return [offset.days, offset.seconds, offset.microseconds, name if name != default_name else None]
+    if name == datetime.timezone(offset).tzname(None):
+        name = None
+    if not offset and name is None:
+        return b"Z"
+    micros = _OFFSET.pack(offset // datetime.timedelta(microseconds=1))
+    return b"O" + micros if name is None else b"N" + micros + name.encode()
 
 
-def _tz_from_spec(spec: Any) -> datetime.tzinfo | None:
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        return ZoneInfo(spec)
-    days, seconds, micros, name = spec
-    offset = datetime.timedelta(days=days, seconds=seconds, microseconds=micros)
-    if offset == datetime.timedelta(0) and name is None:
-        return datetime.timezone.utc
+@functools.lru_cache(maxsize=256)
+def _fixed_zone(micros: int, name: str | None) -> datetime.timezone:
+    offset = datetime.timedelta(microseconds=micros)
     return datetime.timezone(offset) if name is None else datetime.timezone(offset, name)
+
+
+def _tz_from_tail(tail: bytes) -> datetime.tzinfo | None:
+    if not tail:
+        return None
+    kind = tail[:1]
+    if kind == b"Z":
+        return _UTC
+    if kind == b"K":
+        return ZoneInfo(tail[1:].decode())
+    (micros,) = _OFFSET.unpack_from(tail, 1)
+    if kind == b"O" and len(tail) == 9:
+        return _fixed_zone(micros, None)
+    if kind == b"N":
+        return _fixed_zone(micros, tail[9:].decode())
+    raise BadEntry("bad time zone")
 
 
 def _default(value: Any) -> msgpack.ExtType:
     if value is ABSENT:
         return msgpack.ExtType(EXT_ABSENT, b"")
     if isinstance(value, datetime.datetime):
-        spec = [
+        fields = _DATETIME.pack(
             value.year,
             value.month,
             value.day,
@@ -116,29 +146,24 @@ def _default(value: Any) -> msgpack.ExtType:
             value.second,
             value.microsecond,
             value.fold,
-            _tz_spec(value.tzinfo, value),
-        ]
-        return msgpack.ExtType(EXT_DATETIME, msgpack.packb(spec))
+        )
+        return msgpack.ExtType(EXT_DATETIME, fields + _tz_tail(value.tzinfo, value))
     if isinstance(value, datetime.date):
-        return msgpack.ExtType(EXT_DATE, msgpack.packb([value.year, value.month, value.day]))
+        return msgpack.ExtType(EXT_DATE, _DATE.pack(value.year, value.month, value.day))
     if isinstance(value, datetime.time):
-        spec = [
-            value.hour,
-            value.minute,
-            value.second,
-            value.microsecond,
-            value.fold,
-            _tz_spec(value.tzinfo, None),
-        ]
-        return msgpack.ExtType(EXT_TIME, msgpack.packb(spec))
+        fields = _TIME.pack(value.hour, value.minute, value.second, value.microsecond, value.fold)
+        return msgpack.ExtType(EXT_TIME, fields + _tz_tail(value.tzinfo, None))
     if isinstance(value, datetime.timedelta):
-        return msgpack.ExtType(EXT_TIMEDELTA, msgpack.packb([value.days, value.seconds, value.microseconds]))
+        return msgpack.ExtType(EXT_TIMEDELTA, _TIMEDELTA.pack(value.days, value.seconds, value.microseconds))
     if isinstance(value, decimal.Decimal):
         return msgpack.ExtType(EXT_DECIMAL, str(value).encode())
     if isinstance(value, uuid.UUID):
         return msgpack.ExtType(EXT_UUID, value.bytes)
     if isinstance(value, int):  # beyond 64 bits (smaller ints never reach here)
-        return msgpack.ExtType(EXT_BIGINT, str(int(value)).encode())
+        text = str(int(value))
+        if len(text.lstrip("-")) > MAX_INT_DIGITS:
+            raise UnencodableValue(f"cannot cache an integer of more than {MAX_INT_DIGITS} digits")
+        return msgpack.ExtType(EXT_BIGINT, text.encode())
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
     if isinstance(value, tuple):
@@ -150,23 +175,23 @@ def _ext_hook(code: int, data: bytes) -> Any:
     if code == EXT_ABSENT:
         return ABSENT
     if code == EXT_DATETIME:
-        y, mo, d, h, mi, s, us, fold, tz = msgpack.unpackb(data)
-        return datetime.datetime(y, mo, d, h, mi, s, us, tzinfo=_tz_from_spec(tz), fold=fold)
+        y, mo, d, h, mi, sec, us, fold = _DATETIME.unpack_from(data)
+        tz = _tz_from_tail(data[_DATETIME.size :])
+        return datetime.datetime(y, mo, d, h, mi, sec, us, tzinfo=tz, fold=fold)
     if code == EXT_DATE:
-        y, mo, d = msgpack.unpackb(data)
-        return datetime.date(y, mo, d)
+        return datetime.date(*_DATE.unpack(data))
     if code == EXT_TIME:
-        h, mi, s, us, fold, tz = msgpack.unpackb(data)
-        return datetime.time(h, mi, s, us, tzinfo=_tz_from_spec(tz), fold=fold)
+        h, mi, sec, us, fold = _TIME.unpack_from(data)
+        return datetime.time(h, mi, sec, us, tzinfo=_tz_from_tail(data[_TIME.size :]), fold=fold)
     if code == EXT_TIMEDELTA:
-        days, seconds, micros = msgpack.unpackb(data)
+        days, seconds, micros = _TIMEDELTA.unpack(data)
         return datetime.timedelta(days=days, seconds=seconds, microseconds=micros)
     if code == EXT_DECIMAL:
         return decimal.Decimal(data.decode("ascii"))
     if code == EXT_UUID:
         return uuid.UUID(bytes=data)
     if code == EXT_BIGINT:
-        if len(data) > 4300:
+        if len(data) > MAX_INT_DIGITS + 1:  # digits and a sign
             raise BadEntry("integer too long")
         return int(data.decode("ascii"))
     raise BadEntry(f"unknown extension type {code}")
@@ -214,6 +239,33 @@ def _zstd() -> Any:
     return zstandard
 
 
+def _per_thread(factory: Callable[[], Any]) -> Callable[[], Any]:
+    """A getter of one ``factory()`` object per thread.
+
+    zstandard's compressors and decompressors must never be used by two threads at
+    once: that corrupts their output or crashes the interpreter.
+    """
+    local = threading.local()
+
+    def get() -> Any:
+        obj = getattr(local, "obj", None)
+        if obj is None:
+            obj = local.obj = factory()
+        return obj
+
+    return get
+
+
+def _zstd_decompress(zstandard: Any, decompressor: Any, body: bytes) -> bytes:
+    # decompress() trusts a content size written in the frame header over
+    # max_output_size, so a forged header would make it allocate that much: check first.
+    size = zstandard.frame_content_size(body)
+    if size > MAX_BODY_SIZE:
+        raise BadEntry(f"zstd body of {size} bytes is larger than the limit")
+    out: bytes = decompressor.decompress(body, max_output_size=MAX_BODY_SIZE)
+    return out
+
+
 @dataclass(frozen=True)
 class Codec:
     """How one region writes and reads entries (compression and signing).
@@ -248,12 +300,13 @@ class Codec:
             compress = lambda b: zlib.compress(b, zl)  # noqa: E731
         elif self.compression == "zstd":
             zstandard = _zstd()
-            zc = zstandard.ZstdCompressor(level=3 if level is None else level)
-            compress = zc.compress
+            zstd_level = 3 if level is None else level
+            compressor = _per_thread(lambda: zstandard.ZstdCompressor(level=zstd_level))
+            compress = lambda b: compressor().compress(b)  # noqa: E731
         try:
-            zstandard = _zstd()
-            zd = zstandard.ZstdDecompressor()
-            decompress_zstd = lambda b: zd.decompress(b, max_output_size=MAX_BODY_SIZE)  # noqa: E731
+            zstd = _zstd()
+            decompressor = _per_thread(zstd.ZstdDecompressor)
+            decompress_zstd = lambda b: _zstd_decompress(zstd, decompressor(), b)  # noqa: E731
         except ConfigError:
             decompress_zstd = None
         object.__setattr__(self, "_compress", compress)

@@ -98,7 +98,8 @@ def encode_component(value: Any) -> str:
     if tp is int:
         return str(value)
     if tp is str:
-        return quote(value, safe=_SAFE)
+        # surrogatepass: a str with a lone surrogate still has one distinct key
+        return quote(value, safe=_SAFE, errors="surrogatepass")
     if value is None:
         raise InvalidKeyError("a primary key value is None: rows without a key cannot be cached")
     if isinstance(value, enum.Enum):
@@ -108,7 +109,7 @@ def encode_component(value: Any) -> str:
     if isinstance(value, int):
         return str(int(value))
     if isinstance(value, str):
-        return quote(str(value), safe=_SAFE)
+        return quote(str(value), safe=_SAFE, errors="surrogatepass")
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, (bytes, bytearray, memoryview)):

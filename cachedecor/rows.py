@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy
+import sqlalchemy.orm.identity
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
@@ -184,13 +185,18 @@ def _attach_public(session: Session, state: Any, obj: Any) -> None:
     session.add(obj)
 
 
-def _attach_direct(session: Session, state: Any, obj: Any) -> None:
-    # Session.add() minus the save-update cascade, which finds nothing on an
-    # instance whose relationships are all unloaded; attach events still fire.
-    session._update_impl(state)
+def _attach_loaded(session: Session, state: Any, obj: Any) -> None:
+    # What the ORM's loader does with an instance it has just built from a row:
+    # join the identity map under its key (known to be absent: checked by build())
+    # and announce it as loaded, not as a detached instance being re-attached.
+    state.session_id = session.hash_key
+    session.identity_map._add_unpresent(state, state.key)
+    dispatch = session.dispatch
+    if dispatch.loaded_as_persistent:
+        dispatch.loaded_as_persistent(session, state)
 
 
-_attach = _attach_direct if hasattr(Session, "_update_impl") else _attach_public
+_attach = _attach_loaded if hasattr(sqlalchemy.orm.identity.IdentityMap, "_add_unpresent") else _attach_public
 
 
 def _refresh_expired(obj: Any, plan: ClassPlan, values: list[Any]) -> None:

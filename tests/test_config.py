@@ -422,7 +422,10 @@ def test_memcached_region_without_timeouts_still_has_finite_ones() -> None:
 def redis(**arguments: Any) -> dict[str, Any]:
     return {
         "regions": {
-            "r": {"backend": "dogpile.cache.redis", "arguments": {"url": "redis://127.0.0.1:1/0", **arguments}}
+            "r": {
+                "backend": "dogpile.cache.redis",
+                "arguments": {"url": "redis://127.0.0.1:1/0", **arguments},
+            }
         }
     }
 
@@ -436,28 +439,50 @@ BAD_CONFIGS = [
     pytest.param(memory(colour="red"), ["cachedecor.r.colour", "unknown option"], id="unknown-region-option"),
     pytest.param(flat(expiry="60"), ["cachedecor.r.expiry", "unknown option"], id="unknown-flat-option"),
     pytest.param(memcached(bogus="1"), ["cachedecor.r.arguments.bogus"], id="unknown-memcached-argument"),
-    pytest.param(redis(bogus="1"), ["cachedecor.r.arguments.bogus", "dogpile.cache.redis"], id="unknown-redis-argument"),
+    pytest.param(
+        redis(bogus="1"), ["cachedecor.r.arguments.bogus", "dogpile.cache.redis"], id="unknown-redis-argument"
+    ),
     pytest.param(
         memory(arguments={"url": "x"}), ["cachedecor.r.arguments.url", MEMORY], id="unknown-memory-argument"
     ),
-    pytest.param(flat(expiration_time="soon"), ["cachedecor.r.expiration_time", "soon"], id="non-numeric-expiry"),
-    pytest.param(flat(expiration_time="1.5"), ["cachedecor.r.expiration_time", "1.5"], id="fractional-expiry"),
+    pytest.param(
+        flat(expiration_time="soon"), ["cachedecor.r.expiration_time", "soon"], id="non-numeric-expiry"
+    ),
+    pytest.param(
+        flat(expiration_time="1.5"), ["cachedecor.r.expiration_time", "1.5"], id="fractional-expiry"
+    ),
     pytest.param(flat(expiration_time="-1"), ["cachedecor.r.expiration_time", "-1"], id="negative-expiry"),
     pytest.param(
-        flat(compress_threshold="-5"), ["cachedecor.r.compress_threshold", "-5"], id="negative-compress-threshold"
+        flat(compress_threshold="-5"),
+        ["cachedecor.r.compress_threshold", "-5"],
+        id="negative-compress-threshold",
     ),
-    pytest.param(flat(compress_level="10"), ["cachedecor.r", "compress_level", "10"], id="compress-level-too-high"),
-    pytest.param(flat(compress_level="max"), ["cachedecor.r.compress_level", "max"], id="compress-level-not-int"),
+    pytest.param(
+        flat(compress_level="10"), ["cachedecor.r", "compress_level", "10"], id="compress-level-too-high"
+    ),
+    pytest.param(
+        flat(compress_level="max"), ["cachedecor.r.compress_level", "max"], id="compress-level-not-int"
+    ),
     pytest.param(flat(compression="lz4"), ["cachedecor.r", "compression", "lz4"], id="unknown-compression"),
     pytest.param(flat(serializer="pickle"), ["cachedecor.r.serializer", "pickle"], id="unknown-serializer"),
     pytest.param(flat(lease_wait="nan"), ["cachedecor.r.lease_wait", "nan"], id="non-finite-number"),
     pytest.param(memcached(no_delay="maybe"), ["cachedecor.r.arguments.no_delay", "maybe"], id="bad-bool"),
-    pytest.param(memcached(timeout="slow"), ["cachedecor.r.arguments.timeout", "slow"], id="non-numeric-timeout"),
-    pytest.param(memcached(connect_timeout=0), ["cachedecor.r.arguments.connect_timeout"], id="zero-connect-timeout"),
-    pytest.param(memcached(url="127.0.0.1"), ["cachedecor.r.arguments.url", "127.0.0.1"], id="url-without-port"),
-    pytest.param(memcached(url="localhost:http"), ["cachedecor.r.arguments.url", "localhost:http"], id="url-bad-port"),
+    pytest.param(
+        memcached(timeout="slow"), ["cachedecor.r.arguments.timeout", "slow"], id="non-numeric-timeout"
+    ),
+    pytest.param(
+        memcached(connect_timeout=0), ["cachedecor.r.arguments.connect_timeout"], id="zero-connect-timeout"
+    ),
+    pytest.param(
+        memcached(url="127.0.0.1"), ["cachedecor.r.arguments.url", "127.0.0.1"], id="url-without-port"
+    ),
+    pytest.param(
+        memcached(url="localhost:http"), ["cachedecor.r.arguments.url", "localhost:http"], id="url-bad-port"
+    ),
     pytest.param(memcached(url="a:1,,b:2"), ["cachedecor.r.arguments.url"], id="url-empty-item"),
-    pytest.param({"regions": {"r": {"expiration_time": 60}}}, ["cachedecor.r.backend", "missing"], id="no-backend"),
+    pytest.param(
+        {"regions": {"r": {"expiration_time": 60}}}, ["cachedecor.r.backend", "missing"], id="no-backend"
+    ),
     pytest.param(
         {"regions": {"r": {"backend": "cachedecor.pymemcache"}}},
         ["cachedecor.r.arguments.url", "missing"],
@@ -485,10 +510,14 @@ BAD_CONFIGS = [
     pytest.param({**memory(), "secret": "  "}, ["cachedecor.secret", "empty"], id="empty-global-secret"),
     pytest.param({**memory(), "region": {}}, ["'region'"], id="unknown-top-level-option"),
     pytest.param(
-        memcached(tls_context="yes"), ["cachedecor.r.arguments.tls_context", "object"], id="object-argument-as-string"
+        memcached(tls_context="yes"),
+        ["cachedecor.r.arguments.tls_context", "object"],
+        id="object-argument-as-string",
     ),
     pytest.param(
-        memory(arguments={"cache_dict": "{}"}), ["cachedecor.r.arguments.cache_dict"], id="object-argument-memory"
+        memory(arguments={"cache_dict": "{}"}),
+        ["cachedecor.r.arguments.cache_dict"],
+        id="object-argument-memory",
     ),
     pytest.param({"regions": {"my region": {"backend": MEMORY}}}, ["'my region'"], id="bad-region-name"),
     pytest.param({"regions": {5: {"backend": MEMORY}}}, ["5", "region name"], id="non-string-region-name"),

@@ -155,7 +155,10 @@ def test_same_primary_key_of_different_models_gives_different_keys() -> None:
 
 
 def test_keys_are_the_same_in_another_process() -> None:
-    code = "from cachedecor import key_for; from tests.models import Membership; print(key_for(Membership, ('a b', 1)))"
+    code = (
+        "from cachedecor import key_for; from tests.models import Membership; "
+        "print(key_for(Membership, ('a b', 1)))"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
 
     out = subprocess.run(
@@ -312,6 +315,7 @@ def test_different_namespaces_give_different_keys() -> None:
         pytest.param("a#b", id="hash"),
         pytest.param("café", id="non-ascii"),
         pytest.param("x" * 65, id="too-long"),
+        pytest.param("app\n", id="trailing-newline"),
     ],
 )
 def test_invalid_namespace_is_a_config_error(namespace: str) -> None:
@@ -324,7 +328,9 @@ def test_invalid_namespace_is_a_config_error(namespace: str) -> None:
 # --------------------------------------------------------------------------------------
 # mangle_key: dogpile's key_mangler for cachedecor's regions
 
-plain_keys = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=MAX_KEY_LENGTH)
+plain_keys = st.text(
+    st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=MAX_KEY_LENGTH
+)
 
 
 @PROPERTY
@@ -339,6 +345,7 @@ def test_mangle_key_leaves_memcached_safe_keys_unchanged(key: str) -> None:
 @example("module:function|two words")
 @example("tab\tand\nnewline")
 @example("\x7f")
+@example("plain\n")
 @example("x" * (MAX_KEY_LENGTH + 1))
 def test_mangle_key_makes_every_key_valid(key: str) -> None:
     assert_valid_memcached_key(mangle_key(key))
