@@ -12,6 +12,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session, scoped_session
 
+from cachedecor.errors import UsageError
+
 __all__ = ["CallBinding"]
 
 _SESSION_TYPES = (Session, scoped_session)
@@ -35,7 +37,7 @@ class _Param:
             return kwargs[self.name]
         except KeyError:
             if self.default is _EMPTY:
-                raise TypeError(f"missing required argument {self.name!r}") from None
+                raise UsageError(f"missing required argument {self.name!r}") from None
             return self.default
 
 
@@ -97,14 +99,14 @@ class CallBinding:
         elif pk is None:
             candidates = [p for p in params if p is not session_param]
             if not candidates:
-                raise TypeError(f"{self.name} has no parameter that could hold the primary key")
+                raise UsageError(f"{self.name} has no parameter that could hold the primary key")
             self._pk_params = (candidates[0],)
             self._pk_dynamic = session_param is None
         else:
             names = (pk,) if isinstance(pk, str) else tuple(pk)
             missing = [n for n in names if n not in by_name]
             if missing or not names:
-                raise TypeError(
+                raise UsageError(
                     f"pk={pk!r}: {self.name} has no parameter named {', '.join(missing) or '(none)'}"
                 )
             self._pk_params = tuple(by_name[n] for n in names)
@@ -140,7 +142,7 @@ class CallBinding:
                 value = param.get(args, kwargs)
                 if not isinstance(value, _SESSION_TYPES):
                     return value
-            raise TypeError(f"{self.name} was called without a primary key")
+            raise UsageError(f"{self.name} was called without a primary key")
         if self.composite:
             return tuple(p.get(args, kwargs) for p in self._pk_params)
         return self._pk_params[0].get(args, kwargs)

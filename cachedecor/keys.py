@@ -26,7 +26,7 @@ from urllib.parse import quote
 import sqlalchemy
 from sqlalchemy.orm import Mapper
 
-from cachedecor.errors import ConfigError, InvalidKeyError
+from cachedecor.errors import ConfigError, InvalidKeyError, UsageError
 
 __all__ = ["DEFAULT_NAMESPACE", "MAX_KEY_LENGTH", "KeyMaker", "key_for", "model_fingerprint"]
 
@@ -57,7 +57,7 @@ def _mapper(model: Any) -> Mapper[Any]:
     except sqlalchemy.exc.NoInspectionAvailable:
         mapper = None
     if not isinstance(mapper, Mapper):
-        raise TypeError(f"{model!r} is not a mapped class")
+        raise UsageError(f"{model!r} is not a mapped class")
     return mapper
 
 
@@ -96,7 +96,10 @@ def encode_component(value: Any) -> str:
     """Text form of one primary-key value; raises :class:`InvalidKeyError` if it has none."""
     tp = type(value)
     if tp is int:
-        return str(value)
+        try:
+            return str(value)
+        except ValueError:  # more digits than Python converts to text
+            raise InvalidKeyError("a primary key integer is too long for a cache key") from None
     if tp is str:
         # surrogatepass: a str with a lone surrogate still has one distinct key
         return quote(value, safe=_SAFE, errors="surrogatepass")
@@ -158,7 +161,7 @@ class KeyMaker:
 
     def encode_pk(self, pk: Any) -> str:
         """The primary-key part of the key (without prefix)."""
-        if type(pk) is int and self.arity == 1:
+        if type(pk) is int and self.arity == 1 and -(10**18) < pk < 10**18:
             return str(pk)
         values = self.normalize(pk)
         return ",".join(map(encode_component, values))

@@ -78,13 +78,13 @@ class CachedFunction(Generic[R]):
         if expiration_time is not None and (
             isinstance(expiration_time, bool) or not isinstance(expiration_time, int) or expiration_time < 0
         ):
-            raise TypeError(
+            raise UsageError(
                 f"expiration_time must be a whole number of seconds >= 0, got {expiration_time!r}"
             )
         self.expiration_time = expiration_time
         self.binding = CallBinding(fn, pk)
         if many and self.binding.composite:
-            raise TypeError(
+            raise UsageError(
                 "many=True takes one parameter holding the list of primary keys "
                 "(composite keys as tuples), not several pk names"
             )
@@ -331,7 +331,7 @@ class CachedFunction(Generic[R]):
         session = binding.session(args, kwargs)
         requested = binding.pk(args, kwargs)
         if isinstance(requested, (str, bytes)) or not isinstance(requested, Iterable):
-            raise TypeError(
+            raise UsageError(
                 f"{self._name} uses many=True: pass an iterable of primary keys, not {requested!r}"
             )
         maker = r.maker
@@ -468,9 +468,9 @@ def cached_by_pk(
     """
     mapper = sqlalchemy.inspect(model, raiseerr=False)
     if mapper is None or not isinstance(mapper, sqlalchemy.orm.Mapper):
-        raise TypeError(f"@cached_by_pk needs a mapped class, got {model!r}")
+        raise UsageError(f"@cached_by_pk needs a mapped class, got {model!r}")
     if not isinstance(region, str) or not region:
-        raise TypeError(f"region must be a region name, got {region!r}")
+        raise UsageError(f"region must be a region name, got {region!r}")
 
     def decorate(fn: Callable[..., R]) -> CachedFunction[R]:
         return CachedFunction(

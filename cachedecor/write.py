@@ -24,6 +24,7 @@ from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction
 from cachedecor.backends import UndeliveredInvalidation
 from cachedecor.binding import CallBinding
 from cachedecor.config import configured_regions
+from cachedecor.errors import UsageError
 from cachedecor.keys import key_maker
 from cachedecor.stats import counters as region_counters
 from cachedecor.stats import log_failure
@@ -341,7 +342,7 @@ def invalidates(*models: Any, pk: str | tuple[str, ...] | None = None) -> Callab
     """
     mapped = tuple(sqlalchemy.inspect(m).class_ for m in models)
     if pk is not None and not mapped:
-        raise TypeError("@invalidates(pk=...) needs a model to know which key to invalidate")
+        raise UsageError("@invalidates(pk=...) needs a model to know which key to invalidate")
 
     def decorate(fn: F) -> F:
         binding = CallBinding(fn, pk, needs_pk=False)
