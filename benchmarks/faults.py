@@ -11,14 +11,11 @@ call returned the right row, and what the region's counters said.
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,7 +26,7 @@ from sqlalchemy.orm import Session
 
 import cachedecor
 from tests.models import Base, User
-from tests.servers import Memcached, free_port
+from tests.servers import Memcached, fake_server, free_port
 
 TIMEOUT = 0.2
 CALLS = 40
@@ -58,35 +55,6 @@ def configure(url: str, region_options: dict[str, Any] | None = None) -> None:
             }
         }
     )
-
-
-@contextmanager
-def silent_server() -> Iterator[str]:
-    """A listening socket that accepts connections and never answers."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.05)
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join()
-        for conn in held:
-            conn.close()
-        listener.close()
 
 
 def run(
@@ -134,7 +102,7 @@ def main() -> int:
         run(engine, "server restarted on the same port", lambda: (fill(), server.restart()), lambda: None)
         port = free_port()
         run(engine, "nothing listening on the port", lambda: configure(f"127.0.0.1:{port}"), lambda: None)
-        with silent_server() as url:
+        with fake_server() as url:
             run(engine, "accepts connections, never answers", lambda: configure(url), lambda: None)
 
         def garbage() -> None:

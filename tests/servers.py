@@ -11,8 +11,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -129,3 +130,53 @@ def running_memcached(**kwargs: object) -> Iterator[Memcached]:
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def fake_server(answer: Callable[[bytes], bytes] | None = None) -> Iterator[str]:
+    """A listening socket on loopback, for faults a real memcached cannot produce.
+
+    Each connection is served in its own thread: ``answer`` turns what was received
+    into the reply; without it, connections are accepted and never answered.
+    Yields ``host:port``.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.05)
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def serve(conn: socket.socket) -> None:
+        conn.settimeout(0.05)
+        with conn:
+            while not stop.is_set():
+                try:
+                    data = conn.recv(4096)
+                except OSError:
+                    continue
+                if not data:
+                    return
+                if answer is not None:
+                    conn.sendall(answer(data))
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            thread = threading.Thread(target=serve, args=(conn,), daemon=True)
+            thread.start()
+            threads.append(thread)
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        acceptor.join()
+        for thread in threads:
+            thread.join()
+        listener.close()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import socket
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +16,7 @@ import cachedecor
 from cachedecor.config import region_settings
 from tests.conftest import SQLCounter, memcached_config, once, wait_until
 from tests.models import User
-from tests.servers import free_port
+from tests.servers import fake_server, free_port
 
 
 @cachedecor.cached_by_pk(User)
@@ -203,74 +201,21 @@ class TestSlowServer:
     def test_server_that_accepts_but_never_answers(self, rows: Engine) -> None:
         # A fake: a listening socket that accepts connections and never replies,
         # which a real memcached cannot be made to do on demand.
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        accepted: list[socket.socket] = []
-        stop = threading.Event()
-
-        def accept() -> None:
-            listener.settimeout(0.1)
-            while not stop.is_set():
-                try:
-                    accepted.append(listener.accept()[0])
-                except OSError:
-                    continue
-
-        thread = threading.Thread(target=accept, daemon=True)
-        thread.start()
-        try:
-            cachedecor.configure_regions(
-                memcached_config(f"127.0.0.1:{listener.getsockname()[1]}", arguments=dict(timeout=0.2))
-            )
+        with fake_server() as url:
+            cachedecor.configure_regions(memcached_config(url, arguments={"timeout": 0.2}))
             assert once(rows, get_user, 1).name == "user1"
             assert counters()["errors"] == 1
-        finally:
-            stop.set()
-            thread.join()
-            for conn in accepted:
-                conn.close()
-            listener.close()
 
 
 class TestOldServer:
     def test_a_server_without_meta_commands_switches_to_classic_leases(self, rows: Engine) -> None:
         # A fake: a server that answers ERROR to everything, as memcached < 1.6 does
         # to meta commands; no installed memcached can be made to do this.
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(4)
-        stop = threading.Event()
-
-        def serve() -> None:
-            listener.settimeout(0.1)
-            while not stop.is_set():
-                try:
-                    conn, _ = listener.accept()
-                except OSError:
-                    continue
-                conn.settimeout(0.1)
-                with conn:
-                    while not stop.is_set():
-                        try:
-                            data = conn.recv(4096)
-                        except OSError:
-                            continue
-                        if not data:
-                            break
-                        conn.sendall(b"ERROR\r\n" * max(1, data.count(b"\r\n")))
-
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        try:
-            cachedecor.configure_regions(memcached_config(f"127.0.0.1:{listener.getsockname()[1]}"))
+        with fake_server(lambda data: b"ERROR\r\n" * max(1, data.count(b"\r\n"))) as url:
+            cachedecor.configure_regions(memcached_config(url))
             assert once(rows, get_user, 1).name == "user1"
             assert region_settings("default").store.meta is False  # type: ignore[attr-defined]
             assert counters()["errors"] == 1
-        finally:
-            stop.set()
-            thread.join()
-            listener.close()
 
 
 class TestGarbage:
