@@ -193,7 +193,7 @@ def run_demo(
 
     say("\n6. region counters")
     for name, value in cachedecor.stats("demo")["demo"].items():
-        say(f"  {name:<14} {value}")
+        say(f"  {name:<22} {value}")
     engine.dispose()
     if tmpdir is not None:
         for name in os.listdir(tmpdir):
