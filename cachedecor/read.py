@@ -27,7 +27,7 @@ from cachedecor.keys import KeyMaker, key_maker
 from cachedecor.rows import ModelPlan, model_plan
 from cachedecor.stats import counters as region_counters
 from cachedecor.stats import log_failure
-from cachedecor.write import invalidate_many, may_fill, register_cached, session_tracker
+from cachedecor.write import invalidate_many, may_fill, reads_old_snapshot, register_cached, session_tracker
 
 __all__ = ["CachedFunction", "cached_by_pk"]
 
@@ -204,7 +204,9 @@ class CachedFunction(Generic[R]):
     ) -> R:
         """Call the function while holding the lease of ``key``, then fill the entry."""
         r.counters.lease_wins += 1
-        preloaded = session is not None and (self._in_identity_map(session, r, pk) or not may_fill(session))
+        preloaded = session is not None and (
+            self._in_identity_map(session, r, pk) or not may_fill(session) or reads_old_snapshot(session)
+        )
         try:
             result = self.__wrapped__(*args, **kwargs)
         except BaseException:
@@ -212,8 +214,9 @@ class CachedFunction(Generic[R]):
             raise
         if preloaded:
             # the session held this row before the call (its copy may predate a
-            # committed write), or its transaction has written (the row may be its
-            # own uncommitted change): either way it must not become the shared entry
+            # committed write), its transaction reads an older snapshot, or it has
+            # written (the row may be its own uncommitted change): either way the
+            # row must not become the shared entry
             self._release(r, key, token)
             return result
         payload = self._payload(r, key, result)
@@ -378,7 +381,7 @@ class CachedFunction(Generic[R]):
         counters.misses += len(missing)
         counters.lease_wins += len(tokens)
         if session is not None and tokens:
-            unfillable = not may_fill(session)
+            unfillable = not may_fill(session) or reads_old_snapshot(session)
             for key in [k for k in tokens if unfillable or self._in_identity_map(session, r, wanted[k])]:
                 self._release(r, key, tokens.pop(key))
         call_args, call_kwargs = binding.replace_pk(args, kwargs, [wanted[k] for k in missing])

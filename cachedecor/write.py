@@ -212,6 +212,32 @@ def may_fill(session: Session | None) -> bool:
 
 
 _READ_ONLY_SQL = ("SELECT", "WITH", "SHOW", "EXPLAIN", "VALUES")
+_SNAPSHOT_LEVELS = frozenset({"REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT"})
+
+
+def reads_old_snapshot(session: Session) -> bool:
+    """Whether the session's transaction already reads from a snapshot taken earlier.
+
+    At REPEATABLE READ or SERIALIZABLE, a transaction sees the data as of its first
+    statement. If that statement ran before a miss takes its lease, what the miss
+    reads may predate a write committed (and invalidated) in between, so it must
+    not be cached. SQLite is left out: without WAL its readers block writers, and
+    its isolation level is always reported as SERIALIZABLE.
+    """
+    transaction = session.get_transaction()
+    connections = getattr(transaction, "_connections", None) if transaction is not None else None
+    if not connections:
+        return False  # no statement yet: the snapshot will start after the lease
+    for entry in list(connections.values()):
+        connection = entry[0]
+        if connection.dialect.name == "sqlite":
+            continue
+        level = (
+            connection.get_execution_options().get("isolation_level") or connection.default_isolation_level
+        )
+        if level is not None and str(level).upper() in _SNAPSHOT_LEVELS:
+            return True
+    return False
 
 
 @event.listens_for(Session, "after_flush")

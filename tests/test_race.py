@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -95,6 +96,58 @@ class TestNoStaleFill:
             region.delete(key)  # the writer's invalidation
             region.set(key, old_version)  # the slow reader's late set
         assert region.get(key) == 0 != version_in_db(row, 1)
+
+
+class TestSnapshotIsolation:
+    """At REPEATABLE READ a transaction reads a snapshot from its first statement."""
+
+    def test_a_transaction_with_an_older_snapshot_does_not_fill(
+        self, pg_engine: Engine, backend: str
+    ) -> None:
+        with Session(pg_engine) as s:
+            s.add(User(id=1, name="racer", version=0))
+            s.commit()
+        engine = pg_engine.execution_options(isolation_level="REPEATABLE READ")
+
+        @cached_by_pk(User)
+        def reader(session: Session, user_id: int) -> User | None:
+            return session.get(User, user_id)
+
+        with Session(engine) as old:
+            old.execute(select(User.id)).all()  # the snapshot starts here
+            once(pg_engine, bump, 1)  # committed and invalidated after it
+            assert reader(old, 1).version == 0  # what this snapshot sees ...
+        assert cachedecor.stats()["default"]["fills"] == 0  # ... is never cached
+        assert once(engine, reader, 1).version == 1
+
+    def test_a_transaction_without_a_statement_yet_fills(self, pg_engine: Engine, backend: str) -> None:
+        with Session(pg_engine) as s:
+            s.add(User(id=1, name="racer", version=0))
+            s.commit()
+        engine = pg_engine.execution_options(isolation_level="REPEATABLE READ")
+
+        @cached_by_pk(User)
+        def reader(session: Session, user_id: int) -> User | None:
+            return session.get(User, user_id)
+
+        assert once(engine, reader, 1).version == 0
+        assert cachedecor.stats()["default"]["fills"] == 1
+
+    def test_read_committed_transactions_fill_after_earlier_statements(
+        self, pg_engine: Engine, backend: str
+    ) -> None:
+        with Session(pg_engine) as s:
+            s.add(User(id=1, name="racer", version=0))
+            s.commit()
+
+        @cached_by_pk(User)
+        def reader(session: Session, user_id: int) -> User | None:
+            return session.get(User, user_id)
+
+        with Session(pg_engine) as s:
+            s.execute(select(User.id)).all()
+            assert reader(s, 1).version == 0
+        assert cachedecor.stats()["default"]["fills"] == 1
 
 
 class TestSingleFlight:
