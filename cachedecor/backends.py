@@ -573,6 +573,7 @@ MEMCACHED_ARGUMENTS: dict[str, type] = {
     "no_delay": bool,
     "dead_timeout": float,
     "hashclient_dead_timeout": float,
+    "hashclient_retry_timeout": float,
     "hashclient_retry_attempts": int,
     "enable_retry_client": bool,
     "retry_attempts": int,
@@ -619,8 +620,12 @@ class PyMemcacheBackend(DefaultSerialization, _DogpilePyMemcacheBackend):  # typ
 
     def __init__(self, arguments: dict[str, Any]) -> None:
         args = {**MEMCACHED_DEFAULTS, **arguments}
-        if "hashclient_dead_timeout" in arguments and "dead_timeout" not in arguments:
-            args["dead_timeout"] = arguments["hashclient_dead_timeout"]
+        if "dead_timeout" not in arguments:
+            # dogpile's names for the same wait, in order of precedence
+            for alias in ("hashclient_dead_timeout", "hashclient_retry_timeout"):
+                if alias in arguments:
+                    args["dead_timeout"] = arguments[alias]
+                    break
         super().__init__(  # type: ignore[no-untyped-call]
             {k: v for k, v in args.items() if k not in MEMCACHED_DEFAULTS}
         )

@@ -444,6 +444,11 @@ def _check_arguments(name: str, backend: str, raw: Mapping[str, Any], prefix: st
     out: dict[str, Any] = {}
     for arg, value in raw.items():
         kind = schema.get(arg)
+        if kind is None and arg == "serde" and schema is MEMCACHED_ARGUMENTS:
+            raise ConfigError(
+                f"{where}.serde: not accepted: cachedecor stores its own MessagePack entries as bytes "
+                f"and never unpickles; values stored through dogpile's region API are pickled by dogpile"
+            )
         if kind is None:
             raise ConfigError(
                 f"{where}.{arg}: unknown argument for backend {backend}; accepted: "

@@ -752,3 +752,28 @@ def test_dogpile_cache_on_arguments_with_spaces_in_arguments_works_on_memcached(
     assert shout("two words") == "TWO WORDS"
     assert shout("two  words") == "TWO  WORDS"
     assert calls == ["two words", "two  words"]
+
+
+def test_dogpile_retry_timeout_is_the_dead_timeout() -> None:
+    cachedecor.configure_regions(
+        {
+            "regions": {
+                "r": {
+                    "backend": "dogpile.cache.pymemcache",
+                    "arguments": {"url": "h:1", "hashclient_retry_timeout": "7"},
+                }
+            }
+        }
+    )
+    assert region_settings("r").store.backend.health.dead_timeout == 7.0  # type: ignore[attr-defined]
+
+
+def test_a_serde_is_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigError, match=r"cachedecor\.r\.arguments\.serde: not accepted.*never unpickles"):
+        cachedecor.configure_regions(
+            {
+                "regions": {
+                    "r": {"backend": "dogpile.cache.pymemcache", "arguments": {"url": "h:1", "serde": "x"}}
+                }
+            }
+        )
