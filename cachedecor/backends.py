@@ -733,13 +733,19 @@ class Store:
     def lookup_many(self, keys: Sequence[str], ttl: int) -> dict[str, tuple[bytes | None, Any]]:
         """:meth:`lookup` of several keys. A partial failure raises :class:`PartialResult`
         whose ``found`` holds every key (failed ones as ``(None, None)``)."""
-        found = self.get_many(keys)
+        error: BaseException | None = None
+        try:
+            found = self.get_many(keys)
+        except PartialResult as exc:  # some nodes failed: no leases, only what was read
+            found, error = exc.found, exc.error
         missing = [k for k in keys if k not in found]
-        tokens = self.lease_many(missing, ttl) if missing else {}
+        tokens = self.lease_many(missing, ttl) if missing and error is None else {}
         out: dict[str, tuple[bytes | None, Any]] = {}
         for key in keys:
             data = found.get(key)
             out[key] = (data, None) if data is not None and not is_lease(data) else (None, tokens.get(key))
+        if error is not None:
+            raise PartialResult(out, error)
         return out
 
     def peek(self, key: str) -> bytes | None:

@@ -151,3 +151,27 @@ def test_load_survives_kill_pause_and_restart_without_stale_entries(
     assert cachedecor.stats("default")["default"]["invalidations_lost"] == 0
     # each read is bounded by the timeout plus database time; reported, not asserted
     print(f"\nreads: {len(latencies)}, slowest {max(latencies) * 1000:.0f} ms")
+
+
+@pytest.mark.parametrize("meta", [True, False], ids=["meta", "classic"])
+def test_many_with_one_node_down_serves_the_others_and_reads_the_rest_through(
+    pg_engine: Engine, memcached_factory: Any, meta: bool
+) -> None:
+    nodes = [memcached_factory() for _ in range(3)]
+    cachedecor.configure_regions(
+        memcached_config(*(n.url for n in nodes), arguments={"timeout": 0.2, "meta_protocol": meta})
+    )
+
+    @cachedecor.cached_by_pk(User, many=True)
+    def get_users(session: Session, ids: list[int]) -> list[User]:
+        return [u for u in (session.get(User, i) for i in ids) if u is not None]
+
+    with Session(pg_engine) as s:
+        s.add_all([User(id=i, name=f"u{i}", version=0) for i in range(ROWS)])
+        s.commit()
+    ids = list(range(ROWS))
+    assert [u.id for u in once(pg_engine, get_users, ids)] == ids
+    nodes[0].kill()
+    assert [u.id for u in once(pg_engine, get_users, ids)] == ids
+    on_live_nodes = sum(node_of(get_users.cache_key(i)) != nodes[0].url for i in ids)
+    assert cachedecor.stats("default")["default"]["hits"] == on_live_nodes
