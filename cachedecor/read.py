@@ -322,10 +322,8 @@ class CachedFunction(Generic[R]):
             if data is None:
                 return False, None  # the lease was released or invalidated
             if not is_lease(data):
-                found, value = self._decode(r, key, data, session)
-                if found:
-                    r.counters.hits += 1
-                return found, value
+                # counted as the miss it was (and in lease_waits), not as a hit
+                return self._decode(r, key, data, session)
 
     # -- many=True ----------------------------------------------------------------------
 

@@ -27,7 +27,8 @@ class RegionStats:
     hits: int = 0
     """Entries served from the cache."""
     misses: int = 0
-    """Keys not found (or found unusable) that were read from the database."""
+    """Keys not found (or found unusable). Each call counts once: a hit or a miss.
+    A miss that waited for another reader's fill is also in ``lease_waits``."""
     fills: int = 0
     """Entries written to the cache after a miss."""
     errors: int = 0
