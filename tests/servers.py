@@ -106,12 +106,27 @@ class Memcached:
             self.proc.wait()
 
     def pause(self) -> None:
+        """SIGSTOP, and wait until the kernel has actually stopped the process."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)
+        self._wait_for_state(stopped=True)
 
     def resume(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
+        self._wait_for_state(stopped=False)
+
+    def _wait_for_state(self, *, stopped: bool, timeout: float = 10.0) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(f"/proc/{self.proc.pid}/stat") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+            if (state in ("T", "t")) == stopped:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"memcached {self.proc.pid} did not {'stop' if stopped else 'resume'}")
+            time.sleep(0.001)
 
     def restart(self) -> None:
         self.kill()
