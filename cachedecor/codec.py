@@ -203,15 +203,21 @@ _packer_options: dict[str, Any] = {"default": _default, "use_bin_type": True, "d
 def pack_value(value: Any) -> bytes:
     """MessagePack ``value`` with cachedecor's extension types.
 
-    Raises :class:`UnencodableValue` for a value with no safe encoding.
+    Raises :class:`UnencodableValue` for a value with no safe encoding, and for one
+    that packs but would not be read back (a dict with keys other than strings,
+    which the reader refuses): nothing is stored that every later read would drop.
     """
     try:
         packed: bytes = msgpack.packb(value, **_packer_options)
-        return packed
     except UnencodableValue:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
         raise UnencodableValue(str(exc)) from exc
+    try:
+        unpack_value(packed)
+    except BadEntry as exc:
+        raise UnencodableValue(f"the value would not be read back: {exc}") from exc
+    return packed
 
 
 def unpack_value(data: bytes) -> Any:

@@ -611,3 +611,8 @@ def test_zstd_codec_is_safe_to_share_between_threads() -> None:
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "failures: []"
+
+
+def test_a_dict_with_non_string_keys_is_refused_when_written_not_dropped_on_every_read() -> None:
+    with pytest.raises(UnencodableValue, match="read back"):
+        pack_value({"doc": {1: "one"}})
