@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,3 +29,21 @@ def test_every_public_name_is_documented() -> None:
     api = (ROOT / "docs" / "api.rst").read_text()
     missing = [name for name in cachedecor.__all__ if name not in api]
     assert missing == []
+
+
+def test_the_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    import cachedecor
+
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"```python\n(.*?)```", readme, re.S)
+    assert example is not None
+    cachedecor.reset()
+    try:
+        code = compile(example.group(1), "README.md", "exec", dont_inherit=True)
+        exec(code, {"__name__": "readme_example"})
+    finally:
+        cachedecor.reset()
+    out = capsys.readouterr().out
+    assert out.split() == ["Ada", "Lovelace", "1"]
