@@ -326,10 +326,7 @@ def _after_commit(session: Session) -> None:
     tracker = session.info.get(_TRACKER)
     if tracker is None:
         return
-    for obj in list(tracker.watched.values()):
-        state = sqlalchemy.inspect(obj)
-        if state.key is not None:
-            tracker.add_row(state.mapper.class_, state.key[1])
+    # watched instances were recorded by _after_flush: a commit flushes first
     rows = {model: list(pks) for model, pks in tracker.rows.items()}
     tracker.clear()
     if rows:
