@@ -98,55 +98,40 @@ class TestNoStaleFill:
         assert region.get(key) == 0 != version_in_db(row, 1)
 
 
+@cached_by_pk(User)
+def read_user(session: Session, user_id: int) -> User | None:
+    return session.get(User, user_id)
+
+
+@pytest.fixture
+def pg_row(pg_engine: Engine, backend: str) -> Engine:
+    with Session(pg_engine) as s:
+        s.add(User(id=1, name="racer", version=0))
+        s.commit()
+    return pg_engine
+
+
 class TestSnapshotIsolation:
     """At REPEATABLE READ a transaction reads a snapshot from its first statement."""
 
-    def test_a_transaction_with_an_older_snapshot_does_not_fill(
-        self, pg_engine: Engine, backend: str
-    ) -> None:
-        with Session(pg_engine) as s:
-            s.add(User(id=1, name="racer", version=0))
-            s.commit()
-        engine = pg_engine.execution_options(isolation_level="REPEATABLE READ")
-
-        @cached_by_pk(User)
-        def reader(session: Session, user_id: int) -> User | None:
-            return session.get(User, user_id)
-
+    def test_a_transaction_with_an_older_snapshot_does_not_fill(self, pg_row: Engine) -> None:
+        engine = pg_row.execution_options(isolation_level="REPEATABLE READ")
         with Session(engine) as old:
             old.execute(select(User.id)).all()  # the snapshot starts here
-            once(pg_engine, bump, 1)  # committed and invalidated after it
-            assert reader(old, 1).version == 0  # what this snapshot sees ...
+            once(pg_row, bump, 1)  # committed and invalidated after it
+            assert read_user(old, 1).version == 0  # what this snapshot sees ...
         assert cachedecor.stats()["default"]["fills"] == 0  # ... is never cached
-        assert once(engine, reader, 1).version == 1
+        assert once(engine, read_user, 1).version == 1
 
-    def test_a_transaction_without_a_statement_yet_fills(self, pg_engine: Engine, backend: str) -> None:
-        with Session(pg_engine) as s:
-            s.add(User(id=1, name="racer", version=0))
-            s.commit()
-        engine = pg_engine.execution_options(isolation_level="REPEATABLE READ")
-
-        @cached_by_pk(User)
-        def reader(session: Session, user_id: int) -> User | None:
-            return session.get(User, user_id)
-
-        assert once(engine, reader, 1).version == 0
+    def test_a_transaction_without_a_statement_yet_fills(self, pg_row: Engine) -> None:
+        engine = pg_row.execution_options(isolation_level="REPEATABLE READ")
+        assert once(engine, read_user, 1).version == 0
         assert cachedecor.stats()["default"]["fills"] == 1
 
-    def test_read_committed_transactions_fill_after_earlier_statements(
-        self, pg_engine: Engine, backend: str
-    ) -> None:
-        with Session(pg_engine) as s:
-            s.add(User(id=1, name="racer", version=0))
-            s.commit()
-
-        @cached_by_pk(User)
-        def reader(session: Session, user_id: int) -> User | None:
-            return session.get(User, user_id)
-
-        with Session(pg_engine) as s:
+    def test_read_committed_transactions_fill_after_earlier_statements(self, pg_row: Engine) -> None:
+        with Session(pg_row) as s:
             s.execute(select(User.id)).all()
-            assert reader(s, 1).version == 0
+            assert read_user(s, 1).version == 0
         assert cachedecor.stats()["default"]["fills"] == 1
 
 
