@@ -12,7 +12,7 @@ from cachedecor.errors import CacheError, ConfigError, InvalidKeyError, RegionNo
 from cachedecor.keys import key_for
 from cachedecor.read import CachedFunction, cached_by_pk
 from cachedecor.stats import RegionStats, dump_stats, reset_stats, stats
-from cachedecor.write import invalidate, invalidate_many, invalidates
+from cachedecor.write import invalidate, invalidate_many, invalidate_model, invalidates
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "get_region",
     "invalidate",
     "invalidate_many",
+    "invalidate_model",
     "invalidates",
     "key_for",
     "reset",

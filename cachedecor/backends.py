@@ -25,8 +25,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from dogpile.cache.api import NO_VALUE, DefaultSerialization
 from dogpile.cache.backends.memcached import PyMemcacheBackend as _DogpilePyMemcacheBackend
@@ -55,6 +56,26 @@ def is_lease(data: bytes) -> bool:
 def new_lease_marker() -> bytes:
     """A lease marker unique to this attempt."""
     return LEASE_PREFIX + os.urandom(10)
+
+
+# --------------------------------------------------------------------------------------
+# processes: a forked child gets connections, locks and queues of its own
+
+
+class _ForkAware(Protocol):
+    def _after_fork_in_child(self) -> None: ...
+
+
+#: Live objects that hold connections, locks or queues of the process that made them.
+_fork_aware: weakref.WeakSet[_ForkAware] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for obj in list(_fork_aware):
+        obj._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # --------------------------------------------------------------------------------------
@@ -106,6 +127,10 @@ class NodeHealth:
     is flushed instead) and retried every ``retry_interval`` seconds for up to
     ``retry_for`` seconds. While a node has undelivered deletes, its keys are
     neither read nor filled: the deletes are delivered first.
+
+    Both belong to one process. A process forked from this one starts with every
+    node up, no queued deletes (they stay with the parent, which delivers them once)
+    and no retry thread; locks held by the parent's other threads do not carry over.
     """
 
     def __init__(
@@ -130,6 +155,16 @@ class NodeHealth:
         self._flush: dict[str, float] = {}
         self._lock = threading.Lock()
         self._retrier: threading.Thread | None = None
+        self._wake = threading.Event()
+        _fork_aware.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._down_until = {}
+        self._failed = {}
+        self._pending = {}
+        self._flush = {}
+        self._lock = threading.Lock()
+        self._retrier = None
         self._wake = threading.Event()
 
     # -- circuit breaker ---------------------------------------------------------------
@@ -220,6 +255,13 @@ class NodeHealth:
                 "(whole node flush)" if flush else ", ".join(sorted(expired)[:50]),
             )
 
+    def owe_flush(self, node: str) -> None:
+        """``node`` must be flushed before it is used again (a model-wide invalidation it missed)."""
+        with self._lock:
+            self._pending.pop(node, None)
+            self._flush.setdefault(node, time.monotonic())
+        self._start_retrier()
+
     def pending_count(self) -> int:
         with self._lock:
             return sum(len(p) for p in self._pending.values()) + len(self._flush)
@@ -264,6 +306,10 @@ class MemcachedCluster:
     (which would let a returning node serve entries whose invalidations went
     elsewhere). While a node is down, operations on its keys raise :class:`NodeDown`
     at once instead of waiting for a timeout.
+
+    Connections belong to the process that opened them: in a forked child every
+    cluster inherited from the parent has its sockets closed (in the child only;
+    the parent's connections stay open) and reconnects on first use.
     """
 
     def __init__(
@@ -285,6 +331,10 @@ class MemcachedCluster:
         self.clients = {s: Client(_server_spec(s), **client_kwargs) for s in self.servers}
         self._single = self.clients[self.servers[0]] if len(self.servers) == 1 else None
         self._hash = RendezvousHash(list(self.servers))
+        _fork_aware.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        self.close()
 
     # -- routing -----------------------------------------------------------------------
 
@@ -451,6 +501,11 @@ class MemcachedCluster:
         return out
 
     def close(self) -> None:
+        """Close this process's connections; the next call opens new ones.
+
+        Only the file descriptors are closed (no ``quit``, no ``shutdown``), so a
+        connection that another process shares stays open for that process.
+        """
         for client in self.clients.values():
             client.close()
 
@@ -507,6 +562,47 @@ def _exchange(client: Any, payload: bytes, count: int) -> list[tuple[bytes, list
         client.close()
         raise ProtocolError("unexpected bytes after the last reply")
     return replies
+
+
+def _metadump(cluster: MemcachedCluster, node: str) -> list[str]:
+    """Every key stored on ``node`` (``lru_crawler metadump all``), on a connection of its own."""
+    from urllib.parse import unquote
+
+    from pymemcache.client.base import Client
+
+    template = cluster.clients[node]
+    client = Client(
+        _server_spec(node),
+        connect_timeout=template.connect_timeout or 1.0,
+        timeout=max(template.timeout or 0, 5.0),
+        no_delay=True,
+    )
+    try:
+        for attempt in range(50):
+            client._connect()
+            client.sock.sendall(b"lru_crawler metadump all\r\n")
+            buf = b""
+            while not (buf.endswith(b"END\r\n") or buf.startswith((b"BUSY", b"ERROR", b"CLIENT_ERROR"))):
+                chunk = client.sock.recv(1 << 16)
+                if not chunk:
+                    raise ProtocolError("connection closed during metadump")
+                buf += chunk
+                if buf.startswith((b"BUSY", b"ERROR", b"CLIENT_ERROR")) and buf.endswith(b"\r\n"):
+                    break
+            if buf.startswith(b"BUSY"):  # another crawl is running: wait for it
+                client.close()
+                time.sleep(0.02 * (attempt + 1))
+                continue
+            if not buf.endswith(b"END\r\n"):
+                raise ProtocolError(f"metadump refused: {buf[:80]!r}")
+            keys = []
+            for line in buf[:-5].split(b"\n"):
+                if line.startswith(b"key="):
+                    keys.append(unquote(line[4:].split(b" ", 1)[0].decode("ascii")))
+            return keys
+        raise ProtocolError("the LRU crawler stayed busy")
+    finally:
+        client.close()
 
 
 def _readers() -> Any:
@@ -772,6 +868,14 @@ class Store:
     def delete_many(self, keys: Sequence[str]) -> None:
         raise NotImplementedError
 
+    def delete_prefixes(self, prefixes: Sequence[str]) -> int:
+        """Delete every key (entries and leases) starting with one of ``prefixes``.
+
+        Returns how many keys were deleted. Slow (it lists the server's keys): for
+        model-wide invalidation only.
+        """
+        raise NotImplementedError
+
 
 def _memcached_expire(ttl: int | None) -> int:
     if not ttl or ttl <= 0:
@@ -824,6 +928,35 @@ class MemcachedStore(Store):
 
     def delete_many(self, keys: Sequence[str]) -> None:
         self.client.delete_many(keys, noreply=False)
+
+    def delete_prefixes(self, prefixes: Sequence[str]) -> int:
+        """Lists each node's keys with ``lru_crawler metadump all`` and deletes the matches.
+
+        A node that cannot be listed is flushed when it can be reached again (its
+        deletes are owed, as for any undelivered invalidation).
+        """
+        client = self.client
+        wanted = tuple(prefixes)
+        deleted = 0
+        failed: BaseException | None = None
+        for node in client.servers:
+            try:
+                keys = [k for k in _metadump(client, node) if k.startswith(wanted)]
+            except Exception as exc:
+                client.health.owe_flush(node)
+                failed = exc
+                continue
+            for start in range(0, len(keys), 500):
+                batch = keys[start : start + 500]
+                try:
+                    client._call(node, "delete_many", batch, False)
+                except Exception as exc:
+                    client.health.queue(node, batch)
+                    failed = exc
+                deleted += len(batch)
+        if failed is not None:
+            raise UndeliveredInvalidation(list(wanted), failed)
+        return deleted
 
     # -- meta-protocol operations -------------------------------------------------------
 
@@ -969,6 +1102,10 @@ class MemoryStore(Store):
     def __init__(self, backend: Any) -> None:
         self.cache: dict[str, Any] = backend._cache
         self.lock = threading.Lock()
+        _fork_aware.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        self.lock = threading.Lock()
 
     def _live(self, key: str) -> Any:
         item = self.cache.get(key)
@@ -1016,6 +1153,14 @@ class MemoryStore(Store):
         with self.lock:
             for key in keys:
                 self.cache.pop(key, None)
+
+    def delete_prefixes(self, prefixes: Sequence[str]) -> int:
+        wanted = tuple(prefixes)
+        with self.lock:
+            keys = [k for k in list(self.cache) if isinstance(k, str) and k.startswith(wanted)]
+            for key in keys:
+                self.cache.pop(key, None)
+        return len(keys)
 
 
 _REDIS_FILL = """
@@ -1073,6 +1218,20 @@ class RedisStore(Store):
     def delete_many(self, keys: Sequence[str]) -> None:
         if keys:
             self.writer.delete(*keys)
+
+    def delete_prefixes(self, prefixes: Sequence[str]) -> int:
+        deleted = 0
+        for prefix in prefixes:
+            pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+            batch: list[Any] = []
+            for key in self.writer.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    deleted += int(self.writer.delete(*batch))
+                    batch = []
+            if batch:
+                deleted += int(self.writer.delete(*batch))
+        return deleted
 
 
 def store_for(backend: Any) -> Store | None:

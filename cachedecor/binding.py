@@ -1,7 +1,12 @@
-"""Finding the session and the primary key among a decorated function's arguments.
+"""Finding the session and the primary key of a call to a decorated function.
 
 Resolved once per decorated function from its signature, so a call only indexes
-into ``args``/``kwargs``.
+into ``args``/``kwargs``. A method's ``self`` or ``cls`` is never taken for the
+primary key. Where the session is not an argument, the decorator can be told where
+it is (``session=``): a ``scoped_session`` such as Flask-SQLAlchemy's ``db.session``,
+a callable returning the session, or the name of an attribute path starting at a
+parameter (``"self.session"``). A method whose object has a ``session`` attribute
+holding a session finds it without being told.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ __all__ = ["CallBinding"]
 
 _SESSION_TYPES = (Session, scoped_session)
 _SESSION_NAMES = frozenset({"session", "db", "db_session", "dbsession", "sess"})
+_SELF_NAMES = frozenset({"self", "cls"})
 _EMPTY = inspect.Parameter.empty
 
 
@@ -69,7 +75,12 @@ class CallBinding:
     """
 
     def __init__(
-        self, fn: Callable[..., Any], pk: str | tuple[str, ...] | None, *, needs_pk: bool = True
+        self,
+        fn: Callable[..., Any],
+        pk: str | tuple[str, ...] | None,
+        *,
+        needs_pk: bool = True,
+        session: Any = None,
     ) -> None:
         sig = inspect.signature(fn)
         params: list[_Param] = []
@@ -85,6 +96,9 @@ class CallBinding:
             params.append(param)
             by_name[p.name] = param
         self.name = getattr(fn, "__qualname__", repr(fn))
+        first = params[0] if params and params[0].pos == 0 else None
+        self._self_param = first if first is not None and first.name in _SELF_NAMES else None
+        self._session_source = self._source(session, by_name)
         session_param = next(
             (by_name[p.name] for p in sig.parameters.values() if _is_session_annotation(p.annotation)),
             None,
@@ -97,7 +111,7 @@ class CallBinding:
             self._pk_params = ()
             self._pk_dynamic = False
         elif pk is None:
-            candidates = [p for p in params if p is not session_param]
+            candidates = [p for p in params if p is not session_param and p is not self._self_param]
             if not candidates:
                 raise UsageError(f"{self.name} has no parameter that could hold the primary key")
             self._pk_params = (candidates[0],)
@@ -115,8 +129,31 @@ class CallBinding:
         self._params = params
         self.composite = len(self._pk_params) > 1
 
+    def _source(self, session: Any, by_name: dict[str, _Param]) -> Any:
+        """What ``session=`` names, resolved once: ``None``, a callable, or (param, attrs)."""
+        if session is None:
+            return None
+        if isinstance(session, str):
+            head, *attrs = session.split(".")
+            param = by_name.get(head)
+            if param is None or not all(a.isidentifier() for a in attrs):
+                raise UsageError(
+                    f"session={session!r}: {self.name} has no parameter named {head!r} "
+                    f"(expected a parameter name or a path such as 'self.session')"
+                )
+            return (param, tuple(attrs))
+        if isinstance(session, (Session, scoped_session)) or callable(session):
+            return session
+        raise UsageError(
+            f"session= takes a Session, a scoped_session, a callable returning a session, "
+            f"or a parameter path such as 'self.session'; got {session!r}"
+        )
+
     def session(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Session | None:
-        """The session passed to this call, if any."""
+        """The session of this call: as told by ``session=``, else an argument, else ``self.session``."""
+        source = self._session_source
+        if source is not None:
+            return self._told(source, args, kwargs)
         param = self._session_param
         if param is not None:
             try:
@@ -133,12 +170,29 @@ class CallBinding:
             found = as_session(value)
             if found is not None:
                 return found
+        if self._self_param is not None and args:
+            return as_session(getattr(args[0], "session", None))
         return None
+
+    @staticmethod
+    def _told(source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Session | None:
+        if isinstance(source, tuple):
+            param, attrs = source
+            value = param.get(args, kwargs)
+            for attr in attrs:
+                value = getattr(value, attr, None)
+        elif isinstance(source, (Session, scoped_session)):
+            value = source
+        else:
+            value = source()
+        return as_session(value)
 
     def pk(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The primary key passed to this call (a tuple for several ``pk`` names)."""
         if self._pk_dynamic:
             for param in self._params:
+                if param is self._self_param:
+                    continue
                 value = param.get(args, kwargs)
                 if not isinstance(value, _SESSION_TYPES):
                     return value
@@ -153,6 +207,8 @@ class CallBinding:
         """``args``/``kwargs`` with the (single) primary-key argument set to ``value``."""
         if self._pk_dynamic:
             for param in self._params:
+                if param is self._self_param:
+                    continue
                 current = param.get(args, kwargs)
                 if not isinstance(current, _SESSION_TYPES):
                     return self._set(param, args, kwargs, value)

@@ -103,6 +103,7 @@ REGION_OPTIONS: dict[str, tuple[type, Any]] = {
     "lease_timeout": (int, 5),
     "lease_wait": (float, 0.1),
     "max_entry_size": (int, 1_000_000),
+    "tables": (list, None),
 }
 _GLOBAL_OPTIONS = ("regions", "secret")
 _SERIALIZERS = ("msgpack",)
@@ -125,6 +126,7 @@ class RegionSettings:
     lease_wait: float
     max_entry_size: int
     arguments: Mapping[str, Any] = field(repr=False)
+    tables: frozenset[str] | None = None
 
 
 _lock = threading.Lock()
@@ -433,6 +435,7 @@ def _build(name: str, parsed: _Parsed, prefix: str) -> RegionSettings:
         lease_wait=values["lease_wait"],
         max_entry_size=values["max_entry_size"],
         arguments=arguments,
+        tables=frozenset(values["tables"]) if values["tables"] is not None else None,
     )
 
 

@@ -1,10 +1,17 @@
 """Cache keys for mapped rows.
 
-A key reads ``<namespace>:<table>:<fingerprint>:<primary key>``, for example
-``cachedecor:users:3f2a9c1e:42``. The fingerprint is a short hash of the mapped
-columns (names and types) of the whole inheritance hierarchy and of the model's
-own name, so that an entry written by an older version of a model is never read
-by a newer one.
+A key reads ``<namespace>:<table>:<primary key>``, for example
+``cachedecor:users:42``. It names the row, nothing else: the table is the one of
+the root of the model's inheritance hierarchy (one key per row identity, as in
+SQLAlchemy's identity map), and nothing in it depends on the Python module that
+defines the class or on the columns a version of the application maps. Every
+process and every deployed version therefore agree on the key of a row; what a
+version mapped travels inside the entry (see :mod:`cachedecor.rows`).
+
+Rows that SQLAlchemy tells apart get different keys: a table in a schema reads
+``<namespace>:<schema>.<table>:<pk>`` (the schema a session's
+``schema_translate_map`` selects, for one schema per tenant), and the identity
+token of horizontal sharding is appended to the table part as ``@<token>``.
 
 Every function here is pure. Keys are always valid memcached keys: printable
 ASCII with no spaces or control characters, at most :data:`MAX_KEY_LENGTH`
@@ -28,7 +35,7 @@ from sqlalchemy.orm import Mapper
 
 from cachedecor.errors import ConfigError, InvalidKeyError, UsageError
 
-__all__ = ["DEFAULT_NAMESPACE", "MAX_KEY_LENGTH", "KeyMaker", "key_for", "model_fingerprint"]
+__all__ = ["DEFAULT_NAMESPACE", "MAX_KEY_LENGTH", "KeyMaker", "Space", "key_for", "key_maker", "table_label"]
 
 #: memcached's limit on key length, in bytes.
 MAX_KEY_LENGTH = 250
@@ -61,35 +68,23 @@ def _mapper(model: Any) -> Mapper[Any]:
     return mapper
 
 
-def model_fingerprint(model: Any) -> str:
-    """Eight hex digits that change whenever the mapped columns of ``model`` change.
+def table_label(table_name: str, schema: str | None = None, token: Any = None) -> str:
+    """The readable table part of a key: ``[schema.]table[@token]``, each part escaped.
 
-    Covers the model's own name and every column (key, table, type) of every
-    mapper in its inheritance hierarchy, because an entry may hold any subclass.
+    ``schema`` is the schema the rows are read from (after any ``schema_translate_map``)
+    and ``token`` the identity token of horizontal sharding, ``None`` where none applies.
     """
-    mapper = _mapper(model)
-    parts = [f"{mapper.class_.__module__}.{mapper.class_.__qualname__}"]
-    for m in sorted(
-        mapper.base_mapper.self_and_descendants,
-        key=lambda m: f"{m.class_.__module__}.{m.class_.__qualname__}",
-    ):
-        parts.append(f"|{m.class_.__module__}.{m.class_.__qualname__}")
-        for prop in m.column_attrs:
-            for col in prop.columns:
-                table = getattr(col, "table", None)
-                parts.append(f";{prop.key}={getattr(table, 'name', '')}.{col.name}:{col.type!r}")
-    return hashlib.blake2b("".join(parts).encode(), digest_size=4).hexdigest()
+    label = quote(table_name, safe=_SAFE)
+    if schema is not None:
+        label = f"{quote(schema, safe=_SAFE)}.{label}"
+    if token is not None:
+        label = f"{label}@{encode_component(token)}"
+    return label
 
 
-def table_label(model: Any) -> str:
-    """The readable table part of a key: the model's table name (escaped)."""
-    mapper = _mapper(model)
-    table = mapper.local_table
-    name = getattr(table, "name", None) or mapper.class_.__name__
-    if mapper.inherits is not None and mapper.local_table is mapper.inherits.local_table:
-        # single-table inheritance: subclasses share the table; tell them apart
-        name = f"{name}.{mapper.class_.__name__}"
-    return quote(name, safe=_SAFE)
+def root_table(model: Any) -> Any:
+    """The table whose name keys every row of ``model``'s inheritance hierarchy."""
+    return _mapper(model).base_mapper.local_table
 
 
 def encode_component(value: Any) -> str:
@@ -140,24 +135,46 @@ def finish_key(key: str) -> str:
     return key[: MAX_KEY_LENGTH - len(digest) - 1] + "#" + digest
 
 
-class KeyMaker:
-    """Builds the keys of one model in one namespace; resolved once, called per lookup.
+#: Where a row lives besides its table: ``(schema, identity token)``. ``None`` stands
+#: for the table's own schema and no token, the case of most applications.
+Space = tuple[Any, Any]
 
-    ``KeyMaker(User)(42) == "cachedecor:users:<fp>:42"``. A composite key takes a
-    tuple (or list) with one value per primary-key column, in mapper order.
+
+class KeyMaker:
+    """Builds the keys of one inheritance hierarchy in one namespace.
+
+    Resolved once, called per lookup: ``KeyMaker(User)(42) == "cachedecor:users:42"``.
+    A composite key takes a tuple (or list) with one value per primary-key column,
+    in mapper order. Every class of a hierarchy has the same maker, so a row has one
+    key whichever class reads or writes it.
     """
 
-    __slots__ = ("arity", "model", "namespace", "prefix")
+    __slots__ = ("_spaces", "arity", "model", "namespace", "prefix", "schema", "table_name")
 
     def __init__(self, model: Any, namespace: str = DEFAULT_NAMESPACE) -> None:
         mapper = _mapper(model)
-        self.model = mapper.class_
+        table = mapper.base_mapper.local_table
+        self.model = mapper.base_mapper.class_
         self.namespace = check_namespace(namespace)
         self.arity = len(mapper.primary_key)
-        self.prefix = f"{namespace}:{table_label(model)}:{model_fingerprint(model)}:"
+        self.table_name: str = getattr(table, "name", None) or self.model.__name__
+        self.schema: str | None = getattr(table, "schema", None)
+        self.prefix = f"{namespace}:{table_label(self.table_name, self.schema)}:"
+        self._spaces: dict[Space, str] = {}
 
-    def __call__(self, pk: Any) -> str:
-        return finish_key(self.prefix + self.encode_pk(pk))
+    def __call__(self, pk: Any, space: Space | None = None) -> str:
+        prefix = self.prefix if space is None else self.space_prefix(space)
+        return finish_key(prefix + self.encode_pk(pk))
+
+    def space_prefix(self, space: Space) -> str:
+        """The key prefix of rows read from schema ``space[0]`` with identity token ``space[1]``."""
+        prefix = self._spaces.get(space)
+        if prefix is None:
+            schema, token = space
+            prefix = f"{self.namespace}:{table_label(self.table_name, schema, token)}:"
+            if len(self._spaces) < 10_000:
+                self._spaces[space] = prefix
+        return prefix
 
     def encode_pk(self, pk: Any) -> str:
         """The primary-key part of the key (without prefix)."""
@@ -198,16 +215,31 @@ _makers: dict[tuple[type, str], KeyMaker] = {}
 
 
 def key_maker(model: Any, namespace: str = DEFAULT_NAMESPACE) -> KeyMaker:
-    """A shared :class:`KeyMaker` for ``(model, namespace)``."""
-    cls = _mapper(model).class_
+    """The shared :class:`KeyMaker` of ``model``'s hierarchy in ``namespace``."""
+    cls = _mapper(model).base_mapper.class_
     maker = _makers.get((cls, namespace))
     if maker is None:
         maker = _makers[(cls, namespace)] = KeyMaker(cls, namespace)
     return maker
 
 
-def key_for(model: Any, pk: Any, *, namespace: str = DEFAULT_NAMESPACE) -> str:
+_OWN_SCHEMA: Any = object()
+
+
+def key_for(
+    model: Any,
+    pk: Any,
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    schema: Any = _OWN_SCHEMA,
+    identity_token: Any = None,
+) -> str:
     """The cache key that :func:`cached_by_pk` uses for the row of ``model`` with ``pk``.
+
+    ``schema`` is the schema the row is read from when a ``schema_translate_map``
+    moves the table (``None`` for the default schema); by default the table's own.
+    ``identity_token`` is the horizontal-sharding token of the row, if any. The key
+    is the same for every class of an inheritance hierarchy.
 
     >>> from sqlalchemy import Integer
     >>> from sqlalchemy.orm import DeclarativeBase, mapped_column
@@ -215,11 +247,15 @@ def key_for(model: Any, pk: Any, *, namespace: str = DEFAULT_NAMESPACE) -> str:
     >>> class Item(Base):
     ...     __tablename__ = "items"
     ...     id = mapped_column(Integer, primary_key=True)
-    >>> key = key_for(Item, 42)
-    >>> key.startswith("cachedecor:items:") and key.endswith(":42")
-    True
+    >>> key_for(Item, 42)
+    'cachedecor:items:42'
+    >>> key_for(Item, 42, schema="tenant_7")
+    'cachedecor:tenant_7.items:42'
     """
-    return key_maker(model, namespace)(pk)
+    maker = key_maker(model, namespace)
+    if schema is _OWN_SCHEMA and identity_token is None:
+        return maker(pk)
+    return maker(pk, (maker.schema if schema is _OWN_SCHEMA else schema, identity_token))
 
 
 _PLAIN_KEY = re.compile(r"^[\x21-\x7e]{1,250}$")

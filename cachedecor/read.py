@@ -23,21 +23,26 @@ from cachedecor.backends import PartialResult, ValueRefused, is_lease
 from cachedecor.binding import CallBinding
 from cachedecor.codec import BadEntry, UnencodableValue
 from cachedecor.errors import RegionNotConfigured, UsageError
-from cachedecor.keys import KeyMaker, key_maker
-from cachedecor.rows import ModelPlan, model_plan
+from cachedecor.keys import KeyMaker, Space, key_maker
+from cachedecor.rows import EntryMismatch, ModelPlan, OtherClass, model_plan
 from cachedecor.stats import counters as region_counters
 from cachedecor.stats import log_failure
-from cachedecor.write import invalidate_many, may_fill, reads_old_snapshot, register_cached, session_tracker
+from cachedecor.tracking import may_fill, reads_old_snapshot, session_space, session_tracker
+from cachedecor.write import invalidate_many
 
 __all__ = ["CachedFunction", "cached_by_pk"]
 
 R = TypeVar("R")
 
+_SKIP: Any = object()
+#: _decode's answer for an entry of a class outside the reader's model
+_OTHER: Any = object()
+
 
 class _Resolved:
     """Per (function, region configuration): what a call needs, looked up once."""
 
-    __slots__ = ("codec", "counters", "maker", "name", "settings", "store", "ttl")
+    __slots__ = ("base", "codec", "counters", "maker", "name", "settings", "store", "ttl")
 
     def __init__(self, fn: CachedFunction[Any], settings: _config.RegionSettings) -> None:
         self.settings = settings
@@ -45,6 +50,13 @@ class _Resolved:
         self.store = settings.store
         self.codec = settings.codec
         self.maker: KeyMaker = key_maker(fn.model, settings.namespace)
+        self.base = self.maker.model
+        if settings.tables is not None and self.maker.table_name not in settings.tables:
+            raise UsageError(
+                f"{fn._name} caches table {self.maker.table_name!r} in region {settings.name!r}, "
+                f"whose 'tables' option does not list it: writers would not invalidate it there; "
+                f"add it to {settings.name}.tables"
+            )
         self.counters = region_counters(settings.name)
         self.ttl = fn.expiration_time if fn.expiration_time is not None else settings.expiration_time
 
@@ -67,6 +79,8 @@ class CachedFunction(Generic[R]):
         many: bool,
         expiration_time: int | None,
         cache_none: bool,
+        session: Any = None,
+        identity_token: str | None = None,
     ) -> None:
         functools.update_wrapper(self, fn)
         self._name: str = getattr(fn, "__qualname__", repr(fn))
@@ -82,15 +96,15 @@ class CachedFunction(Generic[R]):
                 f"expiration_time must be a whole number of seconds >= 0, got {expiration_time!r}"
             )
         self.expiration_time = expiration_time
-        self.binding = CallBinding(fn, pk)
+        self.binding = CallBinding(fn, pk, session=session)
         if many and self.binding.composite:
             raise UsageError(
                 "many=True takes one parameter holding the list of primary keys "
                 "(composite keys as tuples), not several pk names"
             )
+        self._token = CallBinding(fn, identity_token) if identity_token is not None else None
         self._plan: ModelPlan | None = None
         self._resolved: _Resolved | None = None
-        register_cached(model, region)
 
     # -- public attributes --------------------------------------------------------------
 
@@ -104,7 +118,7 @@ class CachedFunction(Generic[R]):
         return self._resolve().maker(pk)
 
     def invalidate(self, pk: Any) -> None:
-        """Delete the cached entry of ``pk`` in every region that caches the model, now."""
+        """Delete the cached entry of ``pk`` in every region that may cache the model, now."""
         invalidate_many(self.model, [pk])
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
@@ -128,6 +142,17 @@ class CachedFunction(Generic[R]):
             self._plan = model_plan(self.model)
         return resolved
 
+    def _space(self, session: Session | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """(identity token, space) of this call."""
+        token = self._token.pk(args, kwargs) if self._token is not None else None
+        if session is None and token is None:
+            return None, None
+        return token, session_space(session, self.model, token)
+
+    def _uncacheable(self, r: _Resolved, why: str) -> None:
+        r.counters.uncacheable += 1
+        log_failure(r.name, f"caching a call of {self._name}", why)
+
     # -- calls --------------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> R:
@@ -138,168 +163,198 @@ class CachedFunction(Generic[R]):
             return self._call_many(r, args, kwargs)  # type: ignore[return-value]
         binding = self.binding
         session = binding.session(args, kwargs)
-        pk = binding.pk(args, kwargs)
-        key = r.maker(pk)
-        if session is not None:
-            tracker = session_tracker(session)
-            if tracker is not None and tracker.dirty and tracker.blocks(self.model, r.maker.encode_pk(pk)):
-                r.counters.bypasses += 1
-                return self.__wrapped__(*args, **kwargs)
+        try:
+            pk = binding.pk(args, kwargs)
+            token, space = self._space(session, args, kwargs)
+            key = r.maker(pk, space)
+            if session is not None:
+                tracker = session_tracker(session)
+                if (
+                    tracker is not None
+                    and tracker.dirty
+                    and tracker.blocks(r.base, r.maker.encode_pk(pk), space)
+                ):
+                    r.counters.bypasses += 1
+                    return self.__wrapped__(*args, **kwargs)
+        except (UsageError, ValueError, TypeError) as exc:
+            # the call itself decides what such an argument means (an error, None, ...)
+            self._uncacheable(r, f"no cache key for this call: {exc}")
+            return self.__wrapped__(*args, **kwargs)
         lease_ttl = r.settings.lease_timeout
         try:
-            data, token = r.store.lookup(key, lease_ttl)
+            data, lease = r.store.lookup(key, lease_ttl)
             if data is not None:
-                found, value = self._decode(r, key, data, session)
+                found, value = self._decode(r, key, data, session, token)
                 if found:
                     r.counters.hits += 1
                     return value  # type: ignore[no-any-return]
-                data, token = r.store.lookup(key, lease_ttl)  # the bad entry was deleted
+                if value is _OTHER:
+                    r.counters.misses += 1
+                    return self.__wrapped__(*args, **kwargs)
+                data, lease = r.store.lookup(key, lease_ttl)  # the bad entry was deleted
         except Exception as exc:
             r.counters.errors += 1
             log_failure(r.name, "get", exc)
             return self.__wrapped__(*args, **kwargs)
         r.counters.misses += 1
         if data is not None:
-            found, value = self._decode(r, key, data, session)
+            found, value = self._decode(r, key, data, session, token)
             if found:
                 return value  # type: ignore[no-any-return]
             return self.__wrapped__(*args, **kwargs)
-        if token is None:
-            found, value = self._wait_for_fill(r, key, session)
+        if lease is None:
+            found, value = self._wait_for_fill(r, key, session, token)
             if found:
                 return value  # type: ignore[no-any-return]
             return self.__wrapped__(*args, **kwargs)
-        return self._fill_after_call(r, key, pk, token, session, args, kwargs)
+        r.counters.lease_wins += 1
+        unfillable = session is not None and self._unfillable(session, r, pk, token)
+        try:
+            result = self.__wrapped__(*args, **kwargs)
+        except BaseException:
+            self._release(r, key, lease)
+            raise
+        if unfillable:
+            self._release(r, key, lease)
+            return result
+        payload = self._payload(r, key, result, token, space)
+        if payload is _SKIP:
+            self._release(r, key, lease)
+        else:
+            entry = self._entry(r, key, lease, payload)
+            if entry is not None:
+                try:
+                    outcome: Any = r.store.fill(key, entry, lease, r.ttl)
+                except Exception as exc:
+                    outcome = exc
+                self._filled(r, key, lease, outcome)
+        return result
 
-    def _decode(self, r: _Resolved, key: str, data: bytes, session: Session | None) -> tuple[bool, Any]:
-        """(True, instance or None) for a usable entry; (False, None) after dropping a bad one."""
+    def _unfillable(self, session: Session, r: _Resolved, pk: Any, token: Any) -> bool:
+        """Whether what this session reads for ``pk`` must not become the shared entry.
+
+        The session held the row before the call (its copy may predate a committed
+        write), its transaction reads an older snapshot, or it has written (the row
+        may be its own uncommitted change).
+        """
+        return (
+            self._in_identity_map(session, r, pk, token)
+            or not may_fill(session)
+            or reads_old_snapshot(session)
+        )
+
+    def _decode(
+        self, r: _Resolved, key: str, data: bytes, session: Session | None, token: Any
+    ) -> tuple[bool, Any]:
+        """(True, instance or None) for a usable entry; (False, _OTHER) for an entry of a
+        class outside the model; (False, None) after dropping an unusable one."""
         try:
             payload = r.codec.decode(key, data)
-            if payload is None:
-                return True, None
             assert self._plan is not None
-            return True, self._plan.build(payload, session)
+            return True, self._plan.build(payload, session, key, token)
+        except OtherClass:
+            return False, _OTHER
+        except EntryMismatch as exc:
+            r.counters.mismatches += 1
+            log_failure(r.name, "verifying an entry", f"{key}: {exc}")
         except BadEntry as exc:
             r.counters.bad_entries += 1
             log_failure(r.name, "decoding an entry", f"{key}: {exc}")
-            try:
-                r.store.delete_many([key])
-            except Exception:
-                r.counters.errors += 1
-            return False, None
         except Exception as exc:
             r.counters.errors += 1
             log_failure(r.name, "attaching a cached row", exc)
             return False, None
-
-    def _fill_after_call(
-        self,
-        r: _Resolved,
-        key: str,
-        pk: Any,
-        token: Any,
-        session: Session | None,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> R:
-        """Call the function while holding the lease of ``key``, then fill the entry."""
-        r.counters.lease_wins += 1
-        preloaded = session is not None and (
-            self._in_identity_map(session, r, pk) or not may_fill(session) or reads_old_snapshot(session)
-        )
         try:
-            result = self.__wrapped__(*args, **kwargs)
-        except BaseException:
-            self._release(r, key, token)
-            raise
-        if preloaded:
-            # the session held this row before the call (its copy may predate a
-            # committed write), its transaction reads an older snapshot, or it has
-            # written (the row may be its own uncommitted change): either way the
-            # row must not become the shared entry
-            self._release(r, key, token)
-            return result
-        payload = self._payload(r, key, result)
-        if payload is _SKIP:
-            self._release(r, key, token)
-        else:
-            self._fill(r, key, token, payload)
-        return result
+            r.store.delete_many([key])
+        except Exception:
+            r.counters.errors += 1
+        return False, None
 
-    def _in_identity_map(self, session: Session, r: _Resolved, pk: Any) -> bool:
+    def _in_identity_map(self, session: Session, r: _Resolved, pk: Any, token: Any) -> bool:
         assert self._plan is not None
         try:
-            ident = (self._plan.identity_class, r.maker.normalize(pk), None)
+            ident = (self._plan.identity_class, r.maker.normalize(pk), token)
             return session.identity_map.get(ident) is not None
         except Exception:
             return True
 
-    def _payload(self, r: _Resolved, key: str, result: Any) -> Any:
-        """The payload to cache for ``result`` under ``key``, or ``_SKIP``."""
+    def _payload(self, r: _Resolved, key: str, result: Any, token: Any, space: Space | None) -> Any:
+        """The payload to cache for ``result`` under ``key``, or ``_SKIP``.
+
+        A result that is not a row of the model, or whose primary key or identity
+        token is not the one asked for (``25.0`` for row ``25``, say), is returned to
+        the caller as it is and not cached: counted as ``uncacheable`` and logged.
+        """
         if result is None:
-            return None if self.cache_none else _SKIP
+            return [key, None, 0, None] if self.cache_none else _SKIP
         plan = self._plan
         assert plan is not None
         if not isinstance(result, self.model):
-            raise UsageError(
-                f"{self._name} is decorated with @cached_by_pk({self.model.__name__}) "
-                f"but returned {type(result).__name__}; it must return a {self.model.__name__} or None"
+            self._uncacheable(
+                r,
+                f"it is decorated with @cached_by_pk({self.model.__name__}) but returned "
+                f"{type(result).__name__}: results that are not {self.model.__name__} rows are not cached",
             )
-        if r.maker(plan.pk_of(result)) != key:
-            raise UsageError(
-                f"{self._name} was asked for the row with key {key!r} but returned "
-                f"{result!r} with primary key {plan.pk_of(result)!r}"
+            return _SKIP
+        state = sqlalchemy.inspect(result)
+        row_token = state.key[2] if state.key is not None else None
+        if row_token != token:
+            self._uncacheable(
+                r,
+                f"it returned a row of shard {row_token!r}; name the parameter holding the shard "
+                f"with identity_token= so that rows of different shards get different keys",
             )
-        payload = plan.snapshot(result)
+            return _SKIP
+        try:
+            row_key = r.maker(plan.pk_of(result), space)
+        except Exception:
+            row_key = None
+        if row_key != key:
+            self._uncacheable(
+                r, f"asked for the row with key {key!r}, it returned {result!r} (key {row_key!r})"
+            )
+            return _SKIP
+        payload = plan.snapshot(result, key)
         return _SKIP if payload is None else payload
 
-    def _entry(self, r: _Resolved, key: str, token: Any, payload: Any) -> bytes | None:
+    def _entry(self, r: _Resolved, key: str, lease: Any, payload: Any) -> bytes | None:
         """The stored form of ``payload``, or ``None`` (lease released) if it cannot be cached."""
         try:
             entry = r.codec.encode(key, payload)
         except UnencodableValue as exc:
             r.counters.errors += 1
             log_failure(r.name, "encoding a row", exc)
-            self._release(r, key, token)
+            self._release(r, key, lease)
             return None
         if len(entry) > r.settings.max_entry_size:
             r.counters.oversized += 1
             log_failure(r.name, "caching an entry", f"{key} is {len(entry)} bytes, over max_entry_size")
-            self._release(r, key, token)
+            self._release(r, key, lease)
             return None
         return entry
 
-    def _fill(self, r: _Resolved, key: str, token: Any, payload: Any) -> None:
-        entry = self._entry(r, key, token, payload)
-        if entry is None:
-            return
-        try:
-            stored = r.store.fill(key, entry, token, r.ttl)
-        except Exception as exc:
-            self._fill_failed(r, key, token, exc)
-            return
-        if stored:
+    def _filled(self, r: _Resolved, key: str, lease: Any, outcome: Any) -> None:
+        """Count the outcome of a fill: stored, refused by the lease, or failed."""
+        if outcome is True:
             r.counters.fills += 1
-        else:
+        elif outcome is False:
             r.counters.lease_losses += 1
-
-    def _fill_failed(self, r: _Resolved, key: str, token: Any, exc: BaseException) -> None:
-        if isinstance(exc, ValueRefused):
+        elif isinstance(outcome, ValueRefused):
             r.counters.oversized += 1
-            log_failure(r.name, "caching an entry", f"{key} refused by the server: {exc}")
-            self._release(r, key, token)
+            log_failure(r.name, "caching an entry", f"{key} refused by the server: {outcome}")
+            self._release(r, key, lease)
         else:
             r.counters.errors += 1
-            log_failure(r.name, "fill", exc)
+            log_failure(r.name, "fill", outcome)
 
-    def _release(self, r: _Resolved, key: str, token: Any) -> None:
+    def _release(self, r: _Resolved, key: str, lease: Any) -> None:
         try:
-            r.store.release(key, token)
+            r.store.release(key, lease)
         except Exception as exc:
             r.counters.errors += 1
             log_failure(r.name, "lease release", exc)
 
-    def _wait_for_fill(self, r: _Resolved, key: str, session: Session | None) -> tuple[bool, Any]:
+    def _wait_for_fill(self, r: _Resolved, key: str, session: Session | None, token: Any) -> tuple[bool, Any]:
         """Another reader holds the lease: wait up to ``lease_wait`` for its value."""
         wait = r.settings.lease_wait
         if wait <= 0:
@@ -323,7 +378,7 @@ class CachedFunction(Generic[R]):
                 return False, None  # the lease was released or invalidated
             if not is_lease(data):
                 # counted as the miss it was (and in lease_waits), not as a hit
-                return self._decode(r, key, data, session)
+                return self._decode(r, key, data, session, token)
 
     # -- many=True ----------------------------------------------------------------------
 
@@ -336,18 +391,27 @@ class CachedFunction(Generic[R]):
                 f"{self._name} uses many=True: pass an iterable of primary keys, not {requested!r}"
             )
         maker = r.maker
+        counters = r.counters
         wanted: dict[str, Any] = {}
-        for pk in requested:
-            wanted.setdefault(maker(pk), pk)
+        blocked: set[str] = set()
+        try:
+            token, space = self._space(session, args, kwargs)
+            tracker = session_tracker(session) if session is not None else None
+            for pk in requested:
+                key = maker(pk, space)
+                wanted.setdefault(key, pk)
+                if (
+                    tracker is not None
+                    and tracker.dirty
+                    and tracker.blocks(r.base, maker.encode_pk(pk), space)
+                ):
+                    blocked.add(key)
+        except (UsageError, ValueError, TypeError) as exc:
+            self._uncacheable(r, f"no cache key for this call: {exc}")
+            return self.__wrapped__(*args, **kwargs)  # type: ignore[return-value]
         if not wanted:
             return []
-        counters = r.counters
-        blocked: set[str] = set()
-        if session is not None:
-            tracker = session_tracker(session)
-            if tracker is not None and tracker.dirty:
-                blocked = {k for k, pk in wanted.items() if tracker.blocks(self.model, maker.encode_pk(pk))}
-                counters.bypasses += len(blocked)
+        counters.bypasses += len(blocked)
         lookup = [k for k in wanted if k not in blocked]
         results: dict[str, Any] = {}
         replies: dict[str, tuple[bytes | None, Any]] = {}
@@ -362,75 +426,67 @@ class CachedFunction(Generic[R]):
                 counters.errors += 1
                 log_failure(r.name, "get_many", exc)
         missing: list[str] = []
-        tokens: dict[str, Any] = {}
+        leases: dict[str, Any] = {}
         for key in wanted:
-            data, token = replies.get(key, (None, None))
+            data, lease = replies.get(key, (None, None))
             if data is not None:
-                ok, value = self._decode(r, key, data, session)
+                ok, value = self._decode(r, key, data, session, token)
                 if ok:
                     counters.hits += 1
                     results[key] = value
                     continue
-            elif token is not None:
-                tokens[key] = token
+            elif lease is not None:
+                leases[key] = lease
             missing.append(key)
         if not missing:
             return [results[k] for k in wanted if results[k] is not None]
         counters.misses += len(missing)
-        counters.lease_wins += len(tokens)
-        if session is not None and tokens:
+        counters.lease_wins += len(leases)
+        if session is not None and leases:
             unfillable = not may_fill(session) or reads_old_snapshot(session)
-            for key in [k for k in tokens if unfillable or self._in_identity_map(session, r, wanted[k])]:
-                self._release(r, key, tokens.pop(key))
+            for key in [
+                k for k in leases if unfillable or self._in_identity_map(session, r, wanted[k], token)
+            ]:
+                self._release(r, key, leases.pop(key))
         call_args, call_kwargs = binding.replace_pk(args, kwargs, [wanted[k] for k in missing])
         try:
             rows = self.__wrapped__(*call_args, **call_kwargs)
         except BaseException:
-            for key, token in tokens.items():
-                self._release(r, key, token)
+            for key, lease in leases.items():
+                self._release(r, key, lease)
             raise
         plan = self._plan
         assert plan is not None
         for row in cast("Iterable[Any]", rows or ()):
             if not isinstance(row, self.model):
+                for key, lease in leases.items():
+                    self._release(r, key, lease)
                 raise UsageError(
                     f"{self._name} (many=True) returned a {type(row).__name__}; "
                     f"it must return {self.model.__name__} instances"
                 )
-            key = maker(plan.pk_of(row))
+            try:
+                key = maker(plan.pk_of(row), space)
+            except Exception:
+                continue
             if key in wanted and key not in results:
                 results[key] = row
         entries: list[tuple[str, bytes, Any]] = []
-        for key, token in tokens.items():
-            row = results.get(key)
-            payload = _SKIP if row is None and not self.cache_none else None
-            if row is not None:
-                payload = plan.snapshot(row)
-                if payload is None:
-                    payload = _SKIP
-            if payload is _SKIP:
-                self._release(r, key, token)
-                continue
-            entry = self._entry(r, key, token, payload)
+        for key, lease in leases.items():
+            payload = self._payload(r, key, results.get(key), token, space)
+            entry = None if payload is _SKIP else self._entry(r, key, lease, payload)
             if entry is not None:
-                entries.append((key, entry, token))
+                entries.append((key, entry, lease))
+            elif payload is _SKIP:
+                self._release(r, key, lease)
         if entries:
             try:
                 outcomes = r.store.fill_many(entries, r.ttl)
             except Exception as exc:
                 outcomes = {key: exc for key, _, _ in entries}
-            for key, _, token in entries:
-                outcome = outcomes.get(key, False)
-                if outcome is True:
-                    counters.fills += 1
-                elif outcome is False:
-                    counters.lease_losses += 1
-                else:
-                    self._fill_failed(r, key, token, outcome)
+            for key, _, lease in entries:
+                self._filled(r, key, lease, outcomes.get(key, False))
         return [results[k] for k in wanted if results.get(k) is not None]
-
-
-_SKIP: Any = object()
 
 
 def cached_by_pk(
@@ -441,17 +497,27 @@ def cached_by_pk(
     many: bool = False,
     expiration_time: int | None = None,
     cache_none: bool = False,
+    session: Any = None,
+    identity_token: str | None = None,
 ) -> Callable[[Callable[..., R]], CachedFunction[R]]:
     """Cache the rows a function loads by primary key.
 
     :param model: the mapped class the function returns.
     :param region: name of the region to cache in (looked up at call time).
-    :param pk: ``None`` (the first parameter that is not the session), the name of
-        the parameter holding the key, or a tuple of names forming a composite key.
+    :param pk: ``None`` (the first parameter that is not the session, nor a method's
+        ``self``/``cls``), the name of the parameter holding the key, or a tuple of
+        names forming a composite key.
     :param many: the function takes a list of keys and returns a list of rows; it is
         called once, with the keys missing from the cache only.
     :param expiration_time: seconds; overrides the region's ``expiration_time``.
     :param cache_none: also cache a ``None`` result (a row that does not exist).
+    :param session: where the session is when it is not an argument: a
+        ``scoped_session`` (Flask-SQLAlchemy's ``db.session``), a callable returning
+        the session, or a parameter path such as ``"self.session"``. Without it, the
+        session is the argument that is a ``Session`` (or ``scoped_session``), else a
+        method's ``self.session``. Hits are attached to it.
+    :param identity_token: with horizontal sharding, the parameter holding the shard
+        (the identity token) the row is read from; it becomes part of the key.
 
     >>> from cachedecor import cached_by_pk
     >>> from sqlalchemy import Integer
@@ -482,6 +548,8 @@ def cached_by_pk(
             many=many,
             expiration_time=expiration_time,
             cache_none=cache_none,
+            session=session,
+            identity_token=identity_token,
         )
 
     return decorate

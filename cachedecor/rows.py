@@ -1,11 +1,21 @@
 """Turning ORM instances into cacheable payloads and back.
 
-A payload is ``[class_index, [value, ...]]``: the index of the instance's class in
-the model's inheritance hierarchy (sorted by qualified name, the order the key
-fingerprint covers) and the loaded column values in mapper order. Columns that
-were not loaded (deferred, or a joined subclass's table not yet fetched) travel as
-:data:`~cachedecor.codec.ABSENT` and stay unloaded on the rebuilt instance, so they
-load on first access exactly as they would have without the cache.
+A payload is ``[key, class, fingerprint, [value, ...]]``:
+
+* ``key`` is the cache key the entry was written under: an entry copied under
+  another key names a different row and is refused;
+* ``class`` names the instance's class without any Python module path: its
+  polymorphic identity in a polymorphic hierarchy, else the class name, so that
+  every version of the application reads it the same way;
+* ``fingerprint`` is a number computed from the columns (attribute, table,
+  column, type) that this version maps for that class: an entry written under
+  another mapping (an older or newer deploy) is refused rather than misread;
+* the values of the mapped table columns, in mapper order. Columns that were not
+  loaded (deferred, or a joined subclass's table not yet fetched) travel as
+  :data:`~cachedecor.codec.ABSENT` and stay unloaded on the rebuilt instance.
+  Column properties computed from expressions or other tables (a count of related
+  rows, say) are never stored: they would go stale when the other table changes,
+  so on a hit they load on first access, as deferred columns do.
 
 Everything that touches SQLAlchemy's instance state lives in this module.
 """
@@ -24,11 +34,7 @@ from sqlalchemy.orm.attributes import instance_state
 
 from cachedecor.codec import ABSENT, BadEntry
 
-__all__ = ["ModelPlan", "model_plan"]
-
-
-def _qualname(m: Mapper[Any]) -> str:
-    return f"{m.class_.__module__}.{m.class_.__qualname__}"
+__all__ = ["EntryMismatch", "ModelPlan", "OtherClass", "class_tag", "mapping_fingerprint", "model_plan"]
 
 
 def _enum_class(col: Any) -> type[enum.Enum] | None:
@@ -40,17 +46,88 @@ def _enum_class(col: Any) -> type[enum.Enum] | None:
     return None
 
 
+class EntryMismatch(BadEntry):
+    """An entry that holds another row, or a row written under another mapping."""
+
+
+class OtherClass(Exception):
+    """An entry holds a row of a class outside the reader's model (a sibling subclass)."""
+
+
+def _stored_props(mapper: Mapper[Any]) -> tuple[list[Any], list[Any]]:
+    """(table column properties, derived column properties) of ``mapper``."""
+    tables = set(mapper.tables)
+    stored: list[Any] = []
+    derived: list[Any] = []
+    for prop in mapper.column_attrs:
+        plain = all(isinstance(c, sqlalchemy.Column) and c.table in tables for c in prop.columns)
+        (stored if plain else derived).append(prop)
+    return stored, derived
+
+
+def class_tag(mapper: Mapper[Any]) -> Any:
+    """How an entry names the class of its row, the same in every version and module.
+
+    The polymorphic identity in a polymorphic hierarchy, else the class name.
+    """
+    if mapper.polymorphic_on is not None and mapper.polymorphic_identity is not None:
+        return mapper.polymorphic_identity
+    return mapper.class_.__name__
+
+
+def _type_text(type_: Any) -> str:
+    name = type(type_).__name__
+    enums = getattr(type_, "enums", None)
+    if enums:
+        name += "(" + ",".join(map(str, enums)) + ")"
+    return name
+
+
+def mapping_fingerprint(mapper: Mapper[Any]) -> int:
+    """A 32-bit number that changes when the stored columns of ``mapper`` change.
+
+    Covers each stored column's attribute name, table, column name and type (the
+    type's class, and an enum's members), in mapper order; not the Python module or
+    the class name, which differ between versions and imports of the same mapping.
+    """
+    import hashlib
+
+    stored, _ = _stored_props(mapper)
+    parts = [repr(class_tag(mapper))]
+    for prop in stored:
+        for col in prop.columns:
+            parts.append(f"{prop.key}={col.table.name}.{col.name}:{_type_text(col.type)}")
+    digest = hashlib.blake2b("|".join(parts).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big")
+
+
 class ClassPlan:
     """What to store for one mapped class of a hierarchy."""
 
-    __slots__ = ("cls", "decoders", "eager", "encoders", "keys", "manager", "pk_positions")
+    __slots__ = (
+        "cls",
+        "decoders",
+        "derived",
+        "eager",
+        "encoders",
+        "fingerprint",
+        "keys",
+        "manager",
+        "pk_positions",
+        "tag",
+    )
 
     def __init__(self, mapper: Mapper[Any]) -> None:
         self.cls = mapper.class_
         self.manager = mapper.class_manager
-        props = list(mapper.column_attrs)
+        self.tag = class_tag(mapper)
+        self.fingerprint = mapping_fingerprint(mapper)
+        props, derived = _stored_props(mapper)
         self.keys: tuple[str, ...] = tuple(p.key for p in props)
         self.eager = frozenset(p.key for p in props if not p.deferred)
+        # derived columns the ORM would load with the row: expired on a hit, so
+        # that they load (current) on first access
+        self.derived = tuple(p.key for p in derived if not p.deferred)
         self.pk_positions = tuple(
             self.keys.index(mapper.get_property_by_column(col).key) for col in mapper.primary_key
         )
@@ -88,48 +165,54 @@ class ModelPlan:
         mapper: Mapper[Any] = sqlalchemy.inspect(model)
         self.model = mapper.class_
         self.mapper = mapper
-        mappers = sorted(mapper.base_mapper.self_and_descendants, key=_qualname)
-        self.plans = tuple(ClassPlan(m) for m in mappers)
-        self.index_of = {p.cls: i for i, p in enumerate(self.plans)}
+        plans = [ClassPlan(m) for m in mapper.base_mapper.self_and_descendants]
+        self.by_class = {p.cls: p for p in plans}
+        self.by_tag: dict[Any, ClassPlan] = {}
+        for p in plans:
+            # two classes with one tag (no polymorphic identity, same name) cannot be
+            # told apart in an entry: neither is served from the cache
+            self.by_tag[p.tag] = p if p.tag not in self.by_tag else _AMBIGUOUS
         self.identity_class = mapper.identity_key_from_primary_key(tuple([None] * len(mapper.primary_key)))[0]
         self.pk_getter = mapper.primary_key_from_instance
+        stored, _ = _stored_props(mapper)
         # columns the decorated model itself loads (not deferred): they must be loaded
         # for an instance to be cached; a subclass's own columns may still be pending
-        self.required = frozenset(p.key for p in mapper.column_attrs if not p.deferred)
+        self.required = frozenset(p.key for p in stored if not p.deferred)
 
     # -- instance -> payload ------------------------------------------------------------
 
-    def snapshot(self, obj: Any) -> list[Any] | None:
-        """The payload of ``obj``, or ``None`` if it must not be cached.
+    def snapshot(self, obj: Any, key: str) -> list[Any] | None:
+        """The payload of ``obj`` to store under ``key``, or ``None`` if it must not be cached.
 
         An instance with pending changes, expired attributes, no identity or of a
         class outside the model's hierarchy is not cached.
         """
-        index = self.index_of.get(type(obj))
-        if index is None:
+        plan = self.by_class.get(type(obj))
+        if plan is None or self.by_tag.get(plan.tag) is not plan:
             return None
         state = instance_state(obj)
         if state.key is None or state.modified or state.deleted:
             return None
-        plan = self.plans[index]
         expired = state.expired_attributes
         if expired:
             if not expired.isdisjoint(self.required):
                 return None  # expired (e.g. by a commit): its values are not known
-            # a joined subclass's columns not fetched by the base query: load them now,
-            # inside the lease, so that hits carry the whole row
-            try:
-                getattr(obj, next(iter(expired)))
-            except Exception:
-                return None
-            if state.expired_attributes:
-                return None
+            stored_expired = expired.intersection(plan.keys)
+            if stored_expired:
+                # a joined subclass's columns not fetched by the base query: load them
+                # now, inside the lease, so that hits carry the whole row
+                try:
+                    getattr(obj, next(iter(stored_expired)))
+                except Exception:
+                    return None
+                if not state.expired_attributes.isdisjoint(plan.keys):
+                    return None
         d = state.dict
         values = [d.get(k, ABSENT) for k in plan.keys]
         for i, enc in plan.encoders:
             if values[i] is not ABSENT:
                 values[i] = enc(values[i])
-        return [index, values]
+        return [key, plan.tag, plan.fingerprint, values]
 
     def pk_of(self, obj: Any) -> tuple[Any, ...]:
         """Primary key of an instance as a tuple."""
@@ -137,24 +220,35 @@ class ModelPlan:
 
     # -- payload -> instance ------------------------------------------------------------
 
-    def build(self, payload: Any, session: Session | None) -> Any:
-        """Rebuild an instance from a payload and attach it to ``session``.
+    def build(self, payload: Any, session: Session | None, key: str, token: Any = None) -> Any:
+        """Rebuild an instance from a payload read under ``key`` and attach it to ``session``.
 
         An instance already in the session's identity map is returned instead (its
         pending changes untouched; attributes that had been expired are filled from
-        the payload). Raises :class:`BadEntry` on a malformed payload.
+        the payload). Raises :class:`EntryMismatch` for an entry of another row or
+        mapping, :class:`OtherClass` for a row outside the model (a sibling
+        subclass) and :class:`BadEntry` for a malformed payload.
         """
-        if type(payload) is not list or len(payload) != 2:
-            raise BadEntry("payload is not [class, values]")
-        index, values = payload
-        if type(index) is not int or not 0 <= index < len(self.plans) or type(values) is not list:
-            raise BadEntry("payload has a bad class index or values")
-        plan = self.plans[index]
-        if len(values) != len(plan.keys) or not issubclass(plan.cls, self.model):
+        if type(payload) is not list or len(payload) != 4:
+            raise BadEntry("payload is not [key, class, fingerprint, values]")
+        entry_key, tag, fingerprint, values = payload
+        if entry_key != key:
+            raise EntryMismatch(f"the entry under {key!r} holds the row of {entry_key!r}")
+        if tag is None and values is None:
+            return None  # a row that does not exist (cache_none=True)
+        try:
+            plan = self.by_tag.get(tag)
+        except TypeError:  # an unhashable tag
+            plan = None
+        if plan is None or plan is _AMBIGUOUS or plan.fingerprint != fingerprint:
+            raise EntryMismatch(f"the entry under {key!r} was written under another mapping")
+        if type(values) is not list or len(values) != len(plan.keys):
             raise BadEntry("payload does not match the mapped columns")
+        if not issubclass(plan.cls, self.model):
+            raise OtherClass(plan.cls.__name__)
         for i, dec in plan.decoders:
             values[i] = dec(values[i])
-        ident = (self.identity_class, tuple([values[i] for i in plan.pk_positions]), None)
+        ident = (self.identity_class, tuple([values[i] for i in plan.pk_positions]), token)
         if session is not None:
             existing = session.identity_map.get(ident)
             if existing is not None:
@@ -166,19 +260,26 @@ class ModelPlan:
         d.update(zip(plan.keys, values, strict=True))
         if ABSENT in values:
             absent = [k for k, v in zip(plan.keys, values, strict=True) if v is ABSENT]
-            for key in absent:
-                del d[key]
+            for k in absent:
+                del d[k]
             # a deferred column loads on access by itself; any other column that was
             # not loaded is expired, so that it loads like an expired attribute
             eager = [k for k in absent if k in plan.eager]
             if eager:
                 state._expire_attributes(d, eager)
+        if plan.derived:
+            state._expire_attributes(d, plan.derived)
         # what the ORM's loader does for a row it has just read: the instance is
         # persistent with this identity and all its values are committed
         state.key = ident
+        if token is not None:
+            state.identity_token = token
         if session is not None:
             _attach(session, state, obj)
         return obj
+
+
+_AMBIGUOUS: Any = object()
 
 
 def _attach_public(session: Session, state: Any, obj: Any) -> None:

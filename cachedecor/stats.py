@@ -1,12 +1,14 @@
 """Per-region counters and rate-limited logging of cache failures.
 
 Counters are process-global and cheap (plain integer increments). They are
-read with :func:`stats` and reset with :func:`reset_stats`.
+read with :func:`stats` and reset with :func:`reset_stats`. They count the work of
+one process: a process forked from another starts with every counter at zero.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -35,8 +37,16 @@ class RegionStats:
     """Backend failures (down, timeout, refused) that fell through to the database."""
     bad_entries: int = 0
     """Entries that failed to decode or verify; each was deleted and treated as a miss."""
+    mismatches: int = 0
+    """Entries that held another row, or a row written under another mapping (another
+    deployed version of the model); each was deleted and treated as a miss."""
+    uncacheable: int = 0
+    """Calls that could not be cached and ran the function: an argument with no cache key,
+    or a result that is not the row asked for (logged)."""
     invalidations: int = 0
     """Keys deleted because their rows changed."""
+    model_invalidations: int = 0
+    """Model-wide invalidations (every row of a model), for writes not resolved to rows."""
     bypasses: int = 0
     """Reads that skipped the cache because the session has uncommitted writes."""
     lease_wins: int = 0
@@ -86,7 +96,6 @@ def dump_stats(path: str) -> None:
     periodically or at shutdown to make its client-side counters visible.
     """
     import json
-    import os
 
     data = {"pid": os.getpid(), "time": time.time(), "regions": stats()}
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -102,6 +111,15 @@ def reset_stats() -> None:
             setattr(c, name, 0)
     with _log_lock:
         _last_logged.clear()
+
+
+def _after_fork_in_child() -> None:
+    global _log_lock
+    _log_lock = threading.Lock()
+    reset_stats()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def log_failure(region: str, what: str, exc: BaseException | str) -> None:

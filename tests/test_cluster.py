@@ -68,7 +68,7 @@ def stale_entries(engine: Engine, nodes: list[Any]) -> list[int]:
             data = client.get(key)
             if not data or data[:2] == b"\x00L":  # absent, a lease marker or a placeholder
                 continue
-            if codec.decode(key, data)[1][version_at] != version:
+            if codec.decode(key, data)[3][version_at] != version:
                 stale.append(row_id)
         client.close()
     return stale

@@ -221,13 +221,49 @@ class TestKeysOfCalls:
         assert sql.selects() == 1
         assert get_membership_by_tuple.cache_key(("acme", 7)) == get_membership.cache_key(("acme", 7))
 
-    def test_none_in_a_primary_key_raises(self, engine: Engine, backend: str) -> None:
-        with pytest.raises(cachedecor.InvalidKeyError):
-            once(engine, get_user, None)
+    def test_a_key_with_none_calls_the_function_like_the_undecorated_one(
+        self, engine: Engine, backend: str
+    ) -> None:
+        calls: list[Any] = []
 
-    def test_wrong_arity_raises(self, engine: Engine, backend: str) -> None:
-        with pytest.raises(cachedecor.InvalidKeyError):
-            once(engine, get_membership_by_tuple, ("acme",))
+        @cached_by_pk(User)
+        def lookup(session: Session, user_id: Any) -> Any:
+            calls.append(user_id)
+            return "from the function"
+
+        assert once(engine, lookup, None) == "from the function"
+        assert once(engine, lookup, None) == "from the function"
+        assert calls == [None, None]
+        counters = cachedecor.stats()["default"]
+        assert counters["uncacheable"] == 2
+        assert counters["hits"] == counters["misses"] == counters["fills"] == 0
+
+    def test_a_composite_key_of_the_wrong_arity_calls_the_function(
+        self, engine: Engine, backend: str
+    ) -> None:
+        calls: list[Any] = []
+
+        @cached_by_pk(Membership)
+        def lookup(session: Session, key: Any) -> Any:
+            calls.append(key)
+            return None
+
+        assert once(engine, lookup, ("acme",)) is None
+        assert calls == [("acme",)]
+        assert cachedecor.stats()["default"]["uncacheable"] == 1
+
+    def test_a_float_key_of_an_integer_row_is_served_but_never_cached_under_the_float(
+        self, users: Engine, sql: SQLCounter
+    ) -> None:
+        first = once(users, get_user, 1.0)
+        second = once(users, get_user, 1.0)
+        assert first.name == second.name == "user1"  # type: ignore[union-attr]
+        counters = cachedecor.stats()["default"]
+        assert counters["uncacheable"] == 2 and counters["fills"] == 0 and counters["hits"] == 0
+        once(users, get_user, 1)
+        sql.reset()
+        assert once(users, get_user, 1).name == "user1"  # type: ignore[union-attr]
+        assert sql.count == 0
 
 
 class TestInheritance:
@@ -396,21 +432,29 @@ class TestWrapper:
         with pytest.raises(TypeError, match="mapped class"):
             cached_by_pk(int)
 
-    def test_returning_another_type_is_a_usage_error(self, users: Engine) -> None:
+    def test_returning_another_type_is_returned_uncached_and_counted(
+        self, users: Engine, sql: SQLCounter
+    ) -> None:
         @cached_by_pk(User)
         def wrong(session: Session, user_id: int) -> Any:
             return session.get(Post, user_id * 10)
 
-        with pytest.raises(UsageError, match="returned Post"):
-            once(users, wrong, 1)
+        assert isinstance(once(users, wrong, 1), Post)
+        sql.reset()
+        assert isinstance(once(users, wrong, 1), Post)  # the same on the second call: nothing cached
+        assert sql.count == 1
+        counters = cachedecor.stats()["default"]
+        assert counters["uncacheable"] == 2 and counters["fills"] == 0 and counters["hits"] == 0
 
-    def test_returning_another_row_is_a_usage_error(self, users: Engine) -> None:
+    def test_returning_another_row_is_returned_uncached_and_counted(self, users: Engine) -> None:
         @cached_by_pk(User)
         def wrong(session: Session, user_id: int) -> User | None:
             return session.get(User, user_id + 1)
 
-        with pytest.raises(UsageError, match="primary key"):
-            once(users, wrong, 1)
+        assert once(users, wrong, 1).id == 2  # type: ignore[union-attr]
+        assert once(users, wrong, 1).id == 2  # type: ignore[union-attr]
+        counters = cachedecor.stats()["default"]
+        assert counters["uncacheable"] == 2 and counters["fills"] == 0
 
 
 class TestSessionState:

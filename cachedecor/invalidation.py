@@ -1,0 +1,106 @@
+"""From rows to deleted keys, in every region that may hold them.
+
+A process cannot know which regions other processes read a model from: a worker
+that only writes, a migration script or the ``cachedecor`` command never import
+the readers. So invalidation reaches **every configured region**, unless a region
+names the tables it caches with its ``tables`` option; then only rows of those
+tables are invalidated there (and ``@cached_by_pk`` refuses to cache other tables
+in it, so the narrowing can never hide a stale row).
+
+Deletes are sent now (:func:`deliver`); queueing them until a session commits is
+:mod:`cachedecor.tracking`'s job, and the public functions are in
+:mod:`cachedecor.write`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from cachedecor.backends import UndeliveredInvalidation
+from cachedecor.config import RegionSettings, configured_regions
+from cachedecor.keys import key_maker
+from cachedecor.stats import counters as region_counters
+from cachedecor.stats import log_failure
+
+__all__ = ["Group", "deliver", "regions_for"]
+
+#: Rows of one hierarchy in one place: (hierarchy root class, space or ``None``).
+Group = tuple[type, Any]
+
+log = logging.getLogger("cachedecor")
+
+
+def regions_for(model: Any, regions: dict[str, RegionSettings] | None = None) -> list[RegionSettings]:
+    """The configured regions in which any process may cache rows of ``model``."""
+    table = key_maker(model).table_name
+    regions = configured_regions() if regions is None else regions
+    return [s for s in regions.values() if s.tables is None or table in s.tables]
+
+
+def deliver(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> None:
+    """Delete now the keys of ``rows`` (and every key of the ``wide`` groups) in every region."""
+    regions = configured_regions()
+    keys_by_region: dict[str, list[str]] = {}
+    prefixes_by_region: dict[str, list[str]] = {}
+    for (base, space), pks in rows.items():
+        for settings in regions_for(base, regions):
+            maker = key_maker(base, settings.namespace)
+            keys = keys_by_region.setdefault(settings.name, [])
+            for pk in pks:
+                try:
+                    keys.append(maker(pk, space))
+                except Exception:  # no key: such a row is never cached
+                    continue
+    for base, space in wide:
+        for settings in regions_for(base, regions):
+            maker = key_maker(base, settings.namespace)
+            prefix = maker.prefix if space is None else maker.space_prefix(space)
+            prefixes_by_region.setdefault(settings.name, []).append(prefix)
+    for name, prefixes in prefixes_by_region.items():
+        _delete_prefixes(regions[name], prefixes)
+    for name, keys in keys_by_region.items():
+        if keys:
+            _delete_keys(regions[name], list(dict.fromkeys(keys)))
+
+
+def _delete_keys(settings: RegionSettings, keys: list[str]) -> None:
+    counters = region_counters(settings.name)
+    try:
+        settings.store.delete_many(keys)
+    except UndeliveredInvalidation as exc:
+        counters.errors += 1
+        counters.invalidations_queued += len(exc.keys)
+        counters.invalidations += len(keys) - len(exc.keys)
+        log_failure(settings.name, "invalidation", f"{exc}; retrying in the background")
+    except Exception as exc:
+        counters.errors += 1
+        log_failure(settings.name, "invalidation", exc)
+        _log_lost(settings, f"{len(keys)} key(s)", ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+    else:
+        counters.invalidations += len(keys)
+
+
+def _delete_prefixes(settings: RegionSettings, prefixes: list[str]) -> None:
+    counters = region_counters(settings.name)
+    try:
+        deleted = settings.store.delete_prefixes(prefixes)
+    except Exception as exc:
+        counters.errors += 1
+        log_failure(settings.name, "model-wide invalidation", exc)
+        _log_lost(settings, "every key under " + ", ".join(prefixes), "")
+    else:
+        counters.invalidations += deleted
+        counters.model_invalidations += len(prefixes)
+
+
+def _log_lost(settings: RegionSettings, what: str, detail: str) -> None:
+    bound = f"{settings.expiration_time}s" if settings.expiration_time else "ever (no expiration_time)"
+    log.error(
+        "cache region %r: could not invalidate %s; they may be stale for up to %s%s",
+        settings.name,
+        what,
+        bound,
+        f": {detail}" if detail else "",
+    )
