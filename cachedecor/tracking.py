@@ -32,7 +32,7 @@ from typing import Any, cast
 import sqlalchemy
 from sqlalchemy import event, select
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Mapper, Session, SessionTransaction
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.sql import dml, elements
 
 from cachedecor.invalidation import Group, deliver
@@ -453,11 +453,108 @@ def _before_execute(
     model = models[0]  # the classes of one table share their keys
     space = space_for_options(model, {**conn._execution_options, **execution_options})
     pks = _affected(conn, elem, table, param_list, execution_options)
-    if pks is None:
+    if pks is not None:
+        _add_rows(session, scope, model, space, pks)
+    elif isinstance(elem, dml.Insert) and getattr(elem, "_post_values_clause", None) is None:
+        # new rows whose keys the database assigns: known once the statement has run
+        _inserts[conn] = (elem, session, scope, model, space)
+    else:
         what = f"a {type(elem).__name__.upper()} on {getattr(table, 'name', table)} whose rows are not known"
         _unresolved(session, scope, model, space, what)
-    else:
+
+
+#: connection -> the INSERT it is running whose new primary keys are still to be read
+_inserts: weakref.WeakKeyDictionary[Connection, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+
+
+@event.listens_for(Engine, "after_execute")
+def _after_execute(
+    conn: Connection,
+    elem: Any,
+    multiparams: Any,
+    params: Any,
+    execution_options: Mapping[str, Any],
+    result: Any,
+) -> None:
+    pending = _inserts.pop(conn, None) if _inserts else None
+    if pending is None or pending[0] is not elem:
+        return
+    _, session, scope, model, space = pending
+    if execution_options.get(_RETURNING):
+        return  # the ORM statement reads its own RETURNING rows (see _do_orm_execute)
+    try:
+        pks = [tuple(row) for row in result.inserted_primary_key_rows]
+    except Exception:
+        pks = []
+    if pks and all(None not in pk for pk in pks):
         _add_rows(session, scope, model, space, pks)
+        return
+    log.warning(
+        "cachedecor: an INSERT into %s in %s does not show the primary keys of its new rows "
+        "(RETURNING without them, or executemany): a cached 'no such row' (cache_none=True) of "
+        "those keys is invalidated by invalidating every cached row of %s",
+        model.__name__,
+        scope.name,
+        model.__name__,
+    )
+    if session is not None:
+        _tracker(session).add_wide(model, space)
+    else:
+        scope.plain_wide.add((key_maker(model).model, space))
+
+
+_RETURNING = "cachedecor_returning"
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _do_orm_execute(state: ORMExecuteState) -> Any:
+    """An ORM INSERT ... RETURNING: read the new primary keys from its own rows."""
+    if not state.is_insert:
+        return None
+    scope = _scope.get()
+    statement: Any = state.statement
+    if scope is None or not getattr(statement, "_returning", None) or state.execution_options.get(_INTERNAL):
+        return None
+    mapper = state.bind_mapper
+    if mapper is None or not scope.covers(mapper.class_):
+        return None
+    state.update_execution_options(**{_RETURNING: True})
+    frozen = state.invoke_statement().freeze()
+    pks = _returned_keys(mapper, frozen())
+    session = state.session
+    space = space_for_options(mapper.class_, state.execution_options)
+    if pks is None:
+        log.warning(
+            "cachedecor: an INSERT ... RETURNING into %s in %s returns neither its rows nor their "
+            "primary keys: every cached row of %s is invalidated at commit",
+            mapper.class_.__name__,
+            scope.name,
+            mapper.class_.__name__,
+        )
+        _tracker(session).add_wide(mapper.class_, space)
+    else:
+        _add_rows(session, scope, mapper.class_, space, pks)
+    return frozen()
+
+
+def _returned_keys(mapper: Mapper[Any], result: Any) -> list[tuple[Any, ...]] | None:
+    """Primary keys found in the rows of an INSERT ... RETURNING, or ``None``."""
+    names = [mapper.get_property_by_column(c).key for c in mapper.primary_key]
+    keys: list[tuple[Any, ...]] = []
+    for row in result:
+        mapping = row._mapping
+        found = None
+        for value in row:
+            if isinstance(value, mapper.class_):
+                found = tuple(mapper.primary_key_from_instance(value))
+                break
+        if found is None:
+            try:
+                found = tuple(mapping[n] for n in names)
+            except KeyError:
+                return None
+        keys.append(found)
+    return keys
 
 
 def _add_rows(

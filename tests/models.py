@@ -8,9 +8,9 @@ import enum
 import uuid
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Integer, LargeBinary, Numeric, String, Uuid
+from sqlalchemy import JSON, ForeignKey, Integer, LargeBinary, Numeric, String, Uuid, func, select
 from sqlalchemy import Enum as SAEnum
-from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, deferred, mapped_column, relationship
 from sqlalchemy.types import DateTime, Interval, Time
 
 
@@ -105,3 +105,33 @@ class Everything(Base):
     ratio: Mapped[float | None] = mapped_column(nullable=True)
     flag: Mapped[bool | None] = mapped_column(nullable=True)
     text: Mapped[str | None] = mapped_column(String(5000), nullable=True)
+
+
+class Team(Base):
+    """Derived columns: a count of related rows and an expression."""
+
+    __tablename__ = "cd_teams"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+    members: Mapped[list[Member]] = relationship(back_populates="team", order_by="Member.id")
+
+
+class Member(Base):
+    __tablename__ = "cd_members"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    team_id: Mapped[int] = mapped_column(ForeignKey("cd_teams.id"))
+    team: Mapped[Team] = relationship(back_populates="members")
+
+
+Team.member_count = column_property(  # type: ignore[attr-defined]
+    select(func.count(Member.id)).where(Member.team_id == Team.id).correlate_except(Member).scalar_subquery()
+)
+Team.shout = column_property(Team.name + "!")  # type: ignore[attr-defined]
+
+
+class Note(Base):
+    """A primary key the database assigns."""
+
+    __tablename__ = "cd_notes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    text: Mapped[str] = mapped_column(String(100), default="")
