@@ -144,18 +144,32 @@ def stats(config_path: str | None, counters_path: str | None) -> None:
 
 @main.command()
 @click.option("--config", "config_path", metavar="INI", help="INI file (default: $CACHEDECOR_CONFIG).")
+@click.option("--schema", default=None, help="The schema a schema_translate_map selects (one tenant).")
+@click.option("--all", "everything", is_flag=True, help="Every cached row of MODEL (its whole hierarchy).")
 @click.argument("model")
-@click.argument("pks", nargs=-1, required=True)
-def invalidate(config_path: str | None, model: str, pks: tuple[str, ...]) -> None:
-    """Invalidate the entries of MODEL (module:Class) rows with primary keys PKS."""
+@click.argument("pks", nargs=-1)
+def invalidate(
+    config_path: str | None, schema: str | None, everything: bool, model: str, pks: tuple[str, ...]
+) -> None:
+    """Invalidate the entries of MODEL (module:Class) rows with primary keys PKS, or --all.
+
+    Only the module that maps MODEL is imported: keys do not depend on which
+    functions cache the model, and every configured region is reached.
+    """
     cachedecor.configure_regions(config_path)
     module_name, _, class_name = model.partition(":")
     if not class_name:
         raise click.BadParameter("expected module:Class", param_hint="MODEL")
+    if everything == bool(pks):
+        raise click.UsageError("give primary keys or --all, not both and not neither")
     cls: Any = getattr(importlib.import_module(module_name), class_name)
     import sqlalchemy
 
     mapper = sqlalchemy.inspect(cls)
+    if everything:
+        cachedecor.invalidate_model(cls, schema=schema)
+        click.echo(f"invalidated every cached row of {cls.__name__}")
+        return
     keys: list[Any] = []
     for raw in pks:
         parts = raw.split(",")
@@ -164,7 +178,7 @@ def invalidate(config_path: str | None, model: str, pks: tuple[str, ...]) -> Non
             for col, p in zip(mapper.primary_key, parts, strict=False)
         ]
         keys.append(tuple(values) if len(values) > 1 else values[0])
-    cachedecor.invalidate_many(cls, keys)
+    cachedecor.invalidate_many(cls, keys, schema=schema)
     click.echo(f"invalidated {len(keys)} key(s) of {cls.__name__}")
 
 

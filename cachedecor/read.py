@@ -286,7 +286,9 @@ class CachedFunction(Generic[R]):
         the caller as it is and not cached: counted as ``uncacheable`` and logged.
         """
         if result is None:
-            return [key, None, 0, None] if self.cache_none else _SKIP
+            # a subclass reader's None says "no such subclass row", not "no such row":
+            # it must not answer the hierarchy's other readers, which share the key
+            return [key, None, 0, None] if self.cache_none and self.model is r.base else _SKIP
         plan = self._plan
         assert plan is not None
         if not isinstance(result, self.model):

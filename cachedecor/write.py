@@ -33,18 +33,24 @@ __all__ = ["invalidate", "invalidate_many", "invalidate_model", "invalidates"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def invalidate_many(model: Any, pks: Iterable[Any], *, session: Session | None = None) -> None:
+def invalidate_many(
+    model: Any, pks: Iterable[Any], *, session: Session | None = None, schema: Any = None
+) -> None:
     """Delete the cache entries of ``model`` rows with primary keys ``pks``.
 
     Entries are deleted in every configured region that may cache the model (every
     region, unless its ``tables`` option narrows it), whatever this process imported.
     With ``session`` the deletion waits until that session's transaction commits
     (and is dropped if it rolls back), and the keys are those of the schema the
-    session reads (its ``schema_translate_map``); without, it happens now. A cache
-    failure is logged and counted, never raised.
+    session reads (its ``schema_translate_map``); without, it happens now. ``schema``
+    names a translated schema (one tenant) instead of a session's. A cache failure
+    is logged and counted, never raised.
     """
     pks = list(pks)
     if not pks:
+        return
+    if schema is not None:
+        deliver({(key_maker(model).model, (schema, None)): pks})
         return
     if session is not None:
         queue_rows(session, model, pks)
@@ -56,9 +62,9 @@ def invalidate_many(model: Any, pks: Iterable[Any], *, session: Session | None =
     deliver({(key_maker(model).model, session_space(session, model)): pks})
 
 
-def invalidate(model: Any, pk: Any, *, session: Session | None = None) -> None:
+def invalidate(model: Any, pk: Any, *, session: Session | None = None, schema: Any = None) -> None:
     """Delete the cache entries of one row; see :func:`invalidate_many`."""
-    invalidate_many(model, [pk], session=session)
+    invalidate_many(model, [pk], session=session, schema=schema)
 
 
 def invalidate_model(model: Any, *, session: Session | None = None, schema: Any = None) -> None:
