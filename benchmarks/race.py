@@ -1,27 +1,39 @@
 """Race harness: do concurrent readers and writers leave stale rows in the cache?
 
-Starts N reader and M writer processes against PostgreSQL and a cache server, twice
-in one run: once with the common cache-aside pattern (get; on a miss read the
-database and set; writers commit then delete) as the baseline, once with
-cachedecor's decorators. Readers pause a random 0..--max-pause-ms between their
-database read and their cache write, as a busy application server does. When all
+Starts N reader and M writer processes against PostgreSQL and a cache server, three
+times in one run:
+
+* ``naive``: the common cache-aside pattern (get; on a miss read the database and
+  set; writers commit then delete), the baseline;
+* ``cachedecor``: cachedecor's decorators, each process configuring its own regions;
+* ``forked``: cachedecor's decorators in processes forked from the harness after it
+  has read every row through the cache, keeping the regions (and the connections)
+  it had, as gunicorn ``--preload`` and Celery prefork workers do.
+
+Readers pause a random 0..--max-pause-ms between their database read and their
+cache write, as a busy application server does. cachedecor's readers also check
+that each row they get has the primary key they asked for (``wrong``). When all
 processes have stopped, every cached entry is compared with the database.
 
     python benchmarks/race.py --backend memcached --seconds 20
 
 The baseline should show stale entries (proof that the harness can see them);
-cachedecor must show none.
+cachedecor must show no stale entry and no wrong row, forked or not.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import random
+import select
+import signal
 import sys
 import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -47,6 +59,8 @@ class RaceRow(Base):
 
 
 MAX_PAUSE = 0.002
+#: naive cache-aside; cachedecor in fresh processes; cachedecor in processes forked after use.
+VARIANTS = ("naive", "cachedecor", "forked")
 
 
 @cachedecor.cached_by_pk(RaceRow, region="race")
@@ -119,17 +133,20 @@ def region_config(opts: Options) -> dict[str, Any]:
     return {"regions": {"race": {**region, "expiration_time": 3600, "lease_wait": 0.05}}}
 
 
-def reader(opts: Options, variant: str, deadline: float, out: Any) -> None:
+def reader(opts: Options, variant: str, deadline: float) -> dict[str, int]:
     global MAX_PAUSE
     MAX_PAUSE = opts.max_pause_ms / 1000
     rng = random.Random(os.getpid())
     engine = sqlalchemy.create_engine(opts.database)
-    reads = 0
-    if variant == "cachedecor":
-        cachedecor.configure_regions(region_config(opts))
+    reads = wrong = 0
+    if variant != "naive":
+        if variant == "cachedecor":
+            cachedecor.configure_regions(region_config(opts))
         while time.monotonic() < deadline:
+            row_id = rng.randrange(opts.rows)
             with Session(engine) as s:
-                read_row(s, rng.randrange(opts.rows))
+                row = read_row(s, row_id)
+                wrong += row is None or row.id != row_id
             reads += 1
     else:
         cache = NaiveCache(opts.backend, opts.cache_url)
@@ -141,15 +158,16 @@ def reader(opts: Options, variant: str, deadline: float, out: Any) -> None:
                 time.sleep(rng.uniform(0, MAX_PAUSE))
                 cache.set(naive_key(row_id), version)
             reads += 1
-    out.put(("reads", reads))
+    return {"reads": reads, "wrong": wrong}
 
 
-def writer(opts: Options, variant: str, deadline: float, out: Any) -> None:
+def writer(opts: Options, variant: str, deadline: float) -> dict[str, int]:
     rng = random.Random(os.getpid() * 7)
     engine = sqlalchemy.create_engine(opts.database)
     writes = 0
-    if variant == "cachedecor":
-        cachedecor.configure_regions(region_config(opts))
+    if variant != "naive":
+        if variant == "cachedecor":
+            cachedecor.configure_regions(region_config(opts))
         while time.monotonic() < deadline:
             with Session(engine) as s:
                 bump_row(s, rng.randrange(opts.rows))
@@ -165,7 +183,52 @@ def writer(opts: Options, variant: str, deadline: float, out: Any) -> None:
                 s.commit()
             cache.delete(naive_key(row_id))
             writes += 1
-    out.put(("writes", writes))
+    return {"writes": writes}
+
+
+def start(target: Callable[..., dict[str, int]], *args: Any) -> tuple[int, int]:
+    """Fork a process that runs ``target(*args)``; returns its pid and the pipe of its result."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(read_fd)
+            data = json.dumps(target(*args)).encode()
+            while data:
+                data = data[os.write(write_fd, data) :]
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    os.close(write_fd)
+    return pid, read_fd
+
+
+def finish(pid: int, fd: int, deadline: float) -> dict[str, int]:
+    """The result of a process :func:`start` forked, once it has exited."""
+    data = b""
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise RuntimeError(f"process {pid} did not finish in time")
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"process {pid} failed with exit code {os.waitstatus_to_exitcode(status)}")
+    result: dict[str, int] = json.loads(data)
+    return result
 
 
 # -- one variant ----------------------------------------------------------------------
@@ -203,7 +266,7 @@ def cached_versions(opts: Options, variant: str) -> dict[int, int]:
         if not data or data[:2] == b"\x00L":  # absent, a lease marker or a meta placeholder
             continue
         payload = settings.codec.decode(key, data)
-        out[i] = payload[1][version_at]
+        out[i] = payload[3][version_at]
     return out
 
 
@@ -217,6 +280,15 @@ def clear_cache(opts: Options, variant: str) -> None:
         cachedecor.invalidate_many(RaceRow, range(opts.rows))
 
 
+def warm_up(opts: Options) -> None:
+    """Read every row through the cache in this process, as a preloading server does."""
+    engine = sqlalchemy.create_engine(opts.database)
+    for i in range(opts.rows):
+        with Session(engine) as s:
+            read_row(s, i)
+    engine.dispose()
+
+
 @dataclass
 class Result:
     backend: str
@@ -225,30 +297,26 @@ class Result:
     writes: int
     cached: int
     stale: int
+    wrong: int | None
+    """Rows returned for another primary key than the one asked for (None: not checked)."""
 
 
 def run_variant(opts: Options, variant: str) -> Result:
     reset_rows(opts)
     clear_cache(opts, variant)
-    ctx = mp.get_context("fork")
-    out = ctx.Queue()
+    if variant == "forked":
+        warm_up(opts)
     deadline = time.monotonic() + opts.seconds
-    procs = [ctx.Process(target=reader, args=(opts, variant, deadline, out)) for _ in range(opts.readers)]
-    procs += [ctx.Process(target=writer, args=(opts, variant, deadline, out)) for _ in range(opts.writers)]
-    for p in procs:
-        p.start()
-    totals = {"reads": 0, "writes": 0}
-    for _ in procs:
-        kind, n = out.get(timeout=opts.seconds + 60)
-        totals[kind] += n
-    for p in procs:
-        p.join(timeout=30)
-        if p.exitcode != 0:
-            raise RuntimeError(f"a {variant} process failed with exit code {p.exitcode}")
+    procs = [start(reader, opts, variant, deadline) for _ in range(opts.readers)]
+    procs += [start(writer, opts, variant, deadline) for _ in range(opts.writers)]
+    totals: Counter[str] = Counter()
+    for pid, fd in procs:
+        totals.update(finish(pid, fd, deadline + 60))
     truth = db_versions(opts)
     cached = cached_versions(opts, variant)
     stale = sum(1 for i, v in cached.items() if v != truth[i])
-    return Result(opts.backend, variant, totals["reads"], totals["writes"], len(cached), stale)
+    wrong = None if variant == "naive" else totals["wrong"]
+    return Result(opts.backend, variant, totals["reads"], totals["writes"], len(cached), stale, wrong)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,11 +357,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.seconds,
                 args.max_pause_ms,
             )
-            for variant in ("naive", "cachedecor"):
+            for variant in VARIANTS:
                 results.append(run_variant(opts, variant))
                 r = results[-1]
+                wrong = "" if r.wrong is None else f", {r.wrong} wrong rows"
                 print(
-                    f"  {r.backend:<10} {r.variant:<11} done: {r.stale} stale of {r.cached} cached",
+                    f"  {r.backend:<10} {r.variant:<11} done: {r.stale} stale of {r.cached} cached{wrong}",
                     flush=True,
                 )
     finally:
@@ -301,16 +370,18 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     print()
     print(
-        f"{'backend':<10} {'pattern':<11} {'reads':>8} {'writes':>7} {'cached':>7} {'stale':>6}"
+        f"{'backend':<10} {'pattern':<11} {'reads':>8} {'writes':>7} {'cached':>7} {'stale':>6} {'wrong':>6}"
         f"   ({args.readers} readers, {args.writers} writers, {args.rows} rows, {args.seconds:g}s,"
         f" pause 0-{args.max_pause_ms:g} ms)"
     )
     for r in results:
-        print(f"{r.backend:<10} {r.variant:<11} {r.reads:>8} {r.writes:>7} {r.cached:>7} {r.stale:>6}")
+        wrong = "-" if r.wrong is None else str(r.wrong)
+        counts = f"{r.reads:>8} {r.writes:>7} {r.cached:>7} {r.stale:>6} {wrong:>6}"
+        print(f"{r.backend:<10} {r.variant:<11} {counts}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump([asdict(r) for r in results], fh, indent=2)
-    bad = [r for r in results if r.variant == "cachedecor" and r.stale]
+    bad = [r for r in results if r.variant != "naive" and (r.stale or r.wrong)]
     return 1 if bad else 0
 
 
