@@ -133,6 +133,15 @@ _lock = threading.Lock()
 _settings: dict[str, RegionSettings] = {}
 
 
+def _new_lock_in_child() -> None:
+    # a lock another thread of the parent held at fork time would never be released
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 # --------------------------------------------------------------------------------------
 # value coercion
 

@@ -229,17 +229,21 @@ def session_space(session: Session | None, model: Any, token: Any = None) -> Spa
     ``None`` when neither a ``schema_translate_map`` moves the model's table nor a
     token applies: the common case, whose keys carry only the table's own schema.
     """
-    if session is None:
-        return None if token is None else (_root_schema(model), token)
-    mapper = sqlalchemy.inspect(model)
-    translate = _translate_map(session, mapper)
-    if translate:
-        schema = _root_schema(model)
-        if schema in translate:
+    found = _models.get(model)
+    if found is None:
+        found = _models[model] = (sqlalchemy.inspect(model), key_maker(model).schema)
+    mapper, schema = found
+    if session is not None:
+        translate = _translate_map(session, mapper)
+        if translate and schema in translate:
             return (translate[schema], token)
     if token is not None:
-        return (_root_schema(model), token)
+        return (schema, token)
     return None
+
+
+#: model -> (mapper, schema of its hierarchy's root table)
+_models: dict[Any, tuple[Mapper[Any], Any]] = {}
 
 
 def _root_schema(model: Any) -> Any:

@@ -20,6 +20,9 @@ import cachedecor
 from tests.models import Base
 from tests.servers import IN_CI, PG_URL, REDIS_URL, Memcached, unavailable
 
+# The application run by the deployment tests in processes of its own: not collected.
+collect_ignore = ["apps"]
+
 # CI explores the same examples on every run; local runs explore new ones.
 hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
 if IN_CI:
