@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 import cachedecor
-from cachedecor import UsageError, cached_by_pk
+from cachedecor import cached_by_pk
 from tests.conftest import SQLCounter, once
 from tests.models import (
     Color,
