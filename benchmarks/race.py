@@ -8,7 +8,11 @@ times in one run:
 * ``cachedecor``: cachedecor's decorators, each process configuring its own regions;
 * ``forked``: cachedecor's decorators in processes forked from the harness after it
   has read every row through the cache, keeping the regions (and the connections)
-  it had, as gunicorn ``--preload`` and Celery prefork workers do.
+  it had, as gunicorn ``--preload`` and Celery prefork workers do;
+* ``mixed``: a rolling deploy. Half the readers and writers map the table with
+  version 1 of the model, half with version 2 (one more column, another module);
+  entries of one version are misses for the other. Its ``hit%`` against the
+  ``cachedecor`` run is what a mixed-version window costs.
 
 Readers pause a random 0..--max-pause-ms between their database read and their
 cache write, as a busy application server does. cachedecor's readers also check
@@ -58,9 +62,24 @@ class RaceRow(Base):
     payload: Mapped[str] = mapped_column(String(200), default="")
 
 
+class BaseV2(DeclarativeBase):
+    pass
+
+
+class RaceRowV2(BaseV2):
+    """The next version of the model: one more column, defined elsewhere."""
+
+    __tablename__ = "cachedecor_race_rows"
+    __module__ = "app_v2.models"
+    id = mapped_column(Integer, primary_key=True, autoincrement=False)
+    version = mapped_column(Integer, default=0)
+    payload = mapped_column(String(200), default="")
+    note = mapped_column(String(50), nullable=True)
+
+
 MAX_PAUSE = 0.002
 #: naive cache-aside; cachedecor in fresh processes; cachedecor in processes forked after use.
-VARIANTS = ("naive", "cachedecor", "forked")
+VARIANTS = ("naive", "cachedecor", "forked", "mixed")
 
 
 @cachedecor.cached_by_pk(RaceRow, region="race")
@@ -75,6 +94,23 @@ def read_row(session: Session, row_id: int) -> RaceRow | None:
 @cachedecor.invalidates(RaceRow)
 def bump_row(session: Session, row_id: int) -> None:
     row = session.get(RaceRow, row_id)
+    assert row is not None
+    row.version += 1
+    session.commit()
+
+
+@cachedecor.cached_by_pk(RaceRowV2, region="race")
+def read_row_v2(session: Session, row_id: int) -> RaceRowV2 | None:
+    row = session.get(RaceRowV2, row_id)
+    if row is not None:
+        row.version  # noqa: B018 - loaded
+        time.sleep(random.uniform(0, MAX_PAUSE))
+    return row
+
+
+@cachedecor.invalidates(RaceRowV2)
+def bump_row_v2(session: Session, row_id: int) -> None:
+    row = session.get(RaceRowV2, row_id)
     assert row is not None
     row.version += 1
     session.commit()
@@ -106,8 +142,8 @@ class NaiveCache:
         self.client.delete(key)
 
 
-def naive_key(row_id: int) -> str:
-    return f"race-naive:{row_id}"
+def naive_key(opts: Options, row_id: int) -> str:
+    return f"{opts.tag}-naive:{row_id}"
 
 
 # -- processes ------------------------------------------------------------------------
@@ -123,6 +159,8 @@ class Options:
     rows: int
     seconds: float
     max_pause_ms: float
+    tag: str = "race"
+    """Names this run's schema and key namespace, so that runs side by side never meet."""
 
 
 def region_config(opts: Options) -> dict[str, Any]:
@@ -130,47 +168,56 @@ def region_config(opts: Options) -> dict[str, Any]:
         region = {"backend": "cachedecor.pymemcache", "arguments": {"url": [opts.cache_url]}}
     else:
         region = {"backend": "dogpile.cache.redis", "arguments": {"url": opts.cache_url}}
-    return {"regions": {"race": {**region, "expiration_time": 3600, "lease_wait": 0.05}}}
+    options = {**region, "expiration_time": 3600, "lease_wait": 0.05, "namespace": opts.tag}
+    return {"regions": {"race": options}}
 
 
-def reader(opts: Options, variant: str, deadline: float) -> dict[str, int]:
+def reader(opts: Options, variant: str, deadline: float, version: int = 1) -> dict[str, int]:
     global MAX_PAUSE
     MAX_PAUSE = opts.max_pause_ms / 1000
     rng = random.Random(os.getpid())
     engine = sqlalchemy.create_engine(opts.database)
     reads = wrong = 0
     if variant != "naive":
-        if variant == "cachedecor":
+        if variant != "forked":
             cachedecor.configure_regions(region_config(opts))
+        read = read_row_v2 if version == 2 else read_row
         while time.monotonic() < deadline:
             row_id = rng.randrange(opts.rows)
             with Session(engine) as s:
-                row = read_row(s, row_id)
+                row = read(s, row_id)
                 wrong += row is None or row.id != row_id
             reads += 1
-    else:
-        cache = NaiveCache(opts.backend, opts.cache_url)
-        while time.monotonic() < deadline:
-            row_id = rng.randrange(opts.rows)
-            if cache.get(naive_key(row_id)) is None:
-                with Session(engine) as s:
-                    version = s.get(RaceRow, row_id).version  # type: ignore[union-attr]
-                time.sleep(rng.uniform(0, MAX_PAUSE))
-                cache.set(naive_key(row_id), version)
-            reads += 1
+        counters = cachedecor.stats("race")["race"]
+        return {
+            "reads": reads,
+            "wrong": wrong,
+            "hits": counters["hits"],
+            "mismatches": counters["mismatches"],
+        }
+    cache = NaiveCache(opts.backend, opts.cache_url)
+    while time.monotonic() < deadline:
+        row_id = rng.randrange(opts.rows)
+        if cache.get(naive_key(opts, row_id)) is None:
+            with Session(engine) as s:
+                version_read = s.get(RaceRow, row_id).version  # type: ignore[union-attr]
+            time.sleep(rng.uniform(0, MAX_PAUSE))
+            cache.set(naive_key(opts, row_id), version_read)
+        reads += 1
     return {"reads": reads, "wrong": wrong}
 
 
-def writer(opts: Options, variant: str, deadline: float) -> dict[str, int]:
+def writer(opts: Options, variant: str, deadline: float, version: int = 1) -> dict[str, int]:
     rng = random.Random(os.getpid() * 7)
     engine = sqlalchemy.create_engine(opts.database)
     writes = 0
     if variant != "naive":
-        if variant == "cachedecor":
+        if variant != "forked":
             cachedecor.configure_regions(region_config(opts))
+        bump = bump_row_v2 if version == 2 else bump_row
         while time.monotonic() < deadline:
             with Session(engine) as s:
-                bump_row(s, rng.randrange(opts.rows))
+                bump(s, rng.randrange(opts.rows))
             writes += 1
     else:
         cache = NaiveCache(opts.backend, opts.cache_url)
@@ -181,7 +228,7 @@ def writer(opts: Options, variant: str, deadline: float) -> dict[str, int]:
                 assert row is not None
                 row.version += 1
                 s.commit()
-            cache.delete(naive_key(row_id))
+            cache.delete(naive_key(opts, row_id))
             writes += 1
     return {"writes": writes}
 
@@ -236,8 +283,8 @@ def finish(pid: int, fd: int, deadline: float) -> dict[str, int]:
 
 def reset_rows(opts: Options) -> None:
     engine = sqlalchemy.create_engine(opts.database)
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
+    BaseV2.metadata.drop_all(engine)
+    BaseV2.metadata.create_all(engine)  # the newer version's columns
     with Session(engine) as s:
         s.add_all(RaceRow(id=i, version=0, payload="x" * 50) for i in range(opts.rows))
         s.commit()
@@ -255,7 +302,7 @@ def db_versions(opts: Options) -> dict[int, int]:
 def cached_versions(opts: Options, variant: str) -> dict[int, int]:
     if variant == "naive":
         cache = NaiveCache(opts.backend, opts.cache_url)
-        return {i: v for i in range(opts.rows) if (v := cache.get(naive_key(i))) is not None}
+        return {i: v for i in range(opts.rows) if (v := cache.get(naive_key(opts, i))) is not None}
     cachedecor.configure_regions(region_config(opts))
     settings = region_settings("race")
     version_at = [p.key for p in RaceRow.__mapper__.column_attrs].index("version")
@@ -274,7 +321,7 @@ def clear_cache(opts: Options, variant: str) -> None:
     if variant == "naive":
         cache = NaiveCache(opts.backend, opts.cache_url)
         for i in range(opts.rows):
-            cache.delete(naive_key(i))
+            cache.delete(naive_key(opts, i))
     else:
         cachedecor.configure_regions(region_config(opts))
         cachedecor.invalidate_many(RaceRow, range(opts.rows))
@@ -299,6 +346,8 @@ class Result:
     stale: int
     wrong: int | None
     """Rows returned for another primary key than the one asked for (None: not checked)."""
+    hit_rate: float | None = None
+    """Percentage of cachedecor's reads served from the cache (None: not measured)."""
 
 
 def run_variant(opts: Options, variant: str) -> Result:
@@ -307,8 +356,9 @@ def run_variant(opts: Options, variant: str) -> Result:
     if variant == "forked":
         warm_up(opts)
     deadline = time.monotonic() + opts.seconds
-    procs = [start(reader, opts, variant, deadline) for _ in range(opts.readers)]
-    procs += [start(writer, opts, variant, deadline) for _ in range(opts.writers)]
+    mixed = variant == "mixed"
+    procs = [start(reader, opts, variant, deadline, 1 + (mixed and i % 2)) for i in range(opts.readers)]
+    procs += [start(writer, opts, variant, deadline, 1 + (mixed and i % 2)) for i in range(opts.writers)]
     totals: Counter[str] = Counter()
     for pid, fd in procs:
         totals.update(finish(pid, fd, deadline + 60))
@@ -316,7 +366,30 @@ def run_variant(opts: Options, variant: str) -> Result:
     cached = cached_versions(opts, variant)
     stale = sum(1 for i, v in cached.items() if v != truth[i])
     wrong = None if variant == "naive" else totals["wrong"]
-    return Result(opts.backend, variant, totals["reads"], totals["writes"], len(cached), stale, wrong)
+    hit_rate = None if variant == "naive" else 100.0 * totals["hits"] / max(totals["reads"], 1)
+    return Result(
+        opts.backend, variant, totals["reads"], totals["writes"], len(cached), stale, wrong, hit_rate
+    )
+
+
+def own_schema(url: str, schema: str) -> str:
+    """``url`` reading and writing in a new schema of its own (so that runs never meet)."""
+    admin = sqlalchemy.create_engine(url)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+    admin.dispose()
+    return (
+        sqlalchemy.make_url(url)
+        .update_query_dict({"options": f"-csearch_path={schema}"})
+        .render_as_string(hide_password=False)
+    )
+
+
+def drop_schema(url: str, schema: str) -> None:
+    admin = sqlalchemy.create_engine(url)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    admin.dispose()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,18 +417,21 @@ def main(argv: list[str] | None = None) -> int:
         server = Memcached(threads=4)
         memcached_url = server.url
     results: list[Result] = []
+    tag = f"race{os.getpid()}"
+    database = own_schema(args.database, tag)
     try:
         for backend in backends:
             url = memcached_url if backend == "memcached" else args.redis
             opts = Options(
                 backend,
                 url,
-                args.database,
+                database,
                 args.readers,
                 args.writers,
                 args.rows,
                 args.seconds,
                 args.max_pause_ms,
+                tag,
             )
             for variant in VARIANTS:
                 results.append(run_variant(opts, variant))
@@ -366,17 +442,20 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     finally:
+        drop_schema(args.database, tag)
         if server is not None:
             server.stop()
     print()
     print(
         f"{'backend':<10} {'pattern':<11} {'reads':>8} {'writes':>7} {'cached':>7} {'stale':>6} {'wrong':>6}"
+        f" {'hit%':>5}"
         f"   ({args.readers} readers, {args.writers} writers, {args.rows} rows, {args.seconds:g}s,"
         f" pause 0-{args.max_pause_ms:g} ms)"
     )
     for r in results:
         wrong = "-" if r.wrong is None else str(r.wrong)
-        counts = f"{r.reads:>8} {r.writes:>7} {r.cached:>7} {r.stale:>6} {wrong:>6}"
+        hits = "-" if r.hit_rate is None else f"{r.hit_rate:.0f}"
+        counts = f"{r.reads:>8} {r.writes:>7} {r.cached:>7} {r.stale:>6} {wrong:>6} {hits:>5}"
         print(f"{r.backend:<10} {r.variant:<11} {counts}")
     if args.json:
         with open(args.json, "w") as fh:

@@ -9,6 +9,7 @@ import). A hit then costs: format the key, one round trip, decode, attach.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 import types
 from collections.abc import Callable, Iterable
@@ -256,7 +257,9 @@ class CachedFunction(Generic[R]):
             return False, _OTHER
         except EntryMismatch as exc:
             r.counters.mismatches += 1
-            log_failure(r.name, "verifying an entry", f"{key}: {exc}")
+            # another deployed version's entry is routine during a rolling deploy
+            level = logging.INFO if exc.other_mapping else logging.WARNING
+            log_failure(r.name, "verifying an entry", f"{key}: {exc}", level)
         except BadEntry as exc:
             r.counters.bad_entries += 1
             log_failure(r.name, "decoding an entry", f"{key}: {exc}")

@@ -49,6 +49,15 @@ def _enum_class(col: Any) -> type[enum.Enum] | None:
 class EntryMismatch(BadEntry):
     """An entry that holds another row, or a row written under another mapping."""
 
+    #: whether the entry was written under another mapping (another deployed version)
+    other_mapping = False
+
+
+class OtherMapping(EntryMismatch):
+    """An entry written under another mapping: expected while two versions are deployed."""
+
+    other_mapping = True
+
 
 class OtherClass(Exception):
     """An entry holds a row of a class outside the reader's model (a sibling subclass)."""
@@ -241,7 +250,7 @@ class ModelPlan:
         except TypeError:  # an unhashable tag
             plan = None
         if plan is None or plan is _AMBIGUOUS or plan.fingerprint != fingerprint:
-            raise EntryMismatch(f"the entry under {key!r} was written under another mapping")
+            raise OtherMapping(f"the entry under {key!r} was written under another mapping")
         if type(values) is not list or len(values) != len(plan.keys):
             raise BadEntry("payload does not match the mapped columns")
         if not issubclass(plan.cls, self.model):

@@ -122,7 +122,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def log_failure(region: str, what: str, exc: BaseException | str) -> None:
+def log_failure(region: str, what: str, exc: BaseException | str, level: int = logging.WARNING) -> None:
     """Log a cache failure, at most once per :data:`LOG_INTERVAL` per region and kind."""
     now = time.monotonic()
     key = (region, what)
@@ -131,7 +131,8 @@ def log_failure(region: str, what: str, exc: BaseException | str) -> None:
         if last is not None and now - last < LOG_INTERVAL:
             return
         _last_logged[key] = now
-    log.warning(
+    log.log(
+        level,
         "cache region %r: %s failed (%s); falling through to the database",
         region,
         what,

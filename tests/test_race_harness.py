@@ -40,7 +40,9 @@ def test_no_stale_or_wrong_rows_after_a_short_storm_on_memcached_and_redis(
     ours = [r for r in results if r["variant"] != "naive"]
     assert status == 0
     assert {(r["backend"], r["variant"]) for r in ours} == {
-        (backend, variant) for backend in ("memcached", "redis") for variant in ("cachedecor", "forked")
+        (backend, variant)
+        for backend in ("memcached", "redis")
+        for variant in ("cachedecor", "forked", "mixed")
     }
     for r in ours:
         assert r["stale"] == 0, r
