@@ -273,7 +273,7 @@ class Bench:
             obj = s.get(model, pk)
             pickled = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
         uncompressed = (
-            region_settings("bench").codec.__class__(compression="none").encode(key, _payload(cached, obj))
+            region_settings("bench").codec.__class__(compression="none").encode(key, _payload(cached, obj, key))
         )
         self.results["rows"][label] = {
             "medians_us": {k: v * 1e6 for k, v in medians.items()},
@@ -338,7 +338,7 @@ class Bench:
             # cache-aside without a lease: get (miss), query, encode, set
             raw.get(plain_key)
             obj = session.get(Account, pk)
-            raw.set(plain_key, codec.encode(plain_key, _payload(get_account, obj)), noreply=False)
+            raw.set(plain_key, codec.encode(plain_key, _payload(get_account, obj, plain_key)), noreply=False)
             return obj
 
         medians = compare(
@@ -372,9 +372,9 @@ def _key_generator(namespace: str | None, fn: Any, **kw: Any) -> Callable[..., s
     return generate
 
 
-def _payload(cached: Any, obj: Any) -> Any:
+def _payload(cached: Any, obj: Any, key: str) -> Any:
     cached._resolve()
-    return cached._plan.snapshot(obj)
+    return cached._plan.snapshot(obj, key)
 
 
 # -- report -------------------------------------------------------------------------
