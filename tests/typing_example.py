@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, scoped_session, sessionmaker
 
 import cachedecor
 from cachedecor import CachedFunction, cached_by_pk, invalidates
@@ -37,6 +37,23 @@ def rename_account(session: Session, account_id: int, name: str) -> None:
     session.commit()
 
 
+db_session = scoped_session(sessionmaker())
+
+
+@cached_by_pk(Account, session=db_session)
+def get_account_implicitly(account_id: int) -> Account | None:
+    return db_session.get(Account, account_id)
+
+
+class AccountRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    @cached_by_pk(Account, session="self.session")
+    def get(self, account_id: int) -> Account | None:
+        return self.session.get(Account, account_id)
+
+
 def use(session: Session) -> str:
     regions = cachedecor.configure_regions({"regions": {"default": {"backend": "dogpile.cache.memory"}}})
     assert "default" in regions
@@ -48,5 +65,10 @@ def use(session: Session) -> str:
     cachedecor.invalidate(Account, 1)
     cachedecor.invalidate_many(Account, [1, 2], session=session)
     rename_account(session, 1, "x")
+    cachedecor.invalidate_model(Account, session=session)
+    cachedecor.invalidate_many(Account, [3], schema="tenant_1")
+    implicit: Account | None = get_account_implicitly(1)
+    held: Account | None = AccountRepository(session).get(1)
+    key += cachedecor.key_for(Account, 1, schema="tenant_1", identity_token=None) + repr((implicit, held))
     hits: int = cachedecor.stats()["default"]["hits"]
     return f"{account} {accounts} {key} {hits}"
