@@ -15,7 +15,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.orm import Session, scoped_session
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from cachedecor.errors import UsageError
 
@@ -142,6 +142,13 @@ class CallBinding:
                     f"(expected a parameter name or a path such as 'self.session')"
                 )
             return (param, tuple(attrs))
+        if isinstance(session, sessionmaker) or (isinstance(session, type) and issubclass(session, Session)):
+            raise UsageError(
+                f"session={session!r} makes a new session on every call, one that the function "
+                f"does not use and nothing closes: pass where the function's session is, such as "
+                f"scoped_session(factory), Flask-SQLAlchemy's db.session, a callable returning the "
+                f"current session, or a parameter path such as 'self.session'"
+            )
         if isinstance(session, (Session, scoped_session)) or callable(session):
             return session
         raise UsageError(

@@ -63,7 +63,7 @@ _INTERNAL = "cachedecor_internal"
 class Scope:
     """One running ``@invalidates`` function: what it watches and which sessions it used."""
 
-    __slots__ = ("models", "name", "parent", "plain_rows", "plain_wide", "sessions")
+    __slots__ = ("committed", "models", "name", "parent", "plain_rows", "plain_wide", "sessions")
 
     def __init__(self, models: tuple[type, ...], name: str, parent: Scope | None) -> None:
         self.models: tuple[type, ...] = models + (parent.models if parent is not None else ())
@@ -73,6 +73,8 @@ class Scope:
         # writes on connections that belong to no session: delivered when the scope ends
         self.plain_rows: dict[Group, set[tuple[Any, ...]]] = {}
         self.plain_wide: set[Group] = set()
+        # a transaction committed while the function ran (its pk= keys cannot wait for the next)
+        self.committed = False
 
     def covers(self, cls: type) -> bool:
         return any(issubclass(cls, m) or issubclass(m, cls) for m in self.models)
@@ -362,6 +364,10 @@ def _after_flush(session: Session, flush_context: Any) -> None:
 
 @event.listens_for(Session, "after_commit")
 def _after_commit(session: Session) -> None:
+    scope = _scope.get()
+    while scope is not None:
+        scope.committed = True
+        scope = scope.parent
     tracker = session.info.get(_TRACKER)
     if tracker is None:
         return

@@ -127,6 +127,10 @@ def invalidates(*models: Any, pk: str | tuple[str, ...] | None = None) -> Callab
                 if open_sessions:
                     for s in open_sessions:
                         queue_rows(s, mapped[0], [explicit])
+                    if scope.committed:
+                        # the write may be in a transaction that committed while the function
+                        # ran: the open ones (begun after it, say by a read) may never commit
+                        deliver({(key_maker(mapped[0]).model, session_space(session, mapped[0])): [explicit]})
                 else:
                     invalidate(mapped[0], explicit, session=session)
             return result
