@@ -565,7 +565,12 @@ def _exchange(client: Any, payload: bytes, count: int) -> list[tuple[bytes, list
 
 
 def _metadump(cluster: MemcachedCluster, node: str) -> list[str]:
-    """Every key stored on ``node`` (``lru_crawler metadump all``), on a connection of its own."""
+    """Every key stored on ``node`` (``lru_crawler metadump``), on a connection of its own.
+
+    The crawler walks the hash table (``hash``): a walk of the LRUs (``all``, the
+    fallback for servers without ``hash``) misses items that reads are moving between
+    LRUs, which are the recently read ones (measured on memcached 1.6.18).
+    """
     from urllib.parse import unquote
 
     from pymemcache.client.base import Client
@@ -577,10 +582,11 @@ def _metadump(cluster: MemcachedCluster, node: str) -> list[str]:
         timeout=max(template.timeout or 0, 5.0),
         no_delay=True,
     )
+    mode = b"hash"
     try:
         for attempt in range(50):
             client._connect()
-            client.sock.sendall(b"lru_crawler metadump all\r\n")
+            client.sock.sendall(b"lru_crawler metadump %b\r\n" % mode)
             buf = b""
             while not (buf.endswith(b"END\r\n") or buf.startswith((b"BUSY", b"ERROR", b"CLIENT_ERROR"))):
                 chunk = client.sock.recv(1 << 16)
@@ -594,6 +600,10 @@ def _metadump(cluster: MemcachedCluster, node: str) -> list[str]:
                 time.sleep(0.02 * (attempt + 1))
                 continue
             if not buf.endswith(b"END\r\n"):
+                if mode == b"hash":  # a server without the hash-table walk
+                    client.close()
+                    mode = b"all"
+                    continue
                 raise ProtocolError(f"metadump refused: {buf[:80]!r}")
             keys = []
             for line in buf[:-5].split(b"\n"):
@@ -930,7 +940,7 @@ class MemcachedStore(Store):
         self.client.delete_many(keys, noreply=False)
 
     def delete_prefixes(self, prefixes: Sequence[str]) -> int:
-        """Lists each node's keys with ``lru_crawler metadump all`` and deletes the matches.
+        """Lists each node's keys with ``lru_crawler metadump`` and deletes the matches.
 
         A node that cannot be listed is flushed when it can be reached again (its
         deletes are owed, as for any undelivered invalidation).

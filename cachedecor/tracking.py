@@ -210,9 +210,10 @@ def queue_wide(session: Session, model: type) -> None:
 # where a session's rows live: schema_translate_map
 
 
-def _translate_map(session: Session, mapper: Mapper[Any]) -> Mapping[Any, Any] | None:
+def _translate_map(session: Session, mapper: Mapper[Any], token: Any = None) -> Mapping[Any, Any] | None:
     try:
-        bind = session.get_bind(mapper)
+        # a ShardedSession binds each shard (identity token) to an engine of its own
+        bind = session.get_bind(mapper) if token is None else session.get_bind(mapper, shard_id=token)
     except Exception:
         return None
     transaction = session._transaction
@@ -236,7 +237,7 @@ def session_space(session: Session | None, model: Any, token: Any = None) -> Spa
         found = _models[model] = (sqlalchemy.inspect(model), key_maker(model).schema)
     mapper, schema = found
     if session is not None:
-        translate = _translate_map(session, mapper)
+        translate = _translate_map(session, mapper, token)
         if translate and schema in translate:
             return (translate[schema], token)
     if token is not None:
@@ -279,7 +280,18 @@ def may_fill(session: Session | None) -> bool:
     return tracker is None or not tracker.wrote
 
 
-_READ_ONLY_SQL = ("SELECT", "WITH", "SHOW", "EXPLAIN", "VALUES", "SET", "BEGIN", "COMMIT", "ROLLBACK")
+_READ_ONLY_SQL = (
+    "SELECT",
+    "WITH",
+    "SHOW",
+    "EXPLAIN",
+    "VALUES",
+    "SET",
+    "BEGIN",
+    "COMMIT",
+    "ROLLBACK",
+    "PRAGMA",
+)
 _SNAPSHOT_LEVELS = frozenset({"REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT"})
 
 
@@ -440,7 +452,7 @@ def _before_execute(
     if isinstance(elem, elements.TextClause):
         if not _writes_text(elem.text):
             return
-        _untracked_write(conn, "textual SQL", None)
+        _untracked_write(conn, "textual SQL", execution_options)
         return
     if not isinstance(elem, dml.UpdateBase) or execution_options.get(_INTERNAL):
         return
@@ -461,16 +473,43 @@ def _before_execute(
         scope.sessions.add(session)
     param_list = list(multiparams) if multiparams else ([params] if params else [])
     model = models[0]  # the classes of one table share their keys
-    space = space_for_options(model, {**conn._execution_options, **execution_options})
+    spaces = _spaces(conn, session, model, execution_options)
     pks = _affected(conn, elem, table, param_list, execution_options)
     if pks is not None:
-        _add_rows(session, scope, model, space, pks)
+        for space in spaces:
+            _add_rows(session, scope, model, space, pks)
     elif isinstance(elem, dml.Insert) and getattr(elem, "_post_values_clause", None) is None:
         # new rows whose keys the database assigns: known once the statement has run
-        _inserts[conn] = (elem, session, scope, model, space)
+        _inserts[conn] = (elem, session, scope, model, spaces)
     else:
         what = f"a {type(elem).__name__.upper()} on {getattr(table, 'name', table)} whose rows are not known"
-        _unresolved(session, scope, model, space, what)
+        _unresolved(session, scope, model, spaces, what)
+
+
+def _spaces(
+    conn: Connection, session: Session | None, model: type, execution_options: Mapping[str, Any]
+) -> list[Space | None]:
+    """Where the rows that a statement on ``conn`` writes live: usually one space.
+
+    The schema comes from the connection's and the statement's ``schema_translate_map``;
+    the identity token from the statement (the ORM in a ``ShardedSession`` names it) or
+    else from the shard whose engine the connection belongs to (a Core statement on
+    ``session.connection(bind_arguments={"shard_id": ...})``). Shards that share one
+    engine cannot be told apart by the connection: the rows are then named in each.
+    """
+    options = (
+        {**conn._execution_options, **execution_options} if execution_options else conn._execution_options
+    )
+    token = options.get("identity_token")
+    if token is not None or session is None:
+        return [space_for_options(model, options, token)]
+    # ShardedSession keeps its shards private; a session without shards has no token
+    shards: Mapping[Any, Any] | None = getattr(session, "_ShardedSession__shards", None)
+    engine = conn.engine
+    tokens = [
+        t for t, bind in (shards or {}).items() if bind is engine or getattr(bind, "engine", None) is engine
+    ]
+    return [space_for_options(model, options, t) for t in tokens or [None]]
 
 
 #: connection -> the INSERT it is running whose new primary keys are still to be read
@@ -489,7 +528,7 @@ def _after_execute(
     pending = _inserts.pop(conn, None) if _inserts else None
     if pending is None or pending[0] is not elem:
         return
-    _, session, scope, model, space = pending
+    _, session, scope, model, spaces = pending
     if execution_options.get(_RETURNING):
         return  # the ORM statement reads its own RETURNING rows (see _do_orm_execute)
     try:
@@ -497,7 +536,8 @@ def _after_execute(
     except Exception:
         pks = []
     if pks and all(None not in pk for pk in pks):
-        _add_rows(session, scope, model, space, pks)
+        for space in spaces:
+            _add_rows(session, scope, model, space, pks)
         return
     log.warning(
         "cachedecor: an INSERT into %s in %s does not show the primary keys of its new rows "
@@ -507,10 +547,11 @@ def _after_execute(
         scope.name,
         model.__name__,
     )
-    if session is not None:
-        _tracker(session).add_wide(model, space)
-    else:
-        scope.plain_wide.add((key_maker(model).model, space))
+    for space in spaces:
+        if session is not None:
+            _tracker(session).add_wide(model, space)
+        else:
+            scope.plain_wide.add((key_maker(model).model, space))
 
 
 _RETURNING = "cachedecor_returning"
@@ -528,11 +569,18 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     mapper = state.bind_mapper
     if mapper is None or not scope.covers(mapper.class_):
         return None
+    session = state.session
+    options = state.execution_options
+    token = options.get("identity_token", state.bind_arguments.get("shard_id"))
+    if token is None and getattr(session, "_ShardedSession__shards", None):
+        return None  # the shard is chosen later, by its connection: see _before_execute
+    if "schema_translate_map" in options:
+        space = space_for_options(mapper.class_, options, token)
+    else:  # the map of the session's engine or connection
+        space = session_space(session, mapper.class_, token)
     state.update_execution_options(**{_RETURNING: True})
     frozen = state.invoke_statement().freeze()
     pks = _returned_keys(mapper, frozen())
-    session = state.session
-    space = space_for_options(mapper.class_, state.execution_options)
     if pks is None:
         log.warning(
             "cachedecor: an INSERT ... RETURNING into %s in %s returns neither its rows nor their "
@@ -581,7 +629,9 @@ def _add_rows(
         scope.plain_rows.setdefault(group, set()).update(pks)
 
 
-def _unresolved(session: Session | None, scope: Scope, model: type, space: Any, what: str) -> None:
+def _unresolved(
+    session: Session | None, scope: Scope, model: type, spaces: Iterable[Space | None], what: str
+) -> None:
     log.warning(
         "cachedecor: %s in %s cannot be resolved to rows: every cached row of %s is invalidated "
         "when the transaction commits (use ORM statements or primary-key WHERE clauses to avoid this)",
@@ -589,13 +639,14 @@ def _unresolved(session: Session | None, scope: Scope, model: type, space: Any, 
         scope.name,
         model.__name__,
     )
-    if session is not None:
-        _tracker(session).add_wide(model, space)
-    else:
-        scope.plain_wide.add((key_maker(model).model, space))
+    for space in spaces:
+        if session is not None:
+            _tracker(session).add_wide(model, space)
+        else:
+            scope.plain_wide.add((key_maker(model).model, space))
 
 
-def _untracked_write(conn: Connection, what: str, _unused: Any) -> None:
+def _untracked_write(conn: Connection, what: str, execution_options: Mapping[str, Any]) -> None:
     session = _owner(conn)
     if session is not None:
         _tracker(session).wrote = True
@@ -604,9 +655,22 @@ def _untracked_write(conn: Connection, what: str, _unused: Any) -> None:
         return
     if session is not None:
         scope.sessions.add(session)
-    options = conn._execution_options
     for model in dict.fromkeys(key_maker(m).model for m in scope.models):
-        _unresolved(session, scope, model, space_for_options(model, options), what)
+        _unresolved(session, scope, model, _spaces(conn, session, model, execution_options), what)
+
+
+@event.listens_for(Engine, "before_cursor_execute")
+def _before_cursor_execute(
+    conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    """SQL that was never compiled (``exec_driver_sql``), which ``before_execute`` does not see.
+
+    A writing statement is treated as textual SQL. Compiled statements, which the
+    other hooks see, cost two attribute checks here.
+    """
+    if context is None or context.compiled is not None or not _writes_text(statement):
+        return
+    _untracked_write(conn, "driver-level SQL (exec_driver_sql)", context.execution_options)
 
 
 def _pk_columns(table: Any) -> list[Any]:
