@@ -273,7 +273,9 @@ class Bench:
             obj = s.get(model, pk)
             pickled = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
         uncompressed = (
-            region_settings("bench").codec.__class__(compression="none").encode(key, _payload(cached, obj, key))
+            region_settings("bench")
+            .codec.__class__(compression="none")
+            .encode(key, _payload(cached, obj, key))
         )
         self.results["rows"][label] = {
             "medians_us": {k: v * 1e6 for k, v in medians.items()},

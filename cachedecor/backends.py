@@ -32,6 +32,8 @@ from typing import Any, Protocol
 from dogpile.cache.api import NO_VALUE, DefaultSerialization
 from dogpile.cache.backends.memcached import PyMemcacheBackend as _DogpilePyMemcacheBackend
 
+from cachedecor.keys import KeyPattern
+
 __all__ = [
     "LEASE_PREFIX",
     "MemcachedCluster",
@@ -878,8 +880,8 @@ class Store:
     def delete_many(self, keys: Sequence[str]) -> None:
         raise NotImplementedError
 
-    def delete_prefixes(self, prefixes: Sequence[str]) -> int:
-        """Delete every key (entries and leases) starting with one of ``prefixes``.
+    def delete_matching(self, patterns: Sequence[KeyPattern]) -> int:
+        """Delete every key (entries and leases) that one of ``patterns`` matches.
 
         Returns how many keys were deleted. Slow (it lists the server's keys): for
         model-wide invalidation only.
@@ -939,19 +941,18 @@ class MemcachedStore(Store):
     def delete_many(self, keys: Sequence[str]) -> None:
         self.client.delete_many(keys, noreply=False)
 
-    def delete_prefixes(self, prefixes: Sequence[str]) -> int:
+    def delete_matching(self, patterns: Sequence[KeyPattern]) -> int:
         """Lists each node's keys with ``lru_crawler metadump`` and deletes the matches.
 
         A node that cannot be listed is flushed when it can be reached again (its
         deletes are owed, as for any undelivered invalidation).
         """
         client = self.client
-        wanted = tuple(prefixes)
         deleted = 0
         failed: BaseException | None = None
         for node in client.servers:
             try:
-                keys = [k for k in _metadump(client, node) if k.startswith(wanted)]
+                keys = [k for k in _metadump(client, node) if any(p.matches(k) for p in patterns)]
             except Exception as exc:
                 client.health.owe_flush(node)
                 failed = exc
@@ -965,7 +966,7 @@ class MemcachedStore(Store):
                     failed = exc
                 deleted += len(batch)
         if failed is not None:
-            raise UndeliveredInvalidation(list(wanted), failed)
+            raise UndeliveredInvalidation([repr(p) for p in patterns], failed)
         return deleted
 
     # -- meta-protocol operations -------------------------------------------------------
@@ -1164,10 +1165,9 @@ class MemoryStore(Store):
             for key in keys:
                 self.cache.pop(key, None)
 
-    def delete_prefixes(self, prefixes: Sequence[str]) -> int:
-        wanted = tuple(prefixes)
+    def delete_matching(self, patterns: Sequence[KeyPattern]) -> int:
         with self.lock:
-            keys = [k for k in list(self.cache) if isinstance(k, str) and k.startswith(wanted)]
+            keys = [k for k in list(self.cache) if isinstance(k, str) and any(p.matches(k) for p in patterns)]
             for key in keys:
                 self.cache.pop(key, None)
         return len(keys)
@@ -1229,12 +1229,15 @@ class RedisStore(Store):
         if keys:
             self.writer.delete(*keys)
 
-    def delete_prefixes(self, prefixes: Sequence[str]) -> int:
+    def delete_matching(self, patterns: Sequence[KeyPattern]) -> int:
         deleted = 0
-        for prefix in prefixes:
-            pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+        for pattern in patterns:
+            glob = "".join("\\" + c if c in "*?[]\\" else c for c in pattern.prefix) + "*"
             batch: list[Any] = []
-            for key in self.writer.scan_iter(match=pattern, count=1000):
+            for key in self.writer.scan_iter(match=glob, count=1000):
+                text = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+                if not pattern.matches(text):
+                    continue
                 batch.append(key)
                 if len(batch) >= 500:
                     deleted += int(self.writer.delete(*batch))

@@ -20,14 +20,17 @@ from typing import Any
 
 from cachedecor.backends import UndeliveredInvalidation
 from cachedecor.config import RegionSettings, configured_regions
-from cachedecor.keys import key_maker
+from cachedecor.keys import KeyPattern, key_maker
 from cachedecor.stats import counters as region_counters
 from cachedecor.stats import log_failure
 
-__all__ = ["Group", "deliver", "regions_for"]
+__all__ = ["EVERY_SPACE", "Group", "deliver", "regions_for"]
 
 #: Rows of one hierarchy in one place: (hierarchy root class, space or ``None``).
 Group = tuple[type, Any]
+
+#: The space of a model-wide invalidation that covers every schema and every shard.
+EVERY_SPACE: Any = ("*", "*")
 
 log = logging.getLogger("cachedecor")
 
@@ -43,7 +46,7 @@ def deliver(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> None:
     """Delete now the keys of ``rows`` (and every key of the ``wide`` groups) in every region."""
     regions = configured_regions()
     keys_by_region: dict[str, list[str]] = {}
-    prefixes_by_region: dict[str, list[str]] = {}
+    patterns_by_region: dict[str, list[KeyPattern]] = {}
     for (base, space), pks in rows.items():
         for settings in regions_for(base, regions):
             maker = key_maker(base, settings.namespace)
@@ -56,10 +59,10 @@ def deliver(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> None:
     for base, space in wide:
         for settings in regions_for(base, regions):
             maker = key_maker(base, settings.namespace)
-            prefix = maker.prefix if space is None else maker.space_prefix(space)
-            prefixes_by_region.setdefault(settings.name, []).append(prefix)
-    for name, prefixes in prefixes_by_region.items():
-        _delete_prefixes(regions[name], prefixes)
+            pattern = maker.every_space() if space is EVERY_SPACE else maker.pattern(space)
+            patterns_by_region.setdefault(settings.name, []).append(pattern)
+    for name, patterns in patterns_by_region.items():
+        _delete_matching(regions[name], patterns)
     for name, keys in keys_by_region.items():
         if keys:
             _delete_keys(regions[name], list(dict.fromkeys(keys)))
@@ -82,17 +85,17 @@ def _delete_keys(settings: RegionSettings, keys: list[str]) -> None:
         counters.invalidations += len(keys)
 
 
-def _delete_prefixes(settings: RegionSettings, prefixes: list[str]) -> None:
+def _delete_matching(settings: RegionSettings, patterns: list[KeyPattern]) -> None:
     counters = region_counters(settings.name)
     try:
-        deleted = settings.store.delete_prefixes(prefixes)
+        deleted = settings.store.delete_matching(patterns)
     except Exception as exc:
         counters.errors += 1
         log_failure(settings.name, "model-wide invalidation", exc)
-        _log_lost(settings, "every key under " + ", ".join(prefixes), "")
+        _log_lost(settings, "every key of " + ", ".join(map(repr, patterns)), "")
     else:
         counters.invalidations += deleted
-        counters.model_invalidations += len(prefixes)
+        counters.model_invalidations += len(patterns)
 
 
 def _log_lost(settings: RegionSettings, what: str, detail: str) -> None:

@@ -35,7 +35,16 @@ from sqlalchemy.orm import Mapper
 
 from cachedecor.errors import ConfigError, InvalidKeyError, UsageError
 
-__all__ = ["DEFAULT_NAMESPACE", "MAX_KEY_LENGTH", "KeyMaker", "Space", "key_for", "key_maker", "table_label"]
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "MAX_KEY_LENGTH",
+    "KeyMaker",
+    "KeyPattern",
+    "Space",
+    "key_for",
+    "key_maker",
+    "table_label",
+]
 
 #: memcached's limit on key length, in bytes.
 MAX_KEY_LENGTH = 250
@@ -140,6 +149,26 @@ def finish_key(key: str) -> str:
 Space = tuple[Any, Any]
 
 
+class KeyPattern:
+    """The keys of one table: in one space, or in every schema and shard.
+
+    Every matching key starts with :attr:`prefix` (what a server-side scan can
+    select on); :meth:`matches` is exact.
+    """
+
+    __slots__ = ("prefix", "regex")
+
+    def __init__(self, prefix: str, regex: re.Pattern[str] | None = None) -> None:
+        self.prefix = prefix
+        self.regex = regex
+
+    def matches(self, key: str) -> bool:
+        return key.startswith(self.prefix) and (self.regex is None or self.regex.match(key) is not None)
+
+    def __repr__(self) -> str:
+        return f"KeyPattern({self.regex.pattern if self.regex is not None else self.prefix + '*'})"
+
+
 class KeyMaker:
     """Builds the keys of one inheritance hierarchy in one namespace.
 
@@ -175,6 +204,16 @@ class KeyMaker:
             if len(self._spaces) < 10_000:
                 self._spaces[space] = prefix
         return prefix
+
+    def pattern(self, space: Space | None = None) -> KeyPattern:
+        """The keys of every row of the hierarchy in ``space`` (``None``: the default one)."""
+        return KeyPattern(self.prefix if space is None else self.space_prefix(space))
+
+    def every_space(self) -> KeyPattern:
+        """The keys of every row of the hierarchy, in every schema and every shard."""
+        table = re.escape(quote(self.table_name, safe=_SAFE))
+        regex = re.compile(rf"{re.escape(self.namespace)}:(?:[^:]*\.)?{table}(?:@[^:]*)?:")
+        return KeyPattern(f"{self.namespace}:", regex)
 
     def encode_pk(self, pk: Any) -> str:
         """The primary-key part of the key (without prefix)."""

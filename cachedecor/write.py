@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from cachedecor.binding import CallBinding
 from cachedecor.errors import UsageError
-from cachedecor.invalidation import deliver
+from cachedecor.invalidation import EVERY_SPACE, deliver
 from cachedecor.keys import key_maker
 from cachedecor.tracking import enter_scope, exit_scope, queue_rows, queue_wide, session_space
 
@@ -34,7 +34,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def invalidate_many(
-    model: Any, pks: Iterable[Any], *, session: Session | None = None, schema: Any = None
+    model: Any,
+    pks: Iterable[Any],
+    *,
+    session: Session | None = None,
+    schema: Any = None,
+    identity_token: Any = None,
 ) -> None:
     """Delete the cache entries of ``model`` rows with primary keys ``pks``.
 
@@ -43,14 +48,16 @@ def invalidate_many(
     With ``session`` the deletion waits until that session's transaction commits
     (and is dropped if it rolls back), and the keys are those of the schema the
     session reads (its ``schema_translate_map``); without, it happens now. ``schema``
-    names a translated schema (one tenant) instead of a session's. A cache failure
-    is logged and counted, never raised.
+    names a translated schema (one tenant) instead of a session's, and
+    ``identity_token`` the shard of the rows under horizontal sharding. A cache
+    failure is logged and counted, never raised.
     """
     pks = list(pks)
     if not pks:
         return
-    if schema is not None:
-        deliver({(key_maker(model).model, (schema, None)): pks})
+    if schema is not None or identity_token is not None:
+        maker = key_maker(model)
+        deliver({(maker.model, (maker.schema if schema is None else schema, identity_token)): pks})
         return
     if session is not None:
         queue_rows(session, model, pks)
@@ -62,9 +69,16 @@ def invalidate_many(
     deliver({(key_maker(model).model, session_space(session, model)): pks})
 
 
-def invalidate(model: Any, pk: Any, *, session: Session | None = None, schema: Any = None) -> None:
+def invalidate(
+    model: Any,
+    pk: Any,
+    *,
+    session: Session | None = None,
+    schema: Any = None,
+    identity_token: Any = None,
+) -> None:
     """Delete the cache entries of one row; see :func:`invalidate_many`."""
-    invalidate_many(model, [pk], session=session, schema=schema)
+    invalidate_many(model, [pk], session=session, schema=schema, identity_token=identity_token)
 
 
 def invalidate_model(model: Any, *, session: Session | None = None, schema: Any = None) -> None:
@@ -74,16 +88,24 @@ def invalidate_model(model: Any, *, session: Session | None = None, schema: Any 
     does not wait for expiry. The entries are found on the servers and deleted
     (memcached's LRU crawler, Redis ``SCAN``), which takes time in proportion to the
     number of entries a server holds: meant for rare writes, not for every request.
-    Fills under way are refused, as with any invalidation. With ``session`` it
-    happens when the session's transaction commits (nothing on rollback), in the
-    schema the session reads; ``schema`` names a translated schema (one tenant)
-    instead.
+    Fills under way are refused, as with any invalidation.
+
+    Without ``session`` and ``schema`` it happens now, in every schema and every
+    shard. With ``session`` it happens when the session's transaction commits
+    (nothing on rollback), in the schema the session reads; ``schema`` names one
+    translated schema (one tenant) instead.
     """
     if session is not None and schema is None:
         queue_wide(session, model)
         if session.in_transaction():
             return
-    space = (schema, None) if schema is not None else session_space(session, model)
+    space: Any
+    if schema is not None:
+        space = (schema, None)
+    elif session is not None:
+        space = session_space(session, model)
+    else:
+        space = EVERY_SPACE
     deliver({}, [(key_maker(model).model, space)])
 
 

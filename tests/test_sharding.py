@@ -312,3 +312,14 @@ class TestWrites:
             rename_on(s, "west")
         assert not stored(key(1, "west"))
         assert read_name(cached, 1, "west") == "raw"
+
+
+class TestModelWide:
+    def test_invalidate_model_clears_the_rows_of_every_shard(self, cached: Shards) -> None:
+        cachedecor.invalidate_model(Account)
+        assert not stored(key(1, "east")) and not stored(key(1, "west"))
+        assert counters()["model_invalidations"] == 1
+
+    def test_invalidate_with_an_identity_token_clears_that_shards_row_only(self, cached: Shards) -> None:
+        cachedecor.invalidate(Account, 1, identity_token="east")
+        assert not stored(key(1, "east")) and stored(key(1, "west"))

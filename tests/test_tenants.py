@@ -255,6 +255,14 @@ class TestWrites:
         assert [stored(key_for(User, i, schema=tenants.s2)) for i in (1, 2)] == [True, True]
         assert counters()["model_invalidations"] == 1
 
+    def test_invalidate_model_without_a_schema_clears_every_tenant(self, tenants: Tenants) -> None:
+        for engine in (tenants.t1, tenants.t2):
+            for i in (1, 2):
+                read_name(engine, i)
+        cachedecor.invalidate_model(User)
+        for schema in (tenants.s1, tenants.s2):
+            assert [stored(key_for(User, i, schema=schema)) for i in (1, 2)] == [False, False]
+
 
 class TestShardsInSchemas:
     """Horizontal sharding whose shards are the tenants' schemas (one engine per shard)."""
