@@ -1,7 +1,7 @@
 """Every form of write inside ``@invalidates``: ORM and Core statements, bulk methods,
 upserts, inserts of new keys, textual and driver-level SQL.
 
-Each write form runs on SQLite and PostgreSQL (PostgreSQL-only forms skip on SQLite)
+Each write form runs on SQLite and PostgreSQL (PostgreSQL-only forms on PostgreSQL only)
 against a real memcached. A form that resolves its rows invalidates them; one that
 cannot (textual SQL) invalidates every cached row of the model, with a WARNING.
 """
@@ -170,14 +170,23 @@ def users(engine: Engine, cache: Memcached) -> Engine:
     return engine
 
 
-@pytest.fixture(params=list(WRITES))
+@pytest.fixture
 def write(request: pytest.FixtureRequest, users: Engine) -> Write:
-    form = WRITES[request.param]
-    if form.postgresql_only and users.dialect.name != "postgresql":
-        pytest.skip("PostgreSQL only")
-    return form
+    return WRITES[request.param]
 
 
+def on_each_database(name: str, forms: dict[str, Any], postgresql_only: Callable[[str], bool]) -> Any:
+    """Run a class once per form in ``forms`` and database that has it (upserts: PostgreSQL)."""
+    combos = [
+        pytest.param(db, key, id=f"{db}-{key}")
+        for key in forms
+        for db in ("sqlite", "postgresql")
+        if db == "postgresql" or not postgresql_only(key)
+    ]
+    return pytest.mark.parametrize(("engine", name), combos, indirect=True)
+
+
+@on_each_database("write", WRITES, lambda key: WRITES[key].postgresql_only)
 class TestWrites:
     def test_the_row_is_invalidated_after_commit(self, users: Engine, write: Write) -> None:
         with Session(users) as s:
@@ -276,16 +285,15 @@ INSERTS = {
 }
 
 
-@pytest.fixture(params=list(INSERTS))
+@pytest.fixture
 def insert_42(request: pytest.FixtureRequest, users: Engine) -> Callable[[Session], None]:
     """An insert form of user 42 (not committed), with user 42's absence cached."""
-    if request.param.startswith("upsert") and users.dialect.name != "postgresql":
-        pytest.skip("PostgreSQL only")
     assert once(users, get_user_or_none, 42) is None
     assert stored(user_key(42))
     return INSERTS[request.param]
 
 
+@on_each_database("insert_42", INSERTS, lambda key: key.startswith("upsert"))
 class TestInserts:
     def test_a_cached_none_is_invalidated_after_commit(
         self, users: Engine, insert_42: Callable[[Session], None]
@@ -453,13 +461,12 @@ class TestUnresolvedWrites:
         assert counters()["model_invalidations"] == 0
         assert stored(user_key(2))
 
+    @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
     def test_a_sqlite_pragma_is_not_a_write(self, users: Engine, caplog: pytest.LogCaptureFixture) -> None:
         @invalidates(User)
         def inspect_table(session: Session) -> None:
             session.connection().exec_driver_sql("PRAGMA table_info(cd_users)").all()
 
-        if users.dialect.name != "sqlite":
-            pytest.skip("SQLite only")
         caplog.set_level(logging.WARNING, logger="cachedecor")
         with Session(users) as s:
             inspect_table(s)
