@@ -1,0 +1,186 @@
+"""What every store shares: the :class:`Store` interface, lease markers, backend errors.
+
+A *lease* is a marker written with an atomic "add if absent" before the database
+is read. The value is later written only if the marker is still the one this
+reader wrote (memcached ``gets``/``cas`` or meta ``ms C<cas>``, a compare-and-set
+script in Redis, a locked check in memory). An invalidation deletes the key, and
+with it any lease in flight, so a reader that read the database before a write
+committed can never put its older copy back.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from cachedecor.keys import KeyPattern
+
+__all__ = [
+    "LEASE_PREFIX",
+    "PartialResult",
+    "Store",
+    "UndeliveredInvalidation",
+    "ValueRefused",
+    "is_lease",
+    "new_lease_marker",
+    "register_fork_aware",
+]
+
+#: Every lease marker starts with this byte; real entries start with the format version.
+LEASE_PREFIX = b"\x00L"
+
+
+def is_lease(data: bytes) -> bool:
+    """Whether a stored value is a lease marker rather than an entry."""
+    return data[:2] == LEASE_PREFIX
+
+
+def new_lease_marker() -> bytes:
+    """A lease marker unique to this attempt."""
+    return LEASE_PREFIX + os.urandom(10)
+
+
+# --------------------------------------------------------------------------------------
+# processes: a forked child gets connections, locks and queues of its own
+
+
+class _ForkAware(Protocol):
+    def _after_fork_in_child(self) -> None: ...
+
+
+#: Live objects that hold connections, locks or queues of the process that made them.
+_fork_aware: weakref.WeakSet[_ForkAware] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for obj in list(_fork_aware):
+        obj._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def register_fork_aware(obj: _ForkAware) -> None:
+    """Call ``obj._after_fork_in_child()`` in every process forked after this."""
+    _fork_aware.add(obj)
+
+
+class UndeliveredInvalidation(Exception):
+    """Deleting keys failed; they were queued and are retried in the background."""
+
+    def __init__(self, keys: Sequence[str], error: BaseException) -> None:
+        super().__init__(f"{len(keys)} key(s) queued for retry after {type(error).__name__}: {error}")
+        self.keys = list(keys)
+        self.error = error
+
+
+class PartialResult(Exception):
+    """Some nodes of a multi-get failed; ``found`` holds what the others returned."""
+
+    def __init__(self, found: dict[str, Any], error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.found = found
+        self.error = error
+
+
+class ValueRefused(Exception):
+    """The server refused to store a value (too large, out of memory, ...)."""
+
+
+class Store:
+    """The operations cachedecor needs from a backend.
+
+    ``get``/``get_many`` return raw stored bytes (``None``/absent when missing).
+    ``lease`` tries to take the fill lease of a missing key and returns a token, or
+    ``None`` when the key is present or another reader holds the lease. ``fill``
+    writes the value only if the token still holds. Every method may raise; callers
+    treat that as the cache being unavailable.
+    """
+
+    name = "abstract"
+
+    def get(self, key: str) -> bytes | None:
+        raise NotImplementedError
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        raise NotImplementedError
+
+    def lease(self, key: str, ttl: int) -> Any:
+        raise NotImplementedError
+
+    def lease_many(self, keys: Sequence[str], ttl: int) -> dict[str, Any]:
+        """Leases of several keys; keys whose lease was not taken are left out."""
+        out = {}
+        for key in keys:
+            token = self.lease(key, ttl)
+            if token is not None:
+                out[key] = token
+        return out
+
+    def lookup(self, key: str, ttl: int) -> tuple[bytes | None, Any]:
+        """Read ``key``, taking its fill lease if it is missing.
+
+        Returns ``(entry, None)`` on a hit, ``(None, token)`` when the caller now
+        holds the lease, and ``(None, None)`` when another reader holds it.
+        """
+        data = self.get(key)
+        if data is None:
+            token = self.lease(key, ttl)
+            if token is not None:
+                return None, token
+            data = self.get(key)  # lost the race for the lease: filled, or leased
+        if data is not None and not is_lease(data):
+            return data, None
+        return None, None
+
+    def lookup_many(self, keys: Sequence[str], ttl: int) -> dict[str, tuple[bytes | None, Any]]:
+        """:meth:`lookup` of several keys. A partial failure raises :class:`PartialResult`
+        whose ``found`` holds every key (failed ones as ``(None, None)``)."""
+        error: BaseException | None = None
+        try:
+            found = self.get_many(keys)
+        except PartialResult as exc:  # some nodes failed: no leases, only what was read
+            found, error = exc.found, exc.error
+        missing = [k for k in keys if k not in found]
+        tokens = self.lease_many(missing, ttl) if missing and error is None else {}
+        out: dict[str, tuple[bytes | None, Any]] = {}
+        for key in keys:
+            data = found.get(key)
+            out[key] = (data, None) if data is not None and not is_lease(data) else (None, tokens.get(key))
+        if error is not None:
+            raise PartialResult(out, error)
+        return out
+
+    def peek(self, key: str) -> bytes | None:
+        """The stored bytes of ``key`` (an entry or a lease marker), without taking a lease."""
+        return self.get(key)
+
+    def fill_many(self, items: Sequence[tuple[str, bytes, Any]], ttl: int | None) -> dict[str, Any]:
+        """:meth:`fill` of several keys: key -> True, False, or the exception it raised."""
+        out: dict[str, Any] = {}
+        for key, value, token in items:
+            try:
+                out[key] = self.fill(key, value, token, ttl)
+            except Exception as exc:
+                out[key] = exc
+        return out
+
+    def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
+        raise NotImplementedError
+
+    def release(self, key: str, token: Any) -> None:
+        """Give up a lease without filling, so other readers need not wait for it."""
+        raise NotImplementedError
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def delete_matching(self, patterns: Sequence[KeyPattern]) -> int:
+        """Delete every key (entries and leases) that one of ``patterns`` matches.
+
+        Returns how many keys were deleted. Slow (it lists the server's keys): for
+        model-wide invalidation only.
+        """
+        raise NotImplementedError

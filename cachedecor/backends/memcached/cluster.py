@@ -1,0 +1,490 @@
+"""Several memcached nodes: rendezvous hashing, node health, deletes owed to a node."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from cachedecor.backends.base import PartialResult, UndeliveredInvalidation, register_fork_aware
+from cachedecor.backends.memcached.protocol import (
+    MetaUnsupported,
+    ProtocolError,
+    _answered,
+    _Exchange,
+    _server_spec,
+    _stale_connection,
+)
+
+__all__ = ["MemcachedCluster", "NodeDown", "NodeHealth"]
+
+
+class NodeDown(Exception):
+    """The memcached node that owns a key is marked down; the call was not attempted."""
+
+
+class _RawSerde:
+    """pymemcache serde that stores and returns bytes only and never unpickles.
+
+    dogpile-level values reach the client already serialized (the backend's
+    ``serializer``), cachedecor's own entries are bytes, and dogpile's distributed
+    lock stores the integer 1, so bytes, text and integers are all it needs.
+    """
+
+    @staticmethod
+    def serialize(key: Any, value: Any) -> tuple[bytes, int]:
+        if isinstance(value, bytes):
+            return value, 0
+        if isinstance(value, str):
+            return value.encode(), 0
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value).encode(), 0
+        raise TypeError(f"cachedecor's memcached client stores bytes, not {type(value).__name__}")
+
+    @staticmethod
+    def deserialize(key: Any, value: bytes, flags: int) -> bytes:
+        return value
+
+
+class NodeHealth:
+    """Circuit breaker and undelivered-invalidation queue, shared by one backend's threads.
+
+    After ``failures`` consecutive failures a node is skipped for ``dead_timeout``
+    seconds; the first call after that probes it again. Deletes that could not be
+    delivered are kept per node (at most ``max_pending`` keys; beyond that the node
+    is flushed instead) and retried every ``retry_interval`` seconds for up to
+    ``retry_for`` seconds. While a node has undelivered deletes, its keys are
+    neither read nor filled: the deletes are delivered first.
+
+    Both belong to one process. A process forked from this one starts with every
+    node up, no queued deletes (they stay with the parent, which delivers them once)
+    and no retry thread; locks held by the parent's other threads do not carry over.
+    """
+
+    def __init__(
+        self,
+        dead_timeout: float,
+        failures: int = 1,
+        *,
+        retry_interval: float = 0.5,
+        retry_for: float = 300.0,
+        max_pending: int = 10_000,
+    ) -> None:
+        self.dead_timeout = dead_timeout
+        self.failures = max(1, failures)
+        self.retry_interval = retry_interval
+        self.retry_for = retry_for
+        self.max_pending = max_pending
+        self.region = "?"
+        self.client_factory: Any = None
+        self._down_until: dict[str, float] = {}
+        self._failed: dict[str, int] = {}
+        self._pending: dict[str, dict[str, float]] = {}
+        self._flush: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._retrier: threading.Thread | None = None
+        self._wake = threading.Event()
+        register_fork_aware(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._down_until = {}
+        self._failed = {}
+        self._pending = {}
+        self._flush = {}
+        self._lock = threading.Lock()
+        self._retrier = None
+        self._wake = threading.Event()
+
+    # -- circuit breaker ---------------------------------------------------------------
+
+    def is_down(self, node: str) -> bool:
+        until = self._down_until.get(node)
+        if until is None:
+            return False
+        if time.monotonic() >= until:
+            # let one probe through; if it fails the node is marked down again
+            with self._lock:
+                self._down_until.pop(node, None)
+            return False
+        return True
+
+    def failed(self, node: str) -> None:
+        with self._lock:
+            n = self._failed.get(node, 0) + 1
+            self._failed[node] = n
+            if n >= self.failures:
+                self._down_until[node] = time.monotonic() + self.dead_timeout
+                self._failed[node] = 0
+
+    def succeeded(self, node: str) -> None:
+        if self._failed.get(node):
+            with self._lock:
+                self._failed[node] = 0
+
+    def down_nodes(self) -> list[str]:
+        now = time.monotonic()
+        return sorted(n for n, until in self._down_until.items() if until > now)
+
+    # -- undelivered invalidations -----------------------------------------------------
+
+    def owes(self, node: str) -> bool:
+        """Whether ``node`` has deletes (or a flush) that must be delivered before use."""
+        return node in self._pending or node in self._flush
+
+    def queue(self, node: str, keys: Iterable[str]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if node in self._flush:
+                return
+            pending = self._pending.setdefault(node, {})
+            for key in keys:
+                pending.setdefault(key, now)
+            if len(pending) > self.max_pending:
+                # too many to remember: the node is flushed when it can be reached
+                self._flush[node] = min(pending.values())
+                del self._pending[node]
+        self._start_retrier()
+
+    def take(self, node: str) -> tuple[bool, dict[str, float]]:
+        """(flush needed, pending keys) of ``node``, removed from the queue."""
+        with self._lock:
+            flush = self._flush.pop(node, None)
+            pending = self._pending.pop(node, {})
+        if flush is not None:
+            return True, {"": flush}
+        return False, pending
+
+    def give_back(self, node: str, flush: bool, pending: dict[str, float]) -> None:
+        """Requeue what :meth:`take` returned after a failed delivery; expire old entries."""
+        from cachedecor.stats import counters as region_counters
+        from cachedecor.stats import log
+
+        now = time.monotonic()
+        expired = [k for k, since in pending.items() if now - since > self.retry_for]
+        with self._lock:
+            if flush:
+                if not expired:
+                    self._flush.setdefault(node, pending[""])
+            else:
+                target = self._pending.setdefault(node, {})
+                for key, since in pending.items():
+                    if now - since <= self.retry_for:
+                        target.setdefault(key, since)
+                if not target:
+                    del self._pending[node]
+        if expired:
+            region_counters(self.region).invalidations_lost += len(expired) if not flush else 1
+            log.error(
+                "cache region %r: gave up invalidating on memcached node %s after %ss; "
+                "these entries may be stale until they expire (the region's expiration_time): %s",
+                self.region,
+                node,
+                self.retry_for,
+                "(whole node flush)" if flush else ", ".join(sorted(expired)[:50]),
+            )
+
+    def owe_flush(self, node: str) -> None:
+        """``node`` must be flushed before it is used again (a model-wide invalidation it missed)."""
+        with self._lock:
+            self._pending.pop(node, None)
+            self._flush.setdefault(node, time.monotonic())
+        self._start_retrier()
+
+    def pending_count(self) -> int:
+        with self._lock:
+            return sum(len(p) for p in self._pending.values()) + len(self._flush)
+
+    def _start_retrier(self) -> None:
+        if self.client_factory is None:
+            return
+        with self._lock:
+            if self._retrier is not None and self._retrier.is_alive():
+                self._wake.set()
+                return
+            self._retrier = threading.Thread(
+                target=self._retry_loop, name=f"cachedecor-retry-{self.region}", daemon=True
+            )
+            self._retrier.start()
+
+    def _retry_loop(self) -> None:
+        client: MemcachedCluster = self.client_factory()
+        try:
+            while True:
+                self._wake.wait(self.retry_interval)
+                self._wake.clear()
+                with self._lock:
+                    nodes = [n for n in {*self._pending, *self._flush}]
+                if not nodes:
+                    return
+                for node in nodes:
+                    if node in client.clients and not self.is_down(node):
+                        try:
+                            client.deliver(node)
+                        except Exception:
+                            pass  # requeued by deliver(); tried again next round
+        finally:
+            client.close()
+
+
+class MemcachedCluster:
+    """A pymemcache-style client over one or more memcached nodes.
+
+    Keys are placed by rendezvous hashing over the *configured* nodes; a failed node
+    is never removed from the hash, so its keys are not remapped to other nodes
+    (which would let a returning node serve entries whose invalidations went
+    elsewhere). While a node is down, operations on its keys raise :class:`NodeDown`
+    at once instead of waiting for a timeout.
+
+    Connections belong to the process that opened them: in a forked child every
+    cluster inherited from the parent has its sockets closed (in the child only;
+    the parent's connections stay open) and reconnects on first use.
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[str],
+        health: NodeHealth,
+        *,
+        retry_attempts: int = 0,
+        retry_delay: float = 0.0,
+        **client_kwargs: Any,
+    ) -> None:
+        from pymemcache.client.base import Client
+        from pymemcache.client.rendezvous import RendezvousHash
+
+        self.servers = list(servers)
+        self.health = health
+        self.retry_attempts = retry_attempts
+        self.retry_delay = retry_delay
+        self.clients = {s: Client(_server_spec(s), **client_kwargs) for s in self.servers}
+        self._single = self.clients[self.servers[0]] if len(self.servers) == 1 else None
+        self._hash = RendezvousHash(list(self.servers))
+        register_fork_aware(self)
+
+    def _after_fork_in_child(self) -> None:
+        self.close()
+
+    # -- routing -----------------------------------------------------------------------
+
+    def node_for(self, key: str) -> str:
+        """The server (``host:port``) that owns ``key``."""
+        if self._single is not None:
+            return self.servers[0]
+        node: str = self._hash.get_node(key)
+        return node
+
+    def deliver(self, node: str) -> None:
+        """Deliver the deletes (or flush) ``node`` is owed; on failure requeue and raise."""
+        flush, pending = self.health.take(node)
+        if not flush and not pending:
+            return
+        client = self.clients[node]
+        try:
+            if flush:
+                client.flush_all(noreply=False)
+            else:
+                client.delete_many(list(pending), noreply=False)
+        except Exception:
+            client.close()
+            self.health.give_back(node, flush, pending)
+            self.health.failed(node)
+            raise
+        self.health.succeeded(node)
+
+    def _call(self, node: str, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self._run(node, lambda client: getattr(client, name)(*args, **kwargs))
+
+    def meta(self, key: str, command: bytes) -> tuple[bytes, list[bytes], bytes | None]:
+        """Send one meta command for ``key`` and return its reply (code, flags, value)."""
+        replies: list[tuple[bytes, list[bytes], bytes | None]] = self._run(
+            self.node_for(key), _Exchange(command, 1)
+        )
+        return replies[0]
+
+    def meta_many(self, commands: dict[str, bytes]) -> dict[str, tuple[bytes, list[bytes], bytes | None]]:
+        """Send one meta command per key, pipelined per node (one round trip each)."""
+        out: dict[str, tuple[bytes, list[bytes], bytes | None]] = {}
+        error: BaseException | None = None
+        for node, group in self._by_node(commands).items():
+            payload = b"".join(commands[k] for k in group)
+            try:
+                replies = self._run(node, _Exchange(payload, len(group)))
+            except MetaUnsupported:
+                raise
+            except Exception as exc:
+                error = exc
+                continue
+            out.update(zip(group, replies, strict=True))
+        if error is not None:
+            raise PartialResult(out, error)
+        return out
+
+    def _run(self, node: str, operation: Any) -> Any:
+        health = self.health
+        if health.is_down(node):
+            raise NodeDown(f"memcached node {node} is marked down")
+        if health.owes(node):
+            self.deliver(node)
+        client = self.clients[node]
+        attempts = self.retry_attempts
+        while True:
+            reused = client.sock is not None
+            try:
+                result = operation(client)
+            except Exception as exc:
+                if isinstance(exc, MetaUnsupported) or _answered(exc):
+                    raise  # the server is fine: it answered, with an error about this request
+                client.close()
+                if reused and _stale_connection(exc):
+                    # a connection the server closed while idle (a restart, an idle
+                    # timeout): one immediate retry on a new connection, not a failure
+                    continue
+                if attempts > 0:
+                    attempts -= 1
+                    if self.retry_delay:
+                        time.sleep(self.retry_delay)
+                    continue
+                self.health.failed(node)
+                raise
+            self.health.succeeded(node)
+            return result
+
+    def _by_node(self, keys: Iterable[str]) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        for key in keys:
+            groups.setdefault(self.node_for(key), []).append(key)
+        return groups
+
+    # -- the pymemcache client API used by dogpile and cachedecor ---------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._call(self.node_for(key), "get", key, default)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """Values of the keys that are present. A failing node raises (after the others)."""
+        out: dict[str, Any] = {}
+        error: BaseException | None = None
+        for node, group in self._by_node(keys).items():
+            try:
+                out.update(self._call(node, "get_many", group))
+            except Exception as exc:
+                error = exc
+        if error is not None:
+            raise PartialResult(out, error)
+        return out
+
+    get_multi = get_many
+
+    def gets(self, key: str) -> tuple[Any, Any]:
+        result: tuple[Any, Any] = self._call(self.node_for(key), "gets", key)
+        return result
+
+    def set(self, key: str, value: Any, expire: int = 0, noreply: bool | None = None) -> bool:
+        return bool(self._call(self.node_for(key), "set", key, value, expire, noreply))
+
+    def set_many(self, values: dict[str, Any], expire: int = 0, noreply: bool | None = None) -> list[str]:
+        failed: list[str] = []
+        for node, group in self._by_node(values).items():
+            failed += self._call(node, "set_many", {k: values[k] for k in group}, expire, noreply)
+        return failed
+
+    set_multi = set_many
+
+    def add(self, key: str, value: Any, expire: int = 0, noreply: bool | None = None) -> bool:
+        return bool(self._call(self.node_for(key), "add", key, value, expire, noreply))
+
+    def cas(self, key: str, value: Any, cas: Any, expire: int = 0) -> bool | None:
+        result: bool | None = self._call(self.node_for(key), "cas", key, value, cas, expire, False)
+        return result
+
+    def delete(self, key: str, noreply: bool | None = None) -> bool:
+        return self.delete_many([key], noreply)
+
+    def delete_many(self, keys: Iterable[str], noreply: bool | None = None) -> bool:
+        """Delete keys; those of unreachable nodes are queued for retry (and reported)."""
+        error: BaseException | None = None
+        queued: list[str] = []
+        for node, group in self._by_node(keys).items():
+            try:
+                self._call(node, "delete_many", group, noreply)
+            except Exception as exc:
+                self.health.queue(node, group)
+                queued += group
+                error = exc
+        if error is not None:
+            raise UndeliveredInvalidation(queued, error)
+        return True
+
+    delete_multi = delete_many
+
+    def stats(self) -> dict[str, dict[bytes, Any] | BaseException]:
+        """Each node's ``stats`` (or the exception it raised)."""
+        out: dict[str, dict[bytes, Any] | BaseException] = {}
+        for node, client in self.clients.items():
+            try:
+                out[node] = client.stats()
+            except Exception as exc:
+                client.close()
+                out[node] = exc
+        return out
+
+    def close(self) -> None:
+        """Close this process's connections; the next call opens new ones.
+
+        Only the file descriptors are closed (no ``quit``, no ``shutdown``), so a
+        connection that another process shares stays open for that process.
+        """
+        for client in self.clients.values():
+            client.close()
+
+
+def _metadump(cluster: MemcachedCluster, node: str) -> list[str]:
+    """Every key stored on ``node`` (``lru_crawler metadump``), on a connection of its own.
+
+    The crawler walks the hash table (``hash``): a walk of the LRUs (``all``, the
+    fallback for servers without ``hash``) misses items that reads are moving between
+    LRUs, which are the recently read ones (measured on memcached 1.6.18).
+    """
+    from urllib.parse import unquote
+
+    from pymemcache.client.base import Client
+
+    template = cluster.clients[node]
+    client = Client(
+        _server_spec(node),
+        connect_timeout=template.connect_timeout or 1.0,
+        timeout=max(template.timeout or 0, 5.0),
+        no_delay=True,
+    )
+    mode = b"hash"
+    try:
+        for attempt in range(50):
+            client._connect()
+            client.sock.sendall(b"lru_crawler metadump %b\r\n" % mode)
+            buf = b""
+            while not (buf.endswith(b"END\r\n") or buf.startswith((b"BUSY", b"ERROR", b"CLIENT_ERROR"))):
+                chunk = client.sock.recv(1 << 16)
+                if not chunk:
+                    raise ProtocolError("connection closed during metadump")
+                buf += chunk
+                if buf.startswith((b"BUSY", b"ERROR", b"CLIENT_ERROR")) and buf.endswith(b"\r\n"):
+                    break
+            if buf.startswith(b"BUSY"):  # another crawl is running: wait for it
+                client.close()
+                time.sleep(0.02 * (attempt + 1))
+                continue
+            if not buf.endswith(b"END\r\n"):
+                if mode == b"hash":  # a server without the hash-table walk
+                    client.close()
+                    mode = b"all"
+                    continue
+                raise ProtocolError(f"metadump refused: {buf[:80]!r}")
+            keys = []
+            for line in buf[:-5].split(b"\n"):
+                if line.startswith(b"key="):
+                    keys.append(unquote(line[4:].split(b" ", 1)[0].decode("ascii")))
+            return keys
+        raise ProtocolError("the LRU crawler stayed busy")
+    finally:
+        client.close()

@@ -1,0 +1,162 @@
+"""memcached's protocol: building meta commands and reading replies, with no sockets.
+
+The transport (:mod:`cachedecor.backends.memcached.cluster`) hands bytes in and out;
+everything here is a pure function of them, except :func:`_exchange`, which runs
+one pipelined exchange on a pymemcache connection it is given.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from cachedecor.backends.base import ValueRefused
+
+#: memcached treats an expiry above 30 days as a Unix timestamp.
+_MEMCACHED_MAX_RELATIVE = 30 * 24 * 3600
+
+
+class MetaUnsupported(Exception):
+    """The server answered ERROR to a meta command: it predates memcached 1.6."""
+
+
+_META_CODES = frozenset((b"HD", b"EN", b"NF", b"EX", b"NS", b"MN"))
+
+
+def _exchange(client: Any, payload: bytes, count: int) -> list[tuple[bytes, list[bytes], bytes | None]]:
+    """Write ``payload`` (``count`` meta commands) and read ``count`` replies.
+
+    Uses pymemcache's connection (timeouts, TCP_NODELAY, TLS) and its line reader.
+    A reply the protocol does not allow closes the connection, so that a stream
+    out of step is never reused.
+    """
+    _readline, _readvalue = _readers()
+    if client.sock is None:
+        client._connect()
+    sock = client.sock
+    sock.sendall(payload)
+    buf = b""
+    replies: list[tuple[bytes, list[bytes], bytes | None]] = []
+    for _ in range(count):
+        buf, line = _readline(sock, buf)
+        parts = line.split()
+        code = parts[0] if parts else b""
+        if code == b"VA":
+            buf, value = _readvalue(sock, buf, int(parts[1]))
+            replies.append((code, parts[2:], value))
+        elif code in _META_CODES or code == b"SERVER_ERROR":
+            replies.append((code, parts[1:], None))
+        else:
+            client.close()
+            if line == b"ERROR":
+                raise MetaUnsupported("the server does not know meta commands")
+            raise ProtocolError(line.decode("ascii", "replace"))
+    if buf:
+        client.close()
+        raise ProtocolError("unexpected bytes after the last reply")
+    return replies
+
+
+def _readers() -> Any:
+    global _READERS
+    if _READERS is None:
+        from pymemcache.client import base
+
+        _READERS = (base._readline, base._readvalue)
+    return _READERS
+
+
+_READERS: Any = None
+
+
+class _Exchange:
+    """A pipelined meta exchange, as an operation for :meth:`MemcachedCluster._run`."""
+
+    __slots__ = ("count", "payload")
+
+    def __init__(self, payload: bytes, count: int) -> None:
+        self.payload = payload
+        self.count = count
+
+    def __call__(self, client: Any) -> list[tuple[bytes, list[bytes], bytes | None]]:
+        return _exchange(client, self.payload, self.count)
+
+
+class ProtocolError(Exception):
+    """memcached answered something the protocol does not allow here."""
+
+
+def _stale_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection was closed by the other side (not a timeout)."""
+    from pymemcache.exceptions import MemcacheUnexpectedCloseError
+
+    return isinstance(
+        exc, (MemcacheUnexpectedCloseError, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+    )
+
+
+def _answered(exc: BaseException) -> bool:
+    """Whether ``exc`` is the server's answer to a request (not a failed connection)."""
+    from pymemcache.exceptions import MemcacheClientError, MemcacheServerError, MemcacheUnexpectedCloseError
+
+    return isinstance(exc, (MemcacheServerError, MemcacheClientError)) and not isinstance(
+        exc, MemcacheUnexpectedCloseError
+    )
+
+
+def _server_spec(server: str) -> Any:
+    if server.startswith("/"):
+        return server  # unix socket
+    host, sep, port = server.rpartition(":")
+    if not sep:
+        return (server, 11211)
+    return (host.strip("[]"), int(port))
+
+
+def _memcached_expire(ttl: int | None) -> int:
+    if not ttl or ttl <= 0:
+        return 0
+    if ttl > _MEMCACHED_MAX_RELATIVE:
+        return int(time.time()) + ttl
+    return ttl
+
+
+def _cas_bytes(token: Any) -> bytes:
+    return token if isinstance(token, bytes) else str(int(token)).encode()
+
+
+def _ms(key: str, value: bytes, token: Any, ttl: int | None) -> bytes:
+    return b"ms %b %d C%b T%d\r\n%b\r\n" % (
+        key.encode(),
+        len(value),
+        _cas_bytes(token),
+        _memcached_expire(ttl),
+        value,
+    )
+
+
+def _stored(code: bytes, flags: list[bytes]) -> bool:
+    if code == b"HD":
+        return True
+    if code in (b"EX", b"NF", b"NS"):
+        return False
+    raise ValueRefused(b" ".join([code, *flags]).decode("ascii", "replace"))
+
+
+def _lookup_result(code: bytes, flags: list[bytes], value: bytes | None) -> tuple[bytes | None, Any]:
+    if code != b"VA":
+        return None, None  # EN: nothing stored and nothing vivified; read through
+    won = lost = False
+    cas = None
+    for flag in flags:
+        if flag == b"W":
+            won = True
+        elif flag == b"Z":
+            lost = True
+        elif flag[:1] == b"c":
+            cas = flag[1:]
+    if won:
+        return None, cas
+    if lost or not value:
+        return None, None
+    return value, None

@@ -1,0 +1,198 @@
+"""The :class:`~cachedecor.backends.base.Store` of memcached: meta-protocol leases, classic fallback."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from cachedecor.backends.base import (
+    LEASE_PREFIX,
+    PartialResult,
+    Store,
+    UndeliveredInvalidation,
+    ValueRefused,
+    new_lease_marker,
+)
+from cachedecor.backends.memcached.cluster import MemcachedCluster, _metadump
+from cachedecor.backends.memcached.protocol import (
+    MetaUnsupported,
+    _answered,
+    _cas_bytes,
+    _lookup_result,
+    _memcached_expire,
+    _ms,
+    _stored,
+)
+from cachedecor.keys import KeyPattern
+
+if TYPE_CHECKING:
+    from cachedecor.backends.memcached.dogpile import PyMemcacheBackend
+
+__all__ = ["MemcachedStore"]
+
+
+class MemcachedStore(Store):
+    """memcached with its meta protocol, falling back to ``add``/``gets``/``cas``.
+
+    With memcached 1.6 meta commands a read takes the lease in the same round trip
+    (``mg <key> v c N<ttl>``: a miss creates an empty placeholder and tells exactly
+    one client it won), and the fill is ``ms <key> C<cas>``: a miss costs two round
+    trips, as plain cache-aside does. Servers without meta commands get the classic
+    lease: ``add`` of a marker, ``gets``, then ``cas`` (two more round trips).
+    """
+
+    name = "memcached"
+
+    def __init__(self, backend: PyMemcacheBackend) -> None:
+        self.backend = backend
+        self._clients = backend._clients
+        self.meta = bool(backend.meta_protocol)
+
+    @property
+    def client(self) -> MemcachedCluster:
+        client: MemcachedCluster = self._clients.memcached
+        return client
+
+    # -- classic commands (also the fallback) -------------------------------------------
+
+    def get(self, key: str) -> bytes | None:
+        value: bytes | None = self._clients.memcached.get(key)
+        return value
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        return self._clients.memcached.get_many(keys)  # type: ignore[no-any-return]
+
+    def lease(self, key: str, ttl: int) -> Any:
+        client = self.client
+        marker = new_lease_marker()
+        if not client.add(key, marker, ttl, noreply=False):
+            return None
+        value, cas = client.gets(key)
+        if value != marker:
+            return None
+        return cas
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        self.client.delete_many(keys, noreply=False)
+
+    def delete_matching(self, patterns: Sequence[KeyPattern]) -> int:
+        """Lists each node's keys with ``lru_crawler metadump`` and deletes the matches.
+
+        A node that cannot be listed is flushed when it can be reached again (its
+        deletes are owed, as for any undelivered invalidation).
+        """
+        client = self.client
+        deleted = 0
+        failed: BaseException | None = None
+        for node in client.servers:
+            try:
+                keys = [k for k in _metadump(client, node) if any(p.matches(k) for p in patterns)]
+            except Exception as exc:
+                client.health.owe_flush(node)
+                failed = exc
+                continue
+            for start in range(0, len(keys), 500):
+                batch = keys[start : start + 500]
+                try:
+                    client._call(node, "delete_many", batch, False)
+                except Exception as exc:
+                    client.health.queue(node, batch)
+                    failed = exc
+                deleted += len(batch)
+        if failed is not None:
+            raise UndeliveredInvalidation([repr(p) for p in patterns], failed)
+        return deleted
+
+    # -- meta-protocol operations -------------------------------------------------------
+
+    def _unsupported(self) -> None:
+        self.meta = False
+        log_meta_fallback()
+
+    def lookup(self, key: str, ttl: int) -> tuple[bytes | None, Any]:
+        if self.meta:
+            try:
+                code, flags, value = self.client.meta(key, b"mg %b v c N%d\r\n" % (key.encode(), ttl))
+            except MetaUnsupported:
+                self._unsupported()
+            else:
+                return _lookup_result(code, flags, value)
+        return super().lookup(key, ttl)
+
+    def lookup_many(self, keys: Sequence[str], ttl: int) -> dict[str, tuple[bytes | None, Any]]:
+        if self.meta:
+            commands = {k: b"mg %b v c N%d\r\n" % (k.encode(), ttl) for k in keys}
+            try:
+                replies = self.client.meta_many(commands)
+            except MetaUnsupported:
+                self._unsupported()
+            except PartialResult as exc:
+                out = {k: _lookup_result(*r) for k, r in exc.found.items()}
+                raise PartialResult({k: out.get(k, (None, None)) for k in keys}, exc.error) from exc.error
+            else:
+                return {k: _lookup_result(*replies[k]) for k in keys}
+        return super().lookup_many(keys, ttl)
+
+    def peek(self, key: str) -> bytes | None:
+        if self.meta:
+            code, flags, value = self.client.meta(key, b"mg %b v\r\n" % key.encode())
+            if code != b"VA":
+                return None
+            if b"W" in flags or b"Z" in flags or not value:
+                return LEASE_PREFIX  # the placeholder of a reader that is filling it
+            return value
+        return self.get(key)
+
+    def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
+        if self.meta:
+            code, flags, _ = self.client.meta(key, _ms(key, value, token, ttl))
+            return _stored(code, flags)
+        try:
+            return bool(self.client.cas(key, value, token, _memcached_expire(ttl)))
+        except Exception as exc:
+            if _answered(exc):
+                raise ValueRefused(str(exc)) from exc
+            raise
+
+    def fill_many(self, items: Sequence[tuple[str, bytes, Any]], ttl: int | None) -> dict[str, Any]:
+        if not self.meta:
+            return super().fill_many(items, ttl)
+        commands = {key: _ms(key, value, token, ttl) for key, value, token in items}
+        try:
+            replies = self.client.meta_many(commands)
+        except PartialResult as exc:
+            replies = exc.found
+            failed: dict[str, Any] = {k: exc.error for k in commands if k not in replies}
+        else:
+            failed = {}
+        out: dict[str, Any] = dict(failed)
+        for key, (code, flags, _) in replies.items():
+            try:
+                out[key] = _stored(code, flags)
+            except ValueRefused as exc:
+                out[key] = exc
+        return out
+
+    def release(self, key: str, token: Any) -> None:
+        if self.meta:
+            self.client.meta(key, b"md %b C%b\r\n" % (key.encode(), _cas_bytes(token)))
+            return
+        # memcached's classic protocol has no compare-and-delete. Deleting is safe:
+        # if the lease is no longer ours the key holds another lease (whose fill then
+        # fails) or a fresh entry (which costs one miss).
+        self.client.delete(key, noreply=False)
+
+
+_meta_fallback_logged = False
+
+
+def log_meta_fallback() -> None:
+    global _meta_fallback_logged
+    if not _meta_fallback_logged:
+        _meta_fallback_logged = True
+        from cachedecor.stats import log
+
+        log.warning(
+            "memcached does not speak the meta protocol (memcached < 1.6): using add/gets/cas "
+            "leases, which cost two more round trips per miss"
+        )
