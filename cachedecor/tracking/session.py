@@ -1,0 +1,217 @@
+"""Per session: what its transaction wrote, may it fill, where its rows live."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
+
+import sqlalchemy
+from sqlalchemy.orm import Mapper, Session
+
+from cachedecor.invalidation import Group
+from cachedecor.keys import Space, key_maker
+
+__all__ = [
+    "Tracker",
+    "may_fill",
+    "queue_rows",
+    "queue_wide",
+    "reads_old_snapshot",
+    "session_space",
+    "session_tracker",
+    "space_for_options",
+]
+
+log = logging.getLogger("cachedecor")
+
+_TRACKER = "cachedecor.tracker"
+_INTERNAL = "cachedecor_internal"
+
+
+class Tracker:
+    """Per-session state: what the current transaction wrote and must invalidate."""
+
+    __slots__ = ("bulk", "flushing", "rows", "watched", "wide", "written", "wrote")
+
+    def __init__(self) -> None:
+        self.wrote = False
+        self.flushing = False
+        self.rows: dict[Group, set[tuple[Any, ...]]] = {}
+        self.written: set[tuple[type, Any, str]] = set()
+        self.bulk: set[type] = set()
+        self.wide: set[Group] = set()
+        self.watched: dict[int, Any] = {}
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.written or self.bulk)
+
+    def add_row(self, model: type, pk: Any, space: Space | None = None) -> None:
+        pk = tuple(pk) if isinstance(pk, (list, tuple)) else (pk,)
+        maker = key_maker(model)
+        self.rows.setdefault((maker.model, space), set()).add(pk)
+        try:
+            self.written.add((maker.model, space, maker.encode_pk(pk)))
+        except Exception:  # a key that cannot be encoded is never cached: nothing to block
+            pass
+
+    def add_wide(self, model: type, space: Space | None = None) -> None:
+        base = key_maker(model).model
+        self.wide.add((base, space))
+        self.bulk.add(base)
+
+    def blocks(self, base: type, pk_text: str, space: Space | None) -> bool:
+        """Whether a read of this row must bypass the cache in this transaction."""
+        if base in self.bulk:
+            return True
+        return (base, space, pk_text) in self.written
+
+    def clear(self) -> None:
+        self.wrote = False
+        self.flushing = False
+        self.rows.clear()
+        self.written.clear()
+        self.bulk.clear()
+        self.wide.clear()
+        self.watched.clear()
+
+
+def _tracker(session: Session) -> Tracker:
+    tracker = session.info.get(_TRACKER)
+    if tracker is None:
+        tracker = session.info[_TRACKER] = Tracker()
+    return cast(Tracker, tracker)
+
+
+def session_tracker(session: Session) -> Tracker | None:
+    """The tracker of ``session`` if it has one (read side, hot path)."""
+    tracker: Tracker | None = session.info.get(_TRACKER)
+    return tracker
+
+
+def queue_rows(session: Session, model: type, pks: Iterable[Any]) -> None:
+    """Invalidate these rows when ``session``'s transaction commits (dropped on rollback)."""
+    tracker = _tracker(session)
+    space = session_space(session, model)
+    for pk in pks:
+        tracker.add_row(model, pk, space)
+
+
+def queue_wide(session: Session, model: type) -> None:
+    """Invalidate every row of ``model`` when ``session``'s transaction commits."""
+    _tracker(session).add_wide(model, session_space(session, model))
+
+
+# --------------------------------------------------------------------------------------
+# where a session's rows live: schema_translate_map
+
+
+def _translate_map(session: Session, mapper: Mapper[Any], token: Any = None) -> Mapping[Any, Any] | None:
+    try:
+        # a ShardedSession binds each shard (identity token) to an engine of its own
+        bind = session.get_bind(mapper) if token is None else session.get_bind(mapper, shard_id=token)
+    except Exception:
+        return None
+    transaction = session._transaction
+    while transaction is not None:
+        entry = transaction._connections.get(bind)
+        transaction = transaction._parent
+        if entry is not None:
+            return cast("Mapping[Any, Any] | None", entry[0]._execution_options.get("schema_translate_map"))
+    options = getattr(bind, "_execution_options", None)
+    return None if options is None else options.get("schema_translate_map")
+
+
+def session_space(session: Session | None, model: Any, token: Any = None) -> Space | None:
+    """The space (schema, identity token) in which ``session`` reads rows of ``model``.
+
+    ``None`` when neither a ``schema_translate_map`` moves the model's table nor a
+    token applies: the common case, whose keys carry only the table's own schema.
+    """
+    found = _models.get(model)
+    if found is None:
+        found = _models[model] = (sqlalchemy.inspect(model), key_maker(model).schema)
+    mapper, schema = found
+    if session is not None:
+        translate = _translate_map(session, mapper, token)
+        if translate and schema in translate:
+            return (translate[schema], token)
+    if token is not None:
+        return (schema, token)
+    return None
+
+
+#: model -> (mapper, schema of its hierarchy's root table)
+_models: dict[Any, tuple[Mapper[Any], Any]] = {}
+
+
+def _root_schema(model: Any) -> Any:
+    return key_maker(model).schema
+
+
+def space_for_options(model: Any, options: Mapping[str, Any], token: Any = None) -> Space | None:
+    """:func:`session_space` for a statement executed with ``options``."""
+    translate = options.get("schema_translate_map")
+    schema = _root_schema(model)
+    if translate and schema in translate:
+        return (translate[schema], token)
+    if token is not None:
+        return (schema, token)
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# whether a read may fill
+
+
+def may_fill(session: Session | None) -> bool:
+    """Whether a row read in ``session`` may be written to the cache.
+
+    Not once the session's transaction has written anything: what it reads may then
+    be its own uncommitted change, which other sessions must never see.
+    """
+    if session is None:
+        return True
+    tracker: Tracker | None = session.info.get(_TRACKER)
+    return tracker is None or not tracker.wrote
+
+
+_READ_ONLY_SQL = (
+    "SELECT",
+    "WITH",
+    "SHOW",
+    "EXPLAIN",
+    "VALUES",
+    "SET",
+    "BEGIN",
+    "COMMIT",
+    "ROLLBACK",
+    "PRAGMA",
+)
+_SNAPSHOT_LEVELS = frozenset({"REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT"})
+
+
+def reads_old_snapshot(session: Session) -> bool:
+    """Whether the session's transaction already reads from a snapshot taken earlier.
+
+    At REPEATABLE READ or SERIALIZABLE, a transaction sees the data as of its first
+    statement. If that statement ran before a miss takes its lease, what the miss
+    reads may predate a write committed (and invalidated) in between, so it must
+    not be cached. SQLite is left out: without WAL its readers block writers, and
+    its isolation level is always reported as SERIALIZABLE.
+    """
+    transaction = session.get_transaction()
+    connections = getattr(transaction, "_connections", None) if transaction is not None else None
+    if not connections:
+        return False  # no statement yet: the snapshot will start after the lease
+    for entry in list(connections.values()):
+        connection = entry[0]
+        if connection.dialect.name == "sqlite":
+            continue
+        level = (
+            connection.get_execution_options().get("isolation_level") or connection.default_isolation_level
+        )
+        if level is not None and str(level).upper() in _SNAPSHOT_LEVELS:
+            return True
+    return False

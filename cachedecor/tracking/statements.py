@@ -1,0 +1,356 @@
+"""Statements: every INSERT/UPDATE/DELETE on a session's connections, ORM or Core, resolved to rows."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import event, select
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+from sqlalchemy.sql import dml, elements
+
+from cachedecor.keys import Space, key_maker
+from cachedecor.tracking.events import _owner
+from cachedecor.tracking.scope import Scope, _scope
+from cachedecor.tracking.session import (
+    _INTERNAL,
+    _READ_ONLY_SQL,
+    _tracker,
+    log,
+    session_space,
+    space_for_options,
+)
+
+__all__: list[str] = []
+
+
+_table_models: dict[Any, tuple[type, ...]] = {}
+
+
+@event.listens_for(Mapper, "after_mapper_constructed")
+def _new_mapper(mapper: Mapper[Any], cls: type) -> None:
+    _table_models.clear()
+
+
+def _models_of(table: Any) -> tuple[type, ...]:
+    """The mapped classes whose rows live in ``table`` (hierarchy roots first)."""
+    found = _table_models.get(table)
+    if found is None:
+        from sqlalchemy.orm import mapperlib
+
+        models: list[type] = []
+        for registry in list(mapperlib._all_registries()):
+            for mapper in list(registry.mappers):
+                if table in mapper.tables and mapper.class_ not in models:
+                    models.append(mapper.class_)
+        found = _table_models[table] = tuple(models)
+    return found
+
+
+def _writes_text(text: str) -> bool:
+    words = text.lstrip().split(None, 1)
+    return bool(words) and words[0].upper() not in _READ_ONLY_SQL
+
+
+@event.listens_for(Engine, "before_execute")
+def _before_execute(
+    conn: Connection, elem: Any, multiparams: Any, params: Any, execution_options: Mapping[str, Any]
+) -> None:
+    if isinstance(elem, elements.TextClause):
+        if not _writes_text(elem.text):
+            return
+        _untracked_write(conn, "textual SQL", execution_options)
+        return
+    if not isinstance(elem, dml.UpdateBase) or execution_options.get(_INTERNAL):
+        return
+    session = _owner(conn)
+    if session is not None:
+        tracker = _tracker(session)
+        tracker.wrote = True
+        if tracker.flushing:
+            return  # the unit of work: after_flush records its rows
+    scope = _scope.get()
+    if scope is None:
+        return
+    table = getattr(elem, "table", None)
+    models = [m for m in _models_of(table) if scope.covers(m)] if table is not None else []
+    if not models:
+        return
+    if session is not None:
+        scope.sessions.add(session)
+    param_list = list(multiparams) if multiparams else ([params] if params else [])
+    model = models[0]  # the classes of one table share their keys
+    spaces = _spaces(conn, session, model, execution_options)
+    pks = _affected(conn, elem, table, param_list, execution_options)
+    if pks is not None:
+        for space in spaces:
+            _add_rows(session, scope, model, space, pks)
+    elif isinstance(elem, dml.Insert) and getattr(elem, "_post_values_clause", None) is None:
+        # new rows whose keys the database assigns: known once the statement has run
+        _inserts[conn] = (elem, session, scope, model, spaces)
+    else:
+        what = f"a {type(elem).__name__.upper()} on {getattr(table, 'name', table)} whose rows are not known"
+        _unresolved(session, scope, model, spaces, what)
+
+
+def _spaces(
+    conn: Connection, session: Session | None, model: type, execution_options: Mapping[str, Any]
+) -> list[Space | None]:
+    """Where the rows that a statement on ``conn`` writes live: usually one space.
+
+    The schema comes from the connection's and the statement's ``schema_translate_map``;
+    the identity token from the statement (the ORM in a ``ShardedSession`` names it) or
+    else from the shard whose engine the connection belongs to (a Core statement on
+    ``session.connection(bind_arguments={"shard_id": ...})``). Shards that share one
+    engine cannot be told apart by the connection: the rows are then named in each.
+    """
+    options = (
+        {**conn._execution_options, **execution_options} if execution_options else conn._execution_options
+    )
+    token = options.get("identity_token")
+    if token is not None or session is None:
+        return [space_for_options(model, options, token)]
+    # ShardedSession keeps its shards private; a session without shards has no token
+    shards: Mapping[Any, Any] | None = getattr(session, "_ShardedSession__shards", None)
+    engine = conn.engine
+    tokens = [
+        t for t, bind in (shards or {}).items() if bind is engine or getattr(bind, "engine", None) is engine
+    ]
+    return [space_for_options(model, options, t) for t in tokens or [None]]
+
+
+#: connection -> the INSERT it is running whose new primary keys are still to be read
+_inserts: weakref.WeakKeyDictionary[Connection, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+
+
+@event.listens_for(Engine, "after_execute")
+def _after_execute(
+    conn: Connection,
+    elem: Any,
+    multiparams: Any,
+    params: Any,
+    execution_options: Mapping[str, Any],
+    result: Any,
+) -> None:
+    pending = _inserts.pop(conn, None) if _inserts else None
+    if pending is None or pending[0] is not elem:
+        return
+    _, session, scope, model, spaces = pending
+    if execution_options.get(_RETURNING):
+        return  # the ORM statement reads its own RETURNING rows (see _do_orm_execute)
+    try:
+        pks = [tuple(row) for row in result.inserted_primary_key_rows]
+    except Exception:
+        pks = []
+    if pks and all(None not in pk for pk in pks):
+        for space in spaces:
+            _add_rows(session, scope, model, space, pks)
+        return
+    log.warning(
+        "cachedecor: an INSERT into %s in %s does not show the primary keys of its new rows "
+        "(RETURNING without them, or executemany): a cached 'no such row' (cache_none=True) of "
+        "those keys is invalidated by invalidating every cached row of %s",
+        model.__name__,
+        scope.name,
+        model.__name__,
+    )
+    for space in spaces:
+        if session is not None:
+            _tracker(session).add_wide(model, space)
+        else:
+            scope.plain_wide.add((key_maker(model).model, space))
+
+
+_RETURNING = "cachedecor_returning"
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _do_orm_execute(state: ORMExecuteState) -> Any:
+    """An ORM INSERT ... RETURNING: read the new primary keys from its own rows."""
+    if not state.is_insert:
+        return None
+    scope = _scope.get()
+    statement: Any = state.statement
+    if scope is None or not getattr(statement, "_returning", None) or state.execution_options.get(_INTERNAL):
+        return None
+    mapper = state.bind_mapper
+    if mapper is None or not scope.covers(mapper.class_):
+        return None
+    session = state.session
+    options = state.execution_options
+    token = options.get("identity_token", state.bind_arguments.get("shard_id"))
+    if token is None and getattr(session, "_ShardedSession__shards", None):
+        return None  # the shard is chosen later, by its connection: see _before_execute
+    if "schema_translate_map" in options:
+        space = space_for_options(mapper.class_, options, token)
+    else:  # the map of the session's engine or connection
+        space = session_space(session, mapper.class_, token)
+    state.update_execution_options(**{_RETURNING: True})
+    frozen = state.invoke_statement().freeze()
+    pks = _returned_keys(mapper, frozen())
+    if pks is None:
+        log.warning(
+            "cachedecor: an INSERT ... RETURNING into %s in %s returns neither its rows nor their "
+            "primary keys: every cached row of %s is invalidated at commit",
+            mapper.class_.__name__,
+            scope.name,
+            mapper.class_.__name__,
+        )
+        _tracker(session).add_wide(mapper.class_, space)
+    else:
+        _add_rows(session, scope, mapper.class_, space, pks)
+    return frozen()
+
+
+def _returned_keys(mapper: Mapper[Any], result: Any) -> list[tuple[Any, ...]] | None:
+    """Primary keys found in the rows of an INSERT ... RETURNING, or ``None``."""
+    names = [mapper.get_property_by_column(c).key for c in mapper.primary_key]
+    keys: list[tuple[Any, ...]] = []
+    for row in result:
+        mapping = row._mapping
+        found = None
+        for value in row:
+            if isinstance(value, mapper.class_):
+                found = tuple(mapper.primary_key_from_instance(value))
+                break
+        if found is None:
+            try:
+                found = tuple(mapping[n] for n in names)
+            except KeyError:
+                return None
+        keys.append(found)
+    return keys
+
+
+def _add_rows(
+    session: Session | None, scope: Scope, model: type, space: Any, pks: list[tuple[Any, ...]]
+) -> None:
+    if session is not None:
+        tracker = _tracker(session)
+        base = key_maker(model).model
+        tracker.bulk.add(base)  # until the commit, reads of the model see the transaction's writes
+        for pk in pks:
+            tracker.add_row(model, pk, space)
+    else:
+        group = (key_maker(model).model, space)
+        scope.plain_rows.setdefault(group, set()).update(pks)
+
+
+def _unresolved(
+    session: Session | None, scope: Scope, model: type, spaces: Iterable[Space | None], what: str
+) -> None:
+    log.warning(
+        "cachedecor: %s in %s cannot be resolved to rows: every cached row of %s is invalidated "
+        "when the transaction commits (use ORM statements or primary-key WHERE clauses to avoid this)",
+        what,
+        scope.name,
+        model.__name__,
+    )
+    for space in spaces:
+        if session is not None:
+            _tracker(session).add_wide(model, space)
+        else:
+            scope.plain_wide.add((key_maker(model).model, space))
+
+
+def _untracked_write(conn: Connection, what: str, execution_options: Mapping[str, Any]) -> None:
+    session = _owner(conn)
+    if session is not None:
+        _tracker(session).wrote = True
+    scope = _scope.get()
+    if scope is None:
+        return
+    if session is not None:
+        scope.sessions.add(session)
+    for model in dict.fromkeys(key_maker(m).model for m in scope.models):
+        _unresolved(session, scope, model, _spaces(conn, session, model, execution_options), what)
+
+
+@event.listens_for(Engine, "before_cursor_execute")
+def _before_cursor_execute(
+    conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    """SQL that was never compiled (``exec_driver_sql``), which ``before_execute`` does not see.
+
+    A writing statement is treated as textual SQL. Compiled statements, which the
+    other hooks see, cost two attribute checks here.
+    """
+    if context is None or context.compiled is not None or not _writes_text(statement):
+        return
+    _untracked_write(conn, "driver-level SQL (exec_driver_sql)", context.execution_options)
+
+
+def _pk_columns(table: Any) -> list[Any]:
+    return list(table.primary_key.columns)
+
+
+def _affected(
+    conn: Connection, elem: Any, table: Any, params: list[Mapping[str, Any]], options: Mapping[str, Any]
+) -> list[tuple[Any, ...]] | None:
+    """Primary keys of the rows ``elem`` will write, or ``None`` if they cannot be known."""
+    pk_cols = _pk_columns(table)
+    if not pk_cols:
+        return None
+    names = [c.key for c in pk_cols]
+    if isinstance(elem, dml.Insert):
+        return _inserted(elem, names, params)
+    if isinstance(elem, dml.Update):
+        values = getattr(elem, "_values", None) or {}
+        if {getattr(k, "key", k) for k in values} & set(names):
+            return None  # the statement changes primary keys
+    if len(params) > 1:  # executemany: the ORM's bulk UPDATE/DELETE by primary key
+        try:
+            return [tuple(p[n] for n in names) for p in params]
+        except KeyError:
+            return None
+    where = getattr(elem, "whereclause", None)
+    query = select(*pk_cols)
+    if where is not None:
+        query = query.where(where)
+    exec_options = {_INTERNAL: True}
+    if "schema_translate_map" in options:
+        exec_options["schema_translate_map"] = options["schema_translate_map"]
+    try:
+        rows = conn.execute(query, params[0] if params else {}, execution_options=exec_options)
+        return [tuple(r) for r in rows]
+    except Exception:
+        log.debug("cachedecor: pre-selecting the rows of a statement failed", exc_info=True)
+        return None
+
+
+def _inserted(elem: Any, names: list[str], params: list[Mapping[str, Any]]) -> list[tuple[Any, ...]] | None:
+    rows: list[tuple[Any, ...]] = []
+    if params:
+        for p in params:
+            if not all(n in p for n in names):
+                return None
+            rows.append(tuple(p[n] for n in names))
+        return rows
+    multi = getattr(elem, "_multi_values", None)
+    value_sets: list[Mapping[Any, Any]] = []
+    if multi:
+        for group in multi:
+            value_sets.extend(group)
+    values = getattr(elem, "_values", None)
+    if values:
+        value_sets.append(values)
+    if not value_sets:
+        return None
+    for value_set in value_sets:
+        if isinstance(value_set, (list, tuple)):
+            return None
+        by_name = {getattr(k, "key", k): v for k, v in value_set.items()}
+        if not all(n in by_name for n in names):
+            return None
+        row = []
+        for n in names:
+            v = by_name[n]
+            if isinstance(v, elements.BindParameter):
+                v = v.effective_value
+            elif isinstance(v, elements.ClauseElement):
+                return None
+            row.append(v)
+        rows.append(tuple(row))
+    return rows
