@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-EXTRAS := test,docs,lint,zstd
+EXTRAS := test,docs,lint,zstd,prometheus,opentelemetry
 
 .PHONY: demo test lint format docs bench faults race memcached clean
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/cachedecor demo $(DEMO_ARGS)
 
-## make memcached: make sure a memcached binary exists (installs Debian's package as root)
+## make memcached: make sure memcached and twemproxy exist (installs Debian's memcached and nutcracker as root)
 memcached:
 	@bash tools/ensure-memcached.sh
 
@@ -35,6 +35,7 @@ faults: $(STAMP) memcached
 	$(BIN)/python benchmarks/faults.py
 
 ## make race: readers and writers racing on PostgreSQL + memcached/Redis, naive vs cachedecor
+##   (RACE_ARGS="--backend memcached --proxy twemproxy": memcached behind twemproxy)
 race: $(STAMP) memcached
 	$(BIN)/python benchmarks/race.py $(RACE_ARGS)
 

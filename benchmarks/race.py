@@ -20,6 +20,11 @@ that each row they get has the primary key they asked for (``wrong``). When all
 processes have stopped, every cached entry is compared with the database.
 
     python benchmarks/race.py --backend memcached --seconds 20
+    python benchmarks/race.py --backend memcached --proxy twemproxy
+
+With ``--proxy twemproxy`` the memcached runs go through twemproxy (``nutcracker``):
+the harness starts one in front of two memcached servers, or, with ``--memcached``,
+takes that address to be a running twemproxy. Those rows are labelled ``twemproxy``.
 
 The baseline should show stale entries (proof that the harness can see them);
 cachedecor must show no stale entry and no wrong row, forked or not.
@@ -161,6 +166,8 @@ class Options:
     max_pause_ms: float
     tag: str = "race"
     """Names this run's schema and key namespace, so that runs side by side never meet."""
+    label: str = ""
+    """How the results name the cache (default: ``backend``)."""
 
 
 def region_config(opts: Options) -> dict[str, Any]:
@@ -368,7 +375,14 @@ def run_variant(opts: Options, variant: str) -> Result:
     wrong = None if variant == "naive" else totals["wrong"]
     hit_rate = None if variant == "naive" else 100.0 * totals["hits"] / max(totals["reads"], 1)
     return Result(
-        opts.backend, variant, totals["reads"], totals["writes"], len(cached), stale, wrong, hit_rate
+        opts.label or opts.backend,
+        variant,
+        totals["reads"],
+        totals["writes"],
+        len(cached),
+        stale,
+        wrong,
+        hit_rate,
     )
 
 
@@ -398,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--backend", choices=["memcached", "redis", "both"], default="both")
     parser.add_argument("--memcached", default=None, help="HOST:PORT (default: start one)")
+    parser.add_argument(
+        "--proxy",
+        choices=["none", "twemproxy"],
+        default="none",
+        help="memcached through twemproxy (started in front of two memcached, or the --memcached address)",
+    )
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--database", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     parser.add_argument("--readers", type=int, default=4)
@@ -408,14 +428,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
 
-    server = None
+    servers: list[Any] = []
     memcached_url = args.memcached
     backends = ["memcached", "redis"] if args.backend == "both" else [args.backend]
     if "memcached" in backends and memcached_url is None:
-        from tests.servers import Memcached
+        from tests.servers import Memcached, Nutcracker
 
-        server = Memcached(threads=4)
-        memcached_url = server.url
+        if args.proxy == "twemproxy":
+            servers += [Memcached(threads=2), Memcached(threads=2)]
+            servers.append(Nutcracker(servers[:]))
+        else:
+            servers.append(Memcached(threads=4))
+        memcached_url = servers[-1].url
     results: list[Result] = []
     tag = f"race{os.getpid()}"
     database = own_schema(args.database, tag)
@@ -432,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.seconds,
                 args.max_pause_ms,
                 tag,
+                "twemproxy" if backend == "memcached" and args.proxy == "twemproxy" else "",
             )
             for variant in VARIANTS:
                 results.append(run_variant(opts, variant))
@@ -443,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     finally:
         drop_schema(args.database, tag)
-        if server is not None:
+        for server in reversed(servers):
             server.stop()
     print()
     print(

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 import cachedecor
 from tests.models import Base
-from tests.servers import IN_CI, PG_URL, REDIS_URL, Memcached, unavailable
+from tests.servers import IN_CI, PG_URL, REDIS_URL, Memcached, Nutcracker, unavailable
 
 # The application run by the deployment tests in processes of its own: not collected.
 collect_ignore = ["apps"]
@@ -71,6 +71,31 @@ def memcached_factory() -> Iterator[Any]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def nutcracker_pool() -> Iterator[Nutcracker]:
+    """twemproxy in front of two memcached processes of its own, shared by the session."""
+    backends = [Memcached(), Memcached()]
+    try:
+        proxy = Nutcracker(backends)
+    except BaseException:
+        for backend in backends:
+            backend.stop()
+        raise
+    yield proxy
+    proxy.stop()
+    for backend in backends:
+        backend.stop()
+
+
+@pytest.fixture
+def nutcracker(nutcracker_pool: Nutcracker) -> Nutcracker:
+    """The shared twemproxy, running, with both its memcached backends running and empty."""
+    if nutcracker_pool.proc is None or nutcracker_pool.proc.poll() is not None:
+        nutcracker_pool.start()
+    nutcracker_pool.flush_backends()
+    return nutcracker_pool
 
 
 def _pg_engine() -> Engine:

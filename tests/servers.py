@@ -1,4 +1,4 @@
-"""Real servers for the tests: memcached processes we start, PostgreSQL and Redis we find.
+"""Real servers for the tests: memcached and twemproxy processes we start, PostgreSQL and Redis we find.
 
 A server that is missing makes its tests skip, except under ``CI=true`` where the
 environment promises every server and a missing one is a failure.
@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -147,13 +148,120 @@ def running_memcached(**kwargs: object) -> Iterator[Memcached]:
         server.stop()
 
 
+def nutcracker_binary() -> str | None:
+    """twemproxy's binary (Debian installs it in /usr/sbin, off a normal user's PATH)."""
+    return shutil.which("nutcracker") or (
+        "/usr/sbin/nutcracker" if os.path.exists("/usr/sbin/nutcracker") else None
+    )
+
+
+class Nutcracker:
+    """twemproxy (``nutcracker``) on a free loopback port in front of memcached ``backends``.
+
+    The pool hashes keys with ketama over the backends and never ejects one
+    (``auto_eject_hosts: false``): a backend that is down answers errors for its
+    keys instead of having them remapped to the others. Its configuration is
+    written to a temporary directory, with its log and pid file.
+    """
+
+    def __init__(self, backends: list[Memcached], *, timeout_ms: int = 1000) -> None:
+        binary = nutcracker_binary()
+        if binary is None:
+            unavailable("twemproxy is not installed (Debian package nutcracker; make test installs it)")
+        self.binary = binary
+        self.backends = backends
+        self.port = free_port()
+        self.stats_port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="cachedecor-nutcracker-")
+        self.config = os.path.join(self.dir, "nutcracker.yml")
+        servers = "".join(f"    - {b.url}:1\n" for b in backends)
+        with open(self.config, "w") as fh:
+            fh.write(
+                "cachedecor:\n"
+                f"  listen: 127.0.0.1:{self.port}\n"
+                "  hash: md5\n"
+                "  distribution: ketama\n"
+                "  auto_eject_hosts: false\n"
+                f"  timeout: {timeout_ms}\n"
+                "  servers:\n"
+                f"{servers}"
+            )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        cmd = [
+            self.binary,
+            "-c",
+            self.config,
+            "-s",
+            str(self.stats_port),
+            "-a",
+            "127.0.0.1",
+            "-o",
+            os.path.join(self.dir, "nutcracker.log"),
+            "-p",
+            os.path.join(self.dir, "nutcracker.pid"),
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for_port(self.port)
+        except TimeoutError:
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(f"nutcracker did not start on port {self.port}: {self.log()}") from None
+
+    def log(self) -> str:
+        try:
+            with open(os.path.join(self.dir, "nutcracker.log")) as fh:
+                return fh.read()[-2000:]
+        except OSError:
+            return ""
+
+    def backend_for(self, key: str) -> Memcached:
+        """The backend that holds ``key`` (asked of the backends, not computed)."""
+        from pymemcache.client.base import Client
+
+        owners = []
+        for backend in self.backends:
+            client = Client(("127.0.0.1", backend.port), connect_timeout=1, timeout=1)
+            try:
+                if client.get(key) is not None:
+                    owners.append(backend)
+            finally:
+                client.close()
+        assert len(owners) == 1, f"{key!r} is on {len(owners)} backends"
+        return owners[0]
+
+    def flush_backends(self) -> None:
+        """Empty every backend (twemproxy does not pass ``flush_all``)."""
+        from pymemcache.client.base import Client
+
+        for backend in self.backends:
+            if backend.proc is None or backend.proc.poll() is not None:
+                backend.start()
+            client = Client(("127.0.0.1", backend.port), connect_timeout=1, timeout=1)
+            client.flush_all(noreply=False)
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 @contextmanager
-def fake_server(answer: Callable[[bytes], bytes] | None = None) -> Iterator[str]:
+def fake_server(answer: Callable[[bytes], bytes] | None = None, *, hang_up: bool = False) -> Iterator[str]:
     """A listening socket on loopback, for faults a real memcached cannot produce.
 
     Each connection is served in its own thread: ``answer`` turns what was received
-    into the reply; without it, connections are accepted and never answered.
-    Yields ``host:port``.
+    into the reply; without it, connections are accepted and never answered, or,
+    with ``hang_up``, closed as soon as something arrives. Yields ``host:port``.
     """
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -170,7 +278,7 @@ def fake_server(answer: Callable[[bytes], bytes] | None = None) -> Iterator[str]
                     data = conn.recv(4096)
                 except OSError:
                     continue
-                if not data:
+                if not data or hang_up:
                     return
                 if answer is not None:
                     conn.sendall(answer(data))

@@ -9,9 +9,11 @@ from typing import Any
 
 from cachedecor.backends.base import PartialResult, UndeliveredInvalidation, register_fork_aware
 from cachedecor.backends.memcached.protocol import (
+    CommandRefused,
     MetaUnsupported,
     ProtocolError,
     _answered,
+    _answers_classic,
     _Exchange,
     _server_spec,
     _stale_connection,
@@ -466,6 +468,12 @@ def _metadump(cluster: MemcachedCluster, node: str) -> list[str]:
             while not (buf.endswith(b"END\r\n") or buf.startswith((b"BUSY", b"ERROR", b"CLIENT_ERROR"))):
                 chunk = client.sock.recv(1 << 16)
                 if not chunk:
+                    if not buf and _answers_classic(client):
+                        raise CommandRefused(
+                            f"memcached node {node} closed the connection on 'lru_crawler metadump' "
+                            "and answers classic commands: a proxy (such as twemproxy), which cannot "
+                            "list keys"
+                        )
                     raise ProtocolError("connection closed during metadump")
                 buf += chunk
                 if buf.startswith((b"BUSY", b"ERROR", b"CLIENT_ERROR")) and buf.endswith(b"\r\n"):

@@ -16,8 +16,17 @@ from cachedecor.backends.base import ValueRefused
 _MEMCACHED_MAX_RELATIVE = 30 * 24 * 3600
 
 
-class MetaUnsupported(Exception):
-    """The server answered ERROR to a meta command: it predates memcached 1.6."""
+class CommandRefused(Exception):
+    """The server answers classic commands but refused this one.
+
+    memcached < 1.6 answers ERROR to meta commands; twemproxy closes the connection
+    on any command it does not pass (meta commands, ``lru_crawler``, ``flush_all``).
+    """
+
+
+class MetaUnsupported(CommandRefused):
+    """The server does not take meta commands: memcached < 1.6 (it answers ERROR), or a
+    proxy that closes the connection on them and answers classic commands (twemproxy)."""
 
 
 _META_CODES = frozenset((b"HD", b"EN", b"NF", b"EX", b"NS", b"MN"))
@@ -57,6 +66,24 @@ def _exchange(client: Any, payload: bytes, count: int) -> list[tuple[bytes, list
     return replies
 
 
+def _answers_classic(client: Any) -> bool:
+    """Whether a new connection to ``client``'s server answers a classic ``get``.
+
+    Any well-formed reply counts, ``SERVER_ERROR`` included (a proxy whose backend for
+    the probed key is down still speaks the protocol). The connection is closed after.
+    """
+    _readline, _ = _readers()
+    try:
+        client._connect()
+        client.sock.sendall(b"get cachedecor:probe\r\n")
+        _, line = _readline(client.sock, b"")
+        return bool(line == b"END" or line.startswith((b"VALUE ", b"SERVER_ERROR")))
+    except Exception:
+        return False
+    finally:
+        client.close()
+
+
 def _readers() -> Any:
     global _READERS
     if _READERS is None:
@@ -79,7 +106,19 @@ class _Exchange:
         self.count = count
 
     def __call__(self, client: Any) -> list[tuple[bytes, list[bytes], bytes | None]]:
-        return _exchange(client, self.payload, self.count)
+        fresh = client.sock is None
+        try:
+            return _exchange(client, self.payload, self.count)
+        except Exception as exc:
+            # A new connection closed under a meta command, by a server that answers a
+            # classic command on the next one: a proxy that hangs up on meta commands
+            # (twemproxy). A reused connection is first retried on a new one by the caller.
+            if fresh and _stale_connection(exc) and _answers_classic(client):
+                raise MetaUnsupported(
+                    "the server closed the connection on a meta command and answers classic "
+                    "commands: a proxy without meta commands (such as twemproxy)"
+                ) from exc
+            raise
 
 
 class ProtocolError(Exception):

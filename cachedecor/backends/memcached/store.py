@@ -15,6 +15,7 @@ from cachedecor.backends.base import (
 )
 from cachedecor.backends.memcached.cluster import MemcachedCluster, _metadump
 from cachedecor.backends.memcached.protocol import (
+    CommandRefused,
     MetaUnsupported,
     _answered,
     _cas_bytes,
@@ -79,14 +80,20 @@ class MemcachedStore(Store):
         """Lists each node's keys with ``lru_crawler metadump`` and deletes the matches.
 
         A node that cannot be listed is flushed when it can be reached again (its
-        deletes are owed, as for any undelivered invalidation).
+        deletes are owed, as for any undelivered invalidation). A proxy that refuses
+        ``lru_crawler`` (twemproxy) refuses ``flush_all`` too: nothing is owed to it,
+        :class:`CommandRefused` is raised, and its entries stay until they expire.
         """
         client = self.client
         deleted = 0
         failed: BaseException | None = None
+        refused: CommandRefused | None = None
         for node in client.servers:
             try:
                 keys = [k for k in _metadump(client, node) if any(p.matches(k) for p in patterns)]
+            except CommandRefused as exc:
+                refused = exc
+                continue
             except Exception as exc:
                 client.health.owe_flush(node)
                 failed = exc
@@ -101,6 +108,8 @@ class MemcachedStore(Store):
                 deleted += len(batch)
         if failed is not None:
             raise UndeliveredInvalidation([repr(p) for p in patterns], failed)
+        if refused is not None:
+            raise refused
         return deleted
 
     # -- meta-protocol operations -------------------------------------------------------
@@ -193,6 +202,6 @@ def log_meta_fallback() -> None:
         from cachedecor.stats import log
 
         log.warning(
-            "memcached does not speak the meta protocol (memcached < 1.6): using add/gets/cas "
-            "leases, which cost two more round trips per miss"
+            "memcached does not take meta commands (memcached < 1.6, or a proxy such as twemproxy): "
+            "using add/gets/cas leases, which cost two more round trips per miss"
         )
