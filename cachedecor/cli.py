@@ -1,23 +1,91 @@
-"""The ``cachedecor`` command."""
+"""The ``cachedecor`` command.
+
+Exit status, for every command: 0 when it did what was asked; 1 when the cache did
+not (a server did not answer, an invalidation was not delivered); 2 for a usage or
+configuration error, reported on one line before anything was done.
+"""
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import enum
 import importlib
+import json
+import math
+import os
 import sys
 import time
-from typing import Any
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, cast
 
 import click
 
 import cachedecor
+from cachedecor.config import ENV_VAR
 
-__all__ = ["main"]
+__all__ = ["PrimaryKeyParser", "main"]
+
+#: Exit status when the cache did not do what was asked.
+EXIT_CACHE_FAILED = 1
+#: Exit status of a usage or configuration error (click's own usage errors too).
+EXIT_USAGE = 2
+
+
+class Refused(click.ClickException):
+    """A one-line error before anything was done: printed as ``Error: ...``, exit status 2."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(line.strip() for line in message.strip().splitlines()))
+
+
+_CONFIG_HELP = f"INI file of the application's regions (default: ${ENV_VAR})."
+
+
+def _config_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--config", "config_path", metavar="INI", envvar=ENV_VAR, help=_CONFIG_HELP)(function)
+
+
+def _configure(config_path: str | None) -> dict[str, Any]:
+    """Configure the regions of ``config_path``; refuses to run on the embedded default."""
+    if not config_path:
+        raise Refused(
+            f"no configuration: give --config FILE or set {ENV_VAR} to the application's INI file "
+            f"(without one there is only an in-process memory region, which no other process shares)"
+        )
+    try:
+        return cachedecor.configure_regions(config_path)
+    except cachedecor.ConfigError as exc:
+        raise Refused(f"configuration error: {exc}") from None
+
+
+@contextmanager
+def _cache_failures() -> Iterator[list[str]]:
+    """Collects, per region, the cache failures counted while the block runs."""
+    before = {name: counters["errors"] for name, counters in cachedecor.stats().items()}
+    failed: list[str] = []
+    yield failed
+    for name, counters in cachedecor.stats().items():
+        if counters["errors"] > before.get(name, 0):
+            failed.append(name)
 
 
 @click.group()
 @click.version_option(cachedecor.__version__, prog_name="cachedecor")
 def main() -> None:
-    """cachedecor: a memcached cache in front of SQLAlchemy."""
+    """cachedecor: a memcached cache in front of SQLAlchemy.
+
+    Exit status: 0 done; 1 the cache failed (a server did not answer, an
+    invalidation was not delivered); 2 usage or configuration error.
+    """
+
+
+# --------------------------------------------------------------------------------------
+# demo
 
 
 @main.command()
@@ -25,30 +93,39 @@ def main() -> None:
 @click.option(
     "--memcached", metavar="HOST:PORT", help="Use this memcached server instead of the memory backend."
 )
-@click.option("--rows", default=100, show_default=True, help="Rows to create.")
-@click.option("--repeat", default=300, show_default=True, help="Samples for the timing comparison.")
+@click.option("--rows", default=100, show_default=True, type=click.IntRange(min=11), help="Rows to create.")
+@click.option(
+    "--repeat", default=300, show_default=True, type=click.IntRange(min=1), help="Samples for the timing."
+)
 @click.option("--stats-file", metavar="JSON", help="Write the demo's counters here (see 'cachedecor stats').")
 def demo(database: str | None, memcached: str | None, rows: int, repeat: int, stats_file: str | None) -> None:
-    """Run the example application: misses, hits, invalidation, rollback, timings."""
-    from cachedecor.demo import run_demo
+    """Run the example application: misses, hits, invalidation, rollback, timings.
 
-    run_demo(database=database, memcached=memcached, rows=rows, repeat=repeat)
+    On --database it creates a table of its own (cachedecor_demo_<random>), touches
+    no other, and drops it at the end.
+    """
+    from cachedecor.demo import DemoError, run_demo
+
+    try:
+        run_demo(database=database, memcached=memcached, rows=rows, repeat=repeat)
+    except DemoError as exc:
+        raise Refused(str(exc)) from None
     if stats_file:
         cachedecor.dump_stats(stats_file)
 
 
+# --------------------------------------------------------------------------------------
+# check and stats
+
+
 @main.command()
-@click.option("--config", "config_path", metavar="INI", help="INI file (default: $CACHEDECOR_CONFIG).")
+@_config_option
 def check(config_path: str | None) -> None:
-    """Validate the configuration and ping every server of every region."""
-    try:
-        regions = cachedecor.configure_regions(config_path)
-    except cachedecor.ConfigError as exc:
-        click.echo(f"configuration error: {exc}", err=True)
-        sys.exit(2)
-    failed = False
+    """Validate the configuration and ping every memcached server of every region."""
     from cachedecor.config import region_settings
 
+    regions = _configure(config_path)
+    failed = False
     for name in sorted(regions):
         settings = region_settings(name)
         client = getattr(settings.store, "client", None)
@@ -63,7 +140,7 @@ def check(config_path: str | None) -> None:
                 version = result.get(b"version", b"?")
                 version = version.decode() if isinstance(version, bytes) else version
                 click.echo(f"{name:<12} {server:<24} ok (memcached {version})")
-    sys.exit(1 if failed else 0)
+    sys.exit(EXIT_CACHE_FAILED if failed else 0)
 
 
 _SERVER_COLUMNS = ("server", "version", "items", "MB used", "MB limit", "hit ratio", "evictions", "conns")
@@ -99,8 +176,19 @@ def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def _read_counters(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            snapshot = json.load(fh)
+        if not isinstance(snapshot, dict) or not isinstance(snapshot.get("regions"), dict):
+            raise ValueError("not a file written by cachedecor.dump_stats()")
+        return snapshot
+    except (OSError, ValueError) as exc:
+        raise Refused(f"--counters {path}: {exc}") from None
+
+
 @main.command()
-@click.option("--config", "config_path", metavar="INI", help="INI file (default: $CACHEDECOR_CONFIG).")
+@_config_option
 @click.option(
     "--counters",
     "counters_path",
@@ -109,11 +197,10 @@ def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
 )
 def stats(config_path: str | None, counters_path: str | None) -> None:
     """Show each region's memcached servers' own statistics (and client counters)."""
-    import json
-
     from cachedecor.config import region_settings
 
-    regions = cachedecor.configure_regions(config_path)
+    regions = _configure(config_path)
+    snapshot = _read_counters(counters_path) if counters_path else None
     failed = False
     for name in sorted(regions):
         settings = region_settings(name)
@@ -130,20 +217,315 @@ def stats(config_path: str | None, counters_path: str | None) -> None:
             else:
                 rows.append(_server_row(server, result))
         click.echo(_table(rows, _SERVER_COLUMNS) + "\n")
-    if counters_path:
-        with open(counters_path) as fh:
-            snapshot = json.load(fh)
-        click.echo(f"client counters of process {snapshot['pid']} at {time.ctime(snapshot['time'])}")
+    if snapshot is not None:
+        click.echo(
+            f"client counters of process {snapshot.get('pid', '?')} at {time.ctime(snapshot.get('time', 0))}"
+        )
         names = sorted({k for counters in snapshot["regions"].values() for k in counters})
         rows = [
             (region, *(str(c.get(k, 0)) for k in names)) for region, c in sorted(snapshot["regions"].items())
         ]
         click.echo(_table(rows, ("region", *names)))
-    sys.exit(1 if failed else 0)
+    sys.exit(EXIT_CACHE_FAILED if failed else 0)
+
+
+# --------------------------------------------------------------------------------------
+# invalidate: models and primary keys from the command line
+
+
+def load_model(spec: str) -> Any:
+    """The mapped class named ``module:Class`` (``module:Outer.Inner`` for a nested one).
+
+    The current directory comes first on ``sys.path``, as with ``python -m``, so an
+    application's own modules import from where the command runs.
+
+    :raises Refused: with a one-line reason when it cannot be imported or is not mapped.
+    """
+    import sqlalchemy
+    from sqlalchemy.orm import Mapper
+
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        head, dot, tail = spec.rpartition(".")
+        hint = f"; did you mean {head}:{tail}?" if not colon and dot and head and tail else ""
+        raise Refused(f"MODEL must be module:Class, got {spec!r}{hint}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            raise Refused(
+                f"cannot import {module_name!r}: no module named {exc.name!r} "
+                f"(looked in the current directory, {cwd}, and on sys.path)"
+            ) from None
+        raise Refused(
+            f"cannot import {module_name!r}: it imports {exc.name!r}, which is not installed"
+        ) from None
+    except Exception as exc:
+        raise Refused(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            mapped = [
+                name
+                for name, value in vars(module).items()
+                if isinstance(value, type) and isinstance(sqlalchemy.inspect(value, raiseerr=False), Mapper)
+            ]
+            from cachedecor.config import _did_you_mean
+
+            raise Refused(
+                f"module {module_name!r} has no {attr!r};{_did_you_mean(attr, mapped)} mapped classes "
+                f"there: {', '.join(sorted(mapped)) or 'none'}"
+            ) from None
+    mapper = sqlalchemy.inspect(target, raiseerr=False) if isinstance(target, type) else None
+    if not isinstance(mapper, Mapper):
+        what = "a class SQLAlchemy does not map" if isinstance(target, type) else f"a {type(target).__name__}"
+        raise Refused(f"{spec} is {what}, not a mapped class")
+    try:
+        sqlalchemy.orm.configure_mappers()
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise Refused(f"{spec}: the mappings cannot be configured: {str(exc).splitlines()[0]}") from None
+    return target
+
+
+def _python_type(column: Any) -> type | None:
+    for kind in (column.type, getattr(column.type, "impl_instance", None)):
+        try:
+            found = kind.python_type if kind is not None else None
+        except NotImplementedError:
+            continue
+        if isinstance(found, type) and found is not object:
+            return found
+    return None
+
+
+_TRUE, _FALSE = ("true", "1"), ("false", "0")
+
+
+class _Component:
+    """Reads one primary-key column's value from its text, or from a JSON value."""
+
+    def __init__(self, column: Any) -> None:
+        self.name: str = column.key
+        self.kind = _python_type(column)
+        self.timezone: bool | None = getattr(column.type, "timezone", None)
+        if self.kind is None:
+            self.what = f"of type {column.type!r}"
+        elif issubclass(self.kind, enum.Enum):
+            self.what = f"an enum ({', '.join(m.name for m in self.kind)})"
+        else:
+            self.what = _WHAT.get(self.kind, self.kind.__name__)
+
+    def from_text(self, text: str) -> Any:
+        kind = self.kind
+        if kind is None:
+            raise ValueError(
+                f"column {self.name} is {self.what}, whose Python type SQLAlchemy does not know; "
+                f"invalidate it from Python with cachedecor.invalidate()"
+            )
+        try:
+            if kind is str:
+                return text
+            if kind is bool:
+                if text.lower() in _TRUE + _FALSE:
+                    return text.lower() in _TRUE
+                raise ValueError
+            if issubclass(kind, enum.Enum):
+                return self._member(kind, text)
+            if kind is int:
+                if not text.lstrip("+-").isdigit() or not text.isascii():
+                    raise ValueError
+                return int(text)
+            if kind is float:
+                number = float(text)
+                if not math.isfinite(number):
+                    raise ValueError
+                return number
+            if kind is decimal.Decimal:
+                exact = decimal.Decimal(text)
+                if not exact.is_finite():
+                    raise ValueError
+                return exact
+            if kind is bytes:
+                return bytes.fromhex(text)
+            if kind is uuid.UUID:
+                return uuid.UUID(text)
+            if kind in (datetime.datetime, datetime.time):
+                value = kind.fromisoformat(text)
+                self._check_timezone(value)
+                return value
+            if kind is datetime.date:
+                return datetime.date.fromisoformat(text)
+            if kind is datetime.timedelta:
+                raise ValueError(f"column {self.name} is an interval, which has no cache key")
+            return cast(Any, kind)(text)
+        except (ValueError, ArithmeticError, TypeError) as exc:
+            detail = str(exc) if str(exc).startswith("column ") else ""
+            raise ValueError(detail or f"column {self.name} is {self.what}: {text!r} is not one") from None
+
+    def _check_timezone(self, value: datetime.datetime | datetime.time) -> None:
+        if self.timezone is None:
+            return
+        if self.timezone and value.utcoffset() is None:
+            raise ValueError(
+                f"column {self.name} is {self.what} with a time zone: give the offset, e.g. +00:00"
+            )
+        if not self.timezone and value.utcoffset() is not None:
+            raise ValueError(f"column {self.name} is {self.what} without a time zone: give no offset")
+
+    def _member(self, kind: type[enum.Enum], text: str) -> enum.Enum:
+        by_name = kind.__members__.get(text)
+        by_value = [m for m in kind if str(m.value) == text]
+        if by_name is not None and by_value and by_value[0] is not by_name:
+            raise ValueError(
+                f"column {self.name}: {text!r} is the name of {by_name} and the value of {by_value[0]}; "
+                f"give {by_value[0].name!r} for {by_value[0]} or {str(by_name.value)!r} for {by_name}"
+            )
+        if by_name is None and not by_value:
+            raise ValueError
+        return by_name if by_name is not None else by_value[0]
+
+    def from_json(self, value: Any) -> Any:
+        kind = self.kind
+        if value is None:
+            raise ValueError(f"column {self.name}: a primary key has no null component")
+        if isinstance(value, str):
+            return self.from_text(value)  # every column type has a text form
+        number = isinstance(value, (int, decimal.Decimal)) and not isinstance(value, bool)
+        if isinstance(value, bool) and kind is bool:
+            return value
+        if number and kind in (float, decimal.Decimal):  # a JSON fraction is read exactly
+            return kind(value)
+        if number and isinstance(value, int) and kind is int:
+            return value
+        if number and isinstance(value, int) and kind is not None and issubclass(kind, enum.Enum):
+            return self._member(kind, str(value))
+        shown = str(value) if isinstance(value, decimal.Decimal) else json.dumps(value)
+        raise ValueError(f"column {self.name} is {self.what}: {shown} is not one")
+
+
+_WHAT = {
+    int: "an integer",
+    str: "a string",
+    bool: "a boolean (true or false)",
+    float: "a number",
+    decimal.Decimal: "a decimal number",
+    bytes: "bytes (in hexadecimal)",
+    uuid.UUID: "a UUID",
+    datetime.datetime: "a date and time (ISO 8601)",
+    datetime.date: "a date (ISO 8601)",
+    datetime.time: "a time (ISO 8601)",
+    datetime.timedelta: "an interval",
+}
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a primary-key value")
+
+
+class PrimaryKeyParser:
+    """Reads the primary keys of one mapped class as the command line gives them.
+
+    A single-column key is its value as text: ``7``, ``comma,in,key`` (a string
+    column takes the text exactly as given), ``123e4567-e89b-12d3-a456-426614174000``,
+    ``2024-05-01``. A composite key is a JSON array with one element per column, in
+    the mapper's order: ``'[2, "1,2"]'``. Every value is converted to the Python type
+    of its column, so the key is the one the application's reads use.
+
+    >>> from sqlalchemy import Integer, String
+    >>> from sqlalchemy.orm import DeclarativeBase, mapped_column
+    >>> class Base(DeclarativeBase): pass
+    >>> class Seat(Base):
+    ...     __tablename__ = "seats"
+    ...     row = mapped_column(Integer, primary_key=True)
+    ...     code = mapped_column(String, primary_key=True)
+    >>> PrimaryKeyParser(Seat).parse('[2, "1,2"]')
+    (2, '1,2')
+    >>> PrimaryKeyParser(Seat).parse("2,A")
+    Traceback (most recent call last):
+        ...
+    ValueError: Seat has a composite primary key (row, code): give each key as a JSON array, e.g. '[2, "A"]'
+    """
+
+    def __init__(self, model: Any) -> None:
+        import sqlalchemy
+
+        self.model = model
+        self.columns = [_Component(column) for column in sqlalchemy.inspect(model).primary_key]
+
+    def parse(self, text: str) -> Any:
+        """The primary key written ``text``: a value, or a tuple for a composite key.
+
+        :raises ValueError: saying what was expected, if ``text`` is not a key of the model.
+        """
+        if len(self.columns) == 1:
+            return self.columns[0].from_text(text)
+        names = ", ".join(c.name for c in self.columns)
+        try:
+            values = json.loads(text, parse_float=decimal.Decimal, parse_constant=_no_constant)
+        except ValueError:
+            values = None
+        if not isinstance(values, list):
+            raise ValueError(
+                f"{self.model.__name__} has a composite primary key ({names}): give each key as a "
+                f"JSON array, e.g. {self._example(text)}"
+            )
+        if len(values) != len(self.columns):
+            raise ValueError(
+                f"{self.model.__name__} has {len(self.columns)} primary-key columns ({names}); "
+                f"{text} has {len(values)} value(s)"
+            )
+        return tuple(column.from_json(value) for column, value in zip(self.columns, values, strict=True))
+
+    def _example(self, text: str) -> str:
+        """The JSON spelling of ``text`` read as comma-separated values, or of a made-up key."""
+        parts = text.split(",")
+        if len(parts) == len(self.columns):
+            try:
+                values = [column.from_text(part) for column, part in zip(self.columns, parts, strict=True)]
+            except ValueError:
+                pass
+            else:
+                return "'" + json.dumps([_jsonable(v) for v in values]) + "'"
+        return "'" + json.dumps([_sample(column.kind) for column in self.columns]) + "'"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def _sample(kind: type | None) -> Any:
+    if kind is int:
+        return 1
+    if kind is None or kind is str:
+        return "a"
+    samples: dict[type, Any] = {
+        bool: True,
+        float: 1.5,
+        decimal.Decimal: "1.50",
+        uuid.UUID: "123e4567-e89b-12d3-a456-426614174000",
+        datetime.datetime: "2024-05-01T12:00:00",
+        datetime.date: "2024-05-01",
+        datetime.time: "12:00:00",
+        bytes: "00ff",
+    }
+    if issubclass(kind, enum.Enum):
+        return next(iter(kind)).name
+    return samples.get(kind, "...")
 
 
 @main.command()
-@click.option("--config", "config_path", metavar="INI", help="INI file (default: $CACHEDECOR_CONFIG).")
+@_config_option
 @click.option("--schema", default=None, help="The schema a schema_translate_map selects (one tenant).")
 @click.option("--all", "everything", is_flag=True, help="Every cached row of MODEL (its whole hierarchy).")
 @click.argument("model")
@@ -153,37 +535,68 @@ def invalidate(
 ) -> None:
     """Invalidate the entries of MODEL (module:Class) rows with primary keys PKS, or --all.
 
-    Only the module that maps MODEL is imported: keys do not depend on which
-    functions cache the model, and every configured region is reached.
+    A single-column key is its value as text (a string column takes the text
+    exactly: commas and all); a composite key is a JSON array, one element per
+    column in the mapper's order: '[2, "1,2"]'. Values are converted to their
+    columns' Python types. Put -- before keys that start with "-".
+
+    Only the module that maps MODEL is imported (the current directory is on
+    sys.path), and every configured region is reached.
     """
-    cachedecor.configure_regions(config_path)
-    module_name, _, class_name = model.partition(":")
-    if not class_name:
-        raise click.BadParameter("expected module:Class", param_hint="MODEL")
     if everything == bool(pks):
         raise click.UsageError("give primary keys or --all, not both and not neither")
-    cls: Any = getattr(importlib.import_module(module_name), class_name)
-    import sqlalchemy
-
-    mapper = sqlalchemy.inspect(cls)
+    cls = load_model(model)
+    parser = PrimaryKeyParser(cls)
+    keys: list[Any] = []
+    for text in pks:
+        try:
+            keys.append(parser.parse(text))
+        except ValueError as exc:
+            raise Refused(f"primary key {text!r} of {model}: {exc}") from None
+    _configure(config_path)
+    _note_in_process_regions(cls)
     if everything:
-        cachedecor.invalidate_model(cls, schema=schema)
+        with _cache_failures() as failed:
+            cachedecor.invalidate_model(cls, schema=schema)
+        _report_failures(failed, "every cached row")
         click.echo(f"invalidated every cached row of {cls.__name__}")
         return
-    keys: list[Any] = []
-    for raw in pks:
-        parts = raw.split(",")
-        values = [
-            col.type.python_type(p) if _simple(col) else p
-            for col, p in zip(mapper.primary_key, parts, strict=False)
-        ]
-        keys.append(tuple(values) if len(values) > 1 else values[0])
-    cachedecor.invalidate_many(cls, keys, schema=schema)
-    click.echo(f"invalidated {len(keys)} key(s) of {cls.__name__}")
+    from cachedecor.invalidation import regions_for
 
-
-def _simple(col: Any) -> bool:
+    where = {"schema": schema} if schema is not None else {}
     try:
-        return col.type.python_type in (int, str, float)
-    except NotImplementedError:
-        return False
+        deleted = [
+            (settings.name, pk, cachedecor.key_for(cls, pk, namespace=settings.namespace, **where))
+            for settings in regions_for(cls)
+            for pk in keys
+        ]
+    except cachedecor.CacheError as exc:
+        raise Refused(f"{model}: {exc}") from None
+    with _cache_failures() as failed:
+        cachedecor.invalidate_many(cls, keys, schema=schema)
+    _report_failures(failed, f"{len(keys)} key(s)")
+    for region, pk, key in deleted:
+        click.echo(f"invalidated {cls.__name__} {pk!r} in region {region}: {key}")
+
+
+def _note_in_process_regions(model: Any) -> None:
+    from cachedecor.backends import MemoryStore
+    from cachedecor.invalidation import regions_for
+
+    for settings in regions_for(model):
+        if isinstance(settings.store, MemoryStore):
+            click.echo(
+                f"note: region {settings.name} is in-process memory ({settings.backend}): "
+                f"no other process sees what this command invalidates there",
+                err=True,
+            )
+
+
+def _report_failures(regions: list[str], what: str) -> None:
+    if regions:
+        click.echo(
+            f"Error: could not invalidate {what} in region(s) {', '.join(regions)}: the cache did not "
+            f"answer (see the log above); entries may be stale until they expire",
+            err=True,
+        )
+        sys.exit(EXIT_CACHE_FAILED)

@@ -7,17 +7,34 @@ that nothing listens on, except where a test really uses the cache.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import dogpile.cache
 import pytest
+from dogpile.cache.api import CacheBackend
 from dogpile.cache.backends.memory import MemoryBackend
+from pymemcache.client.base import Client
 
 import cachedecor
 from cachedecor import CacheError, ConfigError, RegionNotConfigured
-from cachedecor.backends import PyMemcacheBackend
-from cachedecor.config import ENV_VAR, RegionSettings, region_settings
-from tests.servers import Memcached, free_port
+from cachedecor.backends import MEMCACHED_DEFAULTS, PyMemcacheBackend
+from cachedecor.config import (
+    ARGUMENT_RANGES,
+    BACKEND_ARGUMENTS,
+    ENV_VAR,
+    REGION_OPTIONS,
+    REGION_RANGES,
+    RegionSettings,
+    check_arguments,
+    region_settings,
+)
+from tests.servers import Memcached, free_port, memcached_binary, unavailable
 
 MEMORY = "dogpile.cache.memory"
 
@@ -536,17 +553,6 @@ def test_bad_configuration_is_a_config_error_naming_the_option(source: Any, frag
         assert fragment in str(raised.value)
 
 
-@pytest.mark.parametrize("backend", ["dogpile.cache.null", "dogpile.cache.dbm"])
-def test_backends_without_lease_safe_fills_are_refused(backend: str, tmp_path: Path) -> None:
-    arguments = {"filename": str(tmp_path / "cache.dbm")} if backend.endswith("dbm") else {}
-
-    with pytest.raises(ConfigError) as raised:
-        cachedecor.configure_regions({"regions": {"r": {"backend": backend, "arguments": arguments}}})
-
-    assert "cachedecor.r.backend" in str(raised.value)
-    assert backend in str(raised.value)
-
-
 def test_config_error_is_a_cache_error_and_a_value_error() -> None:
     with pytest.raises(ConfigError) as raised:
         cachedecor.configure_regions(flat(expiration_time="soon"))
@@ -777,3 +783,489 @@ def test_a_serde_is_refused_with_the_reason() -> None:
                 }
             }
         )
+
+
+# --------------------------------------------------------------------------------------
+# memcached servers in arguments.url
+
+
+@pytest.mark.parametrize(
+    ("server", "fragments"),
+    [
+        pytest.param(
+            "memcache://127.0.0.1:41211",
+            ["is a URL", "write host:port: '127.0.0.1:41211'"],
+            id="memcache-scheme",
+        ),
+        pytest.param("memcached://cache:11211/", ["is a URL", "'cache:11211'"], id="memcached-scheme"),
+        pytest.param("a:b:41211", ["'a:b' is not a host name", "host:port"], id="two-colons"),
+        pytest.param(
+            "::1:11211", ["IPv6 address goes in brackets", "[::1]:11211"], id="ipv6-without-brackets"
+        ),
+        pytest.param("[::1]", ["has no port", "[::1]:11211"], id="ipv6-without-port"),
+        pytest.param("[nope]:11211", ["'nope' is not an IPv6 address"], id="bracketed-non-ipv6"),
+        pytest.param("unix:/run/mc.sock", ["Unix socket", "'/run/mc.sock'"], id="unix-scheme"),
+        pytest.param("cache", ["has no port", "cache:11211"], id="no-port"),
+        pytest.param("cache:0", ["port", "1 to 65535"], id="port-zero"),
+        pytest.param("cache:65536", ["port", "1 to 65535"], id="port-too-large"),
+        pytest.param("cache:", ["port", "1 to 65535"], id="empty-port"),
+        pytest.param(":11211", ["'' is not a host name"], id="empty-host"),
+        pytest.param("cache server:11211", ["'cache server' is not a host name"], id="space-in-host"),
+        pytest.param("300.0.0.1:11211", ["'300.0.0.1' is not an IPv4 address"], id="bad-ipv4"),
+    ],
+)
+def test_a_server_that_is_not_host_port_is_refused_saying_what_to_write(
+    server: str, fragments: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        cachedecor.configure_regions(memcached(url=f"127.0.0.1:11211, {server}"))
+
+    assert str(raised.value).startswith(f"cachedecor.r.arguments.url: {server!r}")
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        "127.0.0.1:11211",
+        "cache-1.internal.example:11211",
+        "my_host:1",
+        "[::1]:11211",
+        "[fe80::1%eth0]:11211",
+        "/run/mc.sock",
+    ],
+)
+def test_host_port_ipv6_in_brackets_and_unix_sockets_are_accepted(server: str) -> None:
+    cachedecor.configure_regions(memcached(url=server))
+
+    assert region_settings("r").arguments["url"] == [server]
+
+
+def _connectable(family: int, address: Any) -> bool:
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        try:
+            sock.connect(address)
+        except OSError:
+            return False
+        return True
+
+
+@contextmanager
+def memcached_listening(family: int, address: Any, *listen: str) -> Iterator[None]:
+    """A memcached process started with ``listen`` options, running once ``address`` accepts."""
+    binary = memcached_binary()
+    if binary is None:
+        unavailable("memcached is not installed (make test installs it)")
+    assert binary is not None
+    command = [
+        binary,
+        *listen,
+        "-U",
+        "0",
+        "-t",
+        "1",
+        "-m",
+        "8",
+        *(["-u", "root"] if os.geteuid() == 0 else []),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not _connectable(family, address):
+            assert process.poll() is None, f"memcached exited: {command}"
+            assert time.monotonic() < deadline, f"memcached does not accept connections: {command}"
+            time.sleep(0.01)
+        yield
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _free_ipv6_port() -> int:
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("::1", 0))
+        except OSError as exc:
+            unavailable(f"no IPv6 loopback: {exc}")
+        return int(sock.getsockname()[1])
+
+
+def test_a_region_on_an_ipv6_server_stores_there() -> None:
+    port = _free_ipv6_port()
+    with memcached_listening(socket.AF_INET6, ("::1", port), "-l", "::1", "-p", str(port)):
+        region = cachedecor.configure_regions(memcached(url=f"[::1]:{port}"))["r"]
+
+        region.set("ipv6 key", "stored")
+
+        assert region.get("ipv6 key") == "stored"
+        raw = Client(("::1", port))
+        assert raw.get(region.key_mangler("ipv6 key")) is not None  # type: ignore[misc]
+        raw.close()
+
+
+def test_a_region_on_a_unix_socket_stores_there(tmp_path: Path) -> None:
+    path = str(tmp_path / "memcached.sock")
+    with memcached_listening(socket.AF_UNIX, path, "-s", path):
+        region = cachedecor.configure_regions(memcached(url=path))["r"]
+
+        region.set("unix key", "stored")
+
+        assert region.get("unix key") == "stored"
+        raw = Client(path)
+        assert raw.get(region.key_mangler("unix key")) is not None  # type: ignore[misc]
+        raw.close()
+
+
+# --------------------------------------------------------------------------------------
+# every numeric option has a valid range, checked at configure time
+
+
+def test_every_numeric_argument_of_every_backend_has_a_range() -> None:
+    numeric = {
+        (backend, arg)
+        for backend, schema in BACKEND_ARGUMENTS.items()
+        for arg, kind in schema.items()
+        if kind in (int, float)
+    }
+
+    assert numeric == {(backend, arg) for backend, ranges in ARGUMENT_RANGES.items() for arg in ranges}
+
+
+def test_every_numeric_region_option_has_a_range() -> None:
+    numeric = {option for option, (kind, _) in REGION_OPTIONS.items() if kind in (int, float)}
+
+    assert numeric - set(REGION_RANGES) == {"compress_level"}  # its range depends on the algorithm
+    assert set(REGION_RANGES) <= numeric
+
+
+def test_memcached_defaults_are_in_range() -> None:
+    ranges = ARGUMENT_RANGES["cachedecor.pymemcache"]
+    for arg, value in MEMCACHED_DEFAULTS.items():
+        if arg in ranges:
+            ranges[arg].check(value, arg)
+
+
+def _edges(kind: type, low: float, exclusive: bool, high: float | None) -> tuple[list[Any], list[Any]]:
+    """(values just inside the range, values just outside)."""
+    step = 1 if kind is int else 0.001
+    first = low + step if exclusive else low
+    inside = [kind(first)] + ([kind(high)] if high is not None else [])
+    outside = [kind(low if exclusive else low - step)] + ([kind(high + step)] if high is not None else [])
+    return inside, outside
+
+
+RANGED_ARGUMENTS = [
+    pytest.param(backend, arg, id=f"{backend}-{arg}")
+    for backend, ranges in ARGUMENT_RANGES.items()
+    for arg in ranges
+]
+
+
+@pytest.mark.parametrize(("backend", "arg"), RANGED_ARGUMENTS)
+def test_a_numeric_argument_takes_its_range_and_nothing_outside(backend: str, arg: str) -> None:
+    valid = ARGUMENT_RANGES[backend][arg]
+    inside, outside = _edges(BACKEND_ARGUMENTS[backend][arg], valid.low, valid.exclusive, valid.high)
+
+    for value in inside:
+        assert check_arguments("r", backend, {arg: str(value)})[arg] == value
+    for value in outside:
+        with pytest.raises(ConfigError) as raised:
+            check_arguments("r", backend, {arg: str(value)})
+        assert str(raised.value).startswith(f"cachedecor.r.arguments.{arg}: must be {valid.expected()}, got ")
+
+
+@pytest.mark.parametrize("option", sorted(REGION_RANGES))
+def test_a_numeric_region_option_takes_its_range_and_nothing_outside(option: str) -> None:
+    valid = REGION_RANGES[option]
+    inside, outside = _edges(REGION_OPTIONS[option][0], valid.low, valid.exclusive, valid.high)
+
+    for value in inside:
+        cachedecor.configure_regions(flat(**{option: str(value)}))
+    for value in outside:
+        with pytest.raises(ConfigError, match=rf"^cachedecor\.r\.{option}: must be .*, got "):
+            cachedecor.configure_regions(flat(**{option: str(value)}))
+
+
+@pytest.mark.parametrize(
+    ("arg", "value", "fragments"),
+    [
+        pytest.param(
+            "invalidation_retry_interval",
+            "0",
+            ["at least 0.01 seconds", "spin", "got 0"],
+            id="retry-interval-zero",
+        ),
+        pytest.param(
+            "invalidation_retry_for", "-1", ["more than 0 seconds", "got -1"], id="retry-for-negative"
+        ),
+        pytest.param("max_pending_invalidations", "0", ["1 or more", "got 0"], id="max-pending-zero"),
+        pytest.param(
+            "memcached_expire_time", "-5", ["between 0 and 2592000 seconds", "got -5"], id="expire-negative"
+        ),
+        pytest.param("memcached_expire_time", "2592001", ["absolute Unix time"], id="expire-over-30-days"),
+        pytest.param(
+            "lock_timeout", "-1", ["between 0 and 2592000 seconds", "got -1"], id="lock-timeout-negative"
+        ),
+        pytest.param("hashclient_retry_timeout", "-1", ["0 or more seconds"], id="retry-timeout-negative"),
+        pytest.param("hashclient_retry_attempts", "-1", ["0 or more"], id="retry-attempts-negative"),
+    ],
+)
+def test_out_of_range_memcached_arguments_in_an_ini_file_fail_at_configure_time(
+    tmp_path: Path, arg: str, value: str, fragments: list[str]
+) -> None:
+    path = write(
+        tmp_path,
+        "[cachedecor]\nregions = default\n\n[cachedecor.default]\nbackend = dogpile.cache.pymemcache\n"
+        f"arguments.url = 127.0.0.1:41211\narguments.{arg} = {value}\n",
+    )
+
+    with pytest.raises(ConfigError) as raised:
+        cachedecor.configure_regions(path)
+
+    assert str(raised.value).startswith(f"cachedecor.default.arguments.{arg}: must be ")
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+    with pytest.raises(RegionNotConfigured):
+        cachedecor.get_region("default")
+
+
+@pytest.mark.parametrize(
+    ("arg", "value", "fragment"),
+    [
+        pytest.param("port", "0", "between 1 and 65535", id="port"),
+        pytest.param("db", "-1", "0 or more", id="db"),
+        pytest.param("socket_timeout", "0", "more than 0 seconds", id="socket-timeout"),
+        pytest.param("lock_sleep", "0", "busy loop", id="lock-sleep"),
+        pytest.param("redis_expiration_time", "-1", "0 or more seconds", id="expiration"),
+    ],
+)
+def test_out_of_range_redis_arguments_fail_at_configure_time(arg: str, value: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^cachedecor\.r\.arguments\.{arg}: must be .*{fragment}"):
+        cachedecor.configure_regions(redis(**{arg: value}))
+
+
+# --------------------------------------------------------------------------------------
+# "did you mean": misspelled regions, options, arguments, backends
+
+
+def test_a_misspelled_ini_section_says_did_you_mean_and_what_is_missing(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[cachedecor]\nregions = default\n\n[cachedecor.defualt]\nbackend = dogpile.cache.memory\n",
+    )
+
+    with pytest.raises(ConfigError) as raised:
+        cachedecor.configure_regions(path)
+
+    assert str(raised.value) == (
+        "section [cachedecor.defualt] configures region 'defualt', which cachedecor.regions does not "
+        "list (default): did you mean 'default'? Region 'default' is listed but not defined"
+    )
+
+
+def test_a_misspelled_region_in_a_flat_dict_says_did_you_mean() -> None:
+    settings = {
+        "cachedecor.regions": "default, users",
+        "cachedecor.default.backend": MEMORY,
+        "cachedecor.user.backend": MEMORY,
+    }
+
+    with pytest.raises(ConfigError) as raised:
+        cachedecor.configure_regions(settings)
+
+    assert "cachedecor.user.* configures region 'user'" in str(raised.value)
+    assert "did you mean 'users'?" in str(raised.value)
+    assert "Region 'users' is listed but not defined" in str(raised.value)
+
+
+def test_a_listed_region_with_nothing_close_defined_says_what_to_add(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[cachedecor]\nregions = default, reports\n\n[cachedecor.default]\nbackend = dogpile.cache.memory\n",
+    )
+
+    with pytest.raises(ConfigError) as raised:
+        cachedecor.configure_regions(path)
+
+    assert str(raised.value) == (
+        "region 'reports' is listed in cachedecor.regions but not defined: add a [cachedecor.reports] "
+        "section (defined: default)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        pytest.param(
+            memory(expiraton_time=5),
+            "cachedecor.r.expiraton_time: unknown option; did you mean 'expiration_time'?",
+            id="region-option",
+        ),
+        pytest.param(
+            {"cachedecor.r.backend": "dogpile.cache.pymemcache", "cachedecor.r.argument.url": "h:1"},
+            "cachedecor.r.argument.url: unknown option; did you mean 'arguments.url'?",
+            id="arguments-prefix",
+        ),
+        pytest.param(
+            memcached(conect_timeout="1"),
+            "cachedecor.r.arguments.conect_timeout: unknown argument for backend cachedecor.pymemcache; "
+            "did you mean 'connect_timeout'?",
+            id="memcached-argument",
+        ),
+        pytest.param(
+            redis(socket_timout="1"),
+            "cachedecor.r.arguments.socket_timout: unknown argument for backend dogpile.cache.redis; "
+            "did you mean 'socket_timeout'?",
+            id="redis-argument",
+        ),
+        pytest.param(
+            {"regions": {"r": {"backend": "dogpile.cache.pymemcached"}}},
+            "cachedecor.r.backend: unknown backend 'dogpile.cache.pymemcached'; did you mean "
+            "'dogpile.cache.pymemcache'?",
+            id="backend",
+        ),
+        pytest.param(
+            {"regions": {"r": {"backend": "memory"}}},
+            "cachedecor.r.backend: unknown backend 'memory'; did you mean 'dogpile.cache.memory'?",
+            id="backend-short-name",
+        ),
+        pytest.param(
+            {"cachedecor.region": "r", "cachedecor.r.backend": MEMORY},
+            "unknown option 'cachedecor.region'; did you mean 'regions'?",
+            id="global-option",
+        ),
+        pytest.param(
+            {"region": {"r": {"backend": MEMORY}}},
+            "no regions are configured: did you mean 'regions' (not 'region')",
+            id="nested-regions-key",
+        ),
+        pytest.param(
+            {"cachedecr.regions": "r", "cachedecr.r.backend": MEMORY},
+            "no regions are configured: did you mean 'cachedecor.regions' (not 'cachedecr.regions')?",
+            id="flat-prefix",
+        ),
+        pytest.param(
+            {**memory(), "secrets": "x"},
+            "unknown top-level option 'secrets'; did you mean 'secret'?",
+            id="nested-top-level",
+        ),
+        pytest.param(
+            memory(serializer="msgpak"),
+            "cachedecor.r.serializer: unknown serializer 'msgpak'; did you mean 'msgpack'?",
+            id="serializer",
+        ),
+    ],
+)
+def test_a_misspelled_name_says_did_you_mean(source: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        cachedecor.configure_regions(source)
+
+    assert str(raised.value).startswith(message)
+
+
+def test_a_misspelled_ini_prefix_says_did_you_mean(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "[cachdecor]\nregions = default\n\n[cachdecor.default]\nbackend = dogpile.cache.memory\n"
+    )
+
+    with pytest.raises(ConfigError) as raised:
+        cachedecor.configure_regions(path)
+
+    assert str(raised.value).endswith("section; did you mean [cachedecor] (not [cachdecor])?")
+
+
+def test_a_name_close_to_nothing_gets_no_suggestion() -> None:
+    with pytest.raises(ConfigError) as raised:
+        cachedecor.configure_regions(memory(colour="red"))
+
+    assert "did you mean" not in str(raised.value)
+
+
+# --------------------------------------------------------------------------------------
+# backends cachedecor cannot use: the reason first
+
+
+REFUSED = [
+    pytest.param("dogpile.cache.dbm", {}, "DBM file", id="dbm-without-filename"),
+    pytest.param("dogpile.cache.dbm", {"filename": "/nonexistent/dir/cache.dbm"}, "DBM file", id="dbm"),
+    pytest.param("dogpile.cache.null", {"bogus": 1}, "stores nothing", id="null"),
+    pytest.param("dogpile.cache.pylibmc", {"url": "127.0.0.1:11211"}, "through pylibmc", id="pylibmc"),
+    pytest.param(
+        "dogpile.cache.bmemcached",
+        {"url": "127.0.0.1:11211"},
+        "through python-binary-memcached",
+        id="bmemcached",
+    ),
+    pytest.param(
+        "dogpile.cache.memcached", {"url": "127.0.0.1:11211"}, "through python-memcached", id="memcached"
+    ),
+]
+
+
+@pytest.mark.parametrize(("backend", "arguments", "fragment"), REFUSED)
+def test_a_refused_backend_says_first_that_cachedecor_cannot_use_it_and_why(
+    backend: str, arguments: dict[str, Any], fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        cachedecor.configure_regions({"regions": {"r": {"backend": backend, "arguments": arguments}}})
+
+    message = str(raised.value)
+    assert message.startswith(f"cachedecor.r.backend: cachedecor cannot use {backend!r}: ")
+    assert fragment in message
+    assert "no atomic add and compare-and-set" in message
+    assert "leases" in message
+
+
+def test_the_other_memcached_clients_point_to_pymemcache() -> None:
+    with pytest.raises(
+        ConfigError, match=r"use backend = dogpile\.cache\.pymemcache with the same arguments\.url"
+    ):
+        cachedecor.configure_regions({"regions": {"r": {"backend": "dogpile.cache.pylibmc"}}})
+
+
+class NoLeases(CacheBackend):  # type: ignore[misc]
+    """A third-party backend: cachedecor has no lease-safe store for it."""
+
+    def __init__(self, arguments: dict[str, Any]) -> None:
+        raise AssertionError("cachedecor must refuse the backend before creating it")
+
+
+class OwnMemory(MemoryBackend):  # type: ignore[misc]
+    """A third-party subclass of a backend cachedecor supports."""
+
+
+dogpile.cache.register_backend("tests.no_leases", __name__, "NoLeases")  # type: ignore[no-untyped-call]
+dogpile.cache.register_backend("tests.own_memory", __name__, "OwnMemory")  # type: ignore[no-untyped-call]
+
+
+def test_a_third_party_backend_without_a_lease_store_is_refused_before_it_is_created() -> None:
+    with pytest.raises(ConfigError) as raised:
+        cachedecor.configure_regions(
+            {"regions": {"r": {"backend": "tests.no_leases", "arguments": {"x": 1}}}}
+        )
+
+    assert str(raised.value).startswith(
+        f"cachedecor.r.backend: cachedecor cannot use 'tests.no_leases' ({__name__}.NoLeases): "
+        "it has no atomic add and compare-and-set"
+    )
+
+
+def test_a_third_party_subclass_of_a_supported_backend_is_accepted() -> None:
+    region = cachedecor.configure_regions({"regions": {"r": {"backend": "tests.own_memory"}}})["r"]
+
+    assert isinstance(region.actual_backend, OwnMemory)
+
+
+def test_a_backend_whose_client_package_is_missing_names_the_package() -> None:
+    import sys
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "redis", None)  # import redis -> ImportError
+        with pytest.raises(ConfigError) as raised:
+            cachedecor.configure_regions(redis())
+
+    assert str(raised.value).startswith(
+        "cachedecor.r.backend: backend 'dogpile.cache.redis' needs the Python package 'redis'"
+    )
