@@ -800,7 +800,7 @@ def region_settings(name: str) -> RegionSettings:
     try:
         return _settings[name]
     except KeyError:
-        raise RegionNotConfigured(name) from None
+        raise RegionNotConfigured(name, _settings) from None
 
 
 def get_region(name: str = "default") -> CacheRegion:

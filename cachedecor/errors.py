@@ -8,6 +8,9 @@ decorated function: they are logged and counted instead (see :mod:`cachedecor.st
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 __all__ = ["CacheError", "ConfigError", "InvalidKeyError", "RegionNotConfigured", "UsageError"]
 
 
@@ -31,10 +34,14 @@ class RegionNotConfigured(CacheError, LookupError):
     the configuration does not list the region in ``regions``.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, configured: Iterable[str] = ()) -> None:
         self.name = name
+        known = sorted(configured)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]!r}? " if close else " "
+        configured = f"(configured: {', '.join(known)})" if known else "(none is configured)"
         super().__init__(
-            f"cache region {name!r} is not configured: call "
+            f"cache region {name!r} is not configured {configured}.{hint}Call "
             f"cachedecor.configure_regions() with a configuration that defines it "
             f"(e.g. an INI file with 'regions = {name}' and a [cachedecor.{name}] "
             f"section, or set CACHEDECOR_CONFIG to such a file)"
