@@ -3,9 +3,14 @@
 An entry is ``header + [signature] + body``:
 
 * ``header`` is two bytes: the format version (:data:`FORMAT_VERSION`) and a flags
-  byte naming the compression (none, zlib, zstd) and whether a signature follows;
+  byte naming the compression (none, zlib, zstd), whether a write time follows and
+  whether a signature follows;
+* ``written_at`` (entries written by ``@cached_by_pk``) is 8 bytes, a big-endian
+  float of Unix time: when the row it holds was read from the database. Reads
+  compare it with the region's invalidation time (dogpile's ``region.invalidate()``);
 * ``signature`` (with a ``secret``) is 16 bytes of HMAC-SHA256 over the cache key,
-  the header and the body, so an entry can neither be forged nor moved to another key;
+  the header (write time included) and the body, so an entry can neither be forged,
+  nor moved to another key, nor given another write time;
 * ``body`` is the MessagePack encoding of the payload, compressed when it is larger
   than the region's ``compress_threshold`` and compression saves space.
 
@@ -45,7 +50,9 @@ COMPRESS_ZLIB = 1
 COMPRESS_ZSTD = 2
 _COMPRESSION_MASK = 0x03
 _SIGNED = 0x04
+_TIMED = 0x10
 SIG_LEN = 16
+_WRITTEN_AT = struct.Struct(">d")
 
 #: A decompressed body larger than this is refused (protects against decompression bombs).
 MAX_BODY_SIZE = 16 * 1024 * 1024
@@ -323,8 +330,12 @@ class Codec:
 
     # -- writing -----------------------------------------------------------------------
 
-    def seal(self, key: str, body: bytes) -> bytes:
-        """Build the stored entry for ``body`` (a :func:`pack_value` result) under ``key``."""
+    def seal(self, key: str, body: bytes, written_at: float | None = None) -> bytes:
+        """Build the stored entry for ``body`` (a :func:`pack_value` result) under ``key``.
+
+        ``written_at`` (Unix time) is when the value was read from its source; an
+        entry without it counts as written before any region invalidation.
+        """
         flags = COMPRESS_NONE
         compress = self._compress  # type: ignore[attr-defined]
         if compress is not None and len(body) > self.compress_threshold:
@@ -332,9 +343,14 @@ class Codec:
             if len(packed) < len(body):
                 body = packed
                 flags = self._compress_flag  # type: ignore[attr-defined]
+        if written_at is None:
+            header = bytes((FORMAT_VERSION, flags | (_SIGNED if self.secret is not None else 0)))
+        else:
+            header = bytes(
+                (FORMAT_VERSION, flags | _TIMED | (_SIGNED if self.secret is not None else 0))
+            ) + _WRITTEN_AT.pack(written_at)
         if self.secret is None:
-            return bytes((FORMAT_VERSION, flags)) + body
-        header = bytes((FORMAT_VERSION, flags | _SIGNED))
+            return header + body
         return header + self._sign(key, header, body) + body
 
     def _sign(self, key: str, header: bytes, body: bytes) -> bytes:
@@ -348,22 +364,36 @@ class Codec:
 
     def open(self, key: str, data: bytes) -> bytes:
         """Verify and decompress a stored entry; return the body or raise :class:`BadEntry`."""
+        return self.open_timed(key, data)[0]
+
+    def open_timed(self, key: str, data: bytes) -> tuple[bytes, float]:
+        """:meth:`open`, and the entry's write time (``0.0`` for an entry without one)."""
         if len(data) < 2 or data[0] != FORMAT_VERSION:
             raise BadEntry("not a cachedecor entry of this format version")
         flags = data[1]
-        if flags & ~(_COMPRESSION_MASK | _SIGNED):
+        if flags & ~(_COMPRESSION_MASK | _SIGNED | _TIMED):
             raise BadEntry(f"unknown flags {flags:#x}")
+        start = 2
+        written_at = 0.0
+        if flags & _TIMED:
+            start = 2 + _WRITTEN_AT.size
+            if len(data) < start:
+                raise BadEntry("write time truncated")
+            (written_at,) = _WRITTEN_AT.unpack_from(data, 2)
         if flags & _SIGNED:
             if self.secret is None:
                 raise BadEntry("signed entry but no secret is configured")
-            sig = data[2 : 2 + SIG_LEN]
-            body = data[2 + SIG_LEN :]
-            if len(sig) != SIG_LEN or not hmac.compare_digest(sig, self._sign(key, data[:2], body)):
+            sig = data[start : start + SIG_LEN]
+            body = data[start + SIG_LEN :]
+            if len(sig) != SIG_LEN or not hmac.compare_digest(sig, self._sign(key, data[:start], body)):
                 raise BadEntry("wrong signature")
         else:
             if self.secret is not None:
                 raise BadEntry("unsigned entry but a secret is configured")
-            body = data[2:]
+            body = data[start:]
+        return self._decompress(flags, body), written_at
+
+    def _decompress(self, flags: int, body: bytes) -> bytes:
         compression = flags & _COMPRESSION_MASK
         if compression == COMPRESS_NONE:
             return body
@@ -385,10 +415,15 @@ class Codec:
                 raise BadEntry(f"corrupt zstd body: {exc}") from exc
         raise BadEntry(f"unknown compression {compression}")
 
-    def encode(self, key: str, value: Any) -> bytes:
+    def encode(self, key: str, value: Any, written_at: float | None = None) -> bytes:
         """:func:`pack_value` then :meth:`seal`."""
-        return self.seal(key, pack_value(value))
+        return self.seal(key, pack_value(value), written_at)
 
     def decode(self, key: str, data: bytes) -> Any:
         """:meth:`open` then :func:`unpack_value`."""
         return unpack_value(self.open(key, data))
+
+    def decode_timed(self, key: str, data: bytes) -> tuple[Any, float]:
+        """:meth:`decode`, and the entry's write time (``0.0`` for an entry without one)."""
+        body, written_at = self.open_timed(key, data)
+        return unpack_value(body), written_at

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-import types
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar, cast
 
@@ -43,11 +42,12 @@ _OTHER: Any = object()
 class _Resolved:
     """Per (function, region configuration): what a call needs, looked up once."""
 
-    __slots__ = ("base", "codec", "counters", "maker", "name", "settings", "store", "ttl")
+    __slots__ = ("base", "codec", "counters", "maker", "name", "region", "settings", "store", "ttl")
 
     def __init__(self, fn: CachedFunction[Any], settings: _config.RegionSettings) -> None:
         self.settings = settings
         self.name = settings.name
+        self.region = settings.region
         self.store = settings.store
         self.codec = settings.codec
         self.maker: KeyMaker = key_maker(fn.model, settings.namespace)
@@ -66,8 +66,12 @@ class CachedFunction(Generic[R]):
     """A function wrapped by :func:`cached_by_pk`.
 
     Calls behave like the wrapped function, served from the cache where possible.
-    Attributes: :meth:`invalidate`, :meth:`cache_key`, :attr:`region`,
-    ``__wrapped__`` (the original function), ``model``, ``region_name``.
+    Attributes: :meth:`refresh` (call through and refill the entry), :meth:`uncached`
+    (call through, the cache untouched), :meth:`invalidate`, :meth:`cache_key`,
+    :attr:`region`, ``__wrapped__`` (the original function), ``model``,
+    ``region_name``. On a decorated method, the attributes that take the function's
+    arguments (:meth:`refresh`, :meth:`uncached`) are bound to the instance as the
+    call is.
     """
 
     def __init__(
@@ -122,10 +126,67 @@ class CachedFunction(Generic[R]):
         """Delete the cached entry of ``pk`` in every region that may cache the model, now."""
         invalidate_many(self.model, [pk])
 
+    def refresh(self, *args: Any, **kwargs: Any) -> R:
+        """Call the function and refill the cache with its result, whatever the cache holds.
+
+        Takes the function's arguments. The entry is deleted, then refilled under a
+        fill lease as on a miss: a write committed while the function runs deletes
+        the lease, and the older row it read is not stored. If another reader is
+        filling the key at that moment, the refresh returns its own result and that
+        reader's fill (which read the database after the delete) is the new entry.
+        Inside a transaction that has written the row, the result is not stored (as
+        for any read there). With ``many=True`` every requested row is refreshed.
+        Returns what a call returns (rows from the function, never from the cache).
+        """
+        r = self._resolve()
+        if self.many:
+            return self._call_many(r, args, kwargs, _REFRESH)  # type: ignore[return-value]
+        session = self.binding.session(args, kwargs)
+        try:
+            pk = self.binding.pk(args, kwargs)
+            token, space = self._space(session, args, kwargs)
+            key = r.maker(pk, space)
+            if session is not None:
+                tracker = session_tracker(session)
+                if (
+                    tracker is not None
+                    and tracker.dirty
+                    and tracker.blocks(r.base, r.maker.encode_pk(pk), space)
+                ):
+                    r.counters.bypasses += 1
+                    return self.__wrapped__(*args, **kwargs)
+        except (UsageError, ValueError, TypeError) as exc:
+            self._uncacheable(r, f"no cache key for this call: {exc}")
+            return self.__wrapped__(*args, **kwargs)
+        r.counters.misses += 1
+        try:
+            r.store.delete_many([key])
+            _, lease = r.store.lookup(key, r.settings.lease_timeout)
+        except Exception as exc:
+            r.counters.errors += 1
+            log_failure(r.name, "refresh", exc)
+            return self.__wrapped__(*args, **kwargs)
+        if lease is None:  # filled or being filled by a reader that started after the delete
+            return self.__wrapped__(*args, **kwargs)
+        r.counters.lease_wins += 1
+        return self._call_and_fill(r, key, lease, session, pk, token, space, args, kwargs)
+
+    def uncached(self, *args: Any, **kwargs: Any) -> R:
+        """Call the function without the cache: nothing is read from it or stored in it.
+
+        Takes the function's arguments and returns what a call returns: with
+        ``many=True``, the rows in the order of the requested keys, duplicates and
+        missing rows left out, the function called once with every requested key.
+        Nothing is counted. The function itself is ``__wrapped__``.
+        """
+        if not self.many:
+            return self.__wrapped__(*args, **kwargs)
+        return self._call_many(self._resolve(), args, kwargs, _UNCACHED)  # type: ignore[return-value]
+
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
             return self
-        return types.MethodType(self, obj)
+        return _BoundCachedFunction(self, obj)
 
     def __repr__(self) -> str:
         return f"<cached_by_pk {self._name} of {self.model.__name__} in region {self.region_name!r}>"
@@ -209,7 +270,23 @@ class CachedFunction(Generic[R]):
                 return value  # type: ignore[no-any-return]
             return self.__wrapped__(*args, **kwargs)
         r.counters.lease_wins += 1
+        return self._call_and_fill(r, key, lease, session, pk, token, space, args, kwargs)
+
+    def _call_and_fill(
+        self,
+        r: _Resolved,
+        key: str,
+        lease: Any,
+        session: Session | None,
+        pk: Any,
+        token: Any,
+        space: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> R:
+        """Call the function holding the fill lease of ``key``, and fill it with the result."""
         unfillable = session is not None and self._unfillable(session, r, pk, token)
+        started = time.time()
         try:
             result = self.__wrapped__(*args, **kwargs)
         except BaseException:
@@ -222,7 +299,7 @@ class CachedFunction(Generic[R]):
         if payload is _SKIP:
             self._release(r, key, lease)
         else:
-            entry = self._entry(r, key, lease, payload)
+            entry = self._entry(r, key, lease, payload, started)
             if entry is not None:
                 try:
                     outcome: Any = r.store.fill(key, entry, lease, r.ttl)
@@ -248,9 +325,13 @@ class CachedFunction(Generic[R]):
         self, r: _Resolved, key: str, data: bytes, session: Session | None, token: Any
     ) -> tuple[bool, Any]:
         """(True, instance or None) for a usable entry; (False, _OTHER) for an entry of a
-        class outside the model; (False, None) after dropping an unusable one."""
+        class outside the model; (False, None) after dropping an unusable one, or one
+        written before the region's invalidation (dogpile's ``region.invalidate()``)."""
         try:
-            payload = r.codec.decode(key, data)
+            payload, written_at = r.codec.decode_timed(key, data)
+            if r.region.region_invalidator.is_invalidated(written_at):
+                r.store.delete_many([key])
+                return False, None
             assert self._plan is not None
             return True, self._plan.build(payload, session, key, token)
         except OtherClass:
@@ -322,10 +403,11 @@ class CachedFunction(Generic[R]):
         payload = plan.snapshot(result, key)
         return _SKIP if payload is None else payload
 
-    def _entry(self, r: _Resolved, key: str, lease: Any, payload: Any) -> bytes | None:
-        """The stored form of ``payload``, or ``None`` (lease released) if it cannot be cached."""
+    def _entry(self, r: _Resolved, key: str, lease: Any, payload: Any, started: float) -> bytes | None:
+        """The stored form of ``payload`` (read from the database from ``started`` on),
+        or ``None`` (lease released) if it cannot be cached."""
         try:
-            entry = r.codec.encode(key, payload)
+            entry = r.codec.encode(key, payload, started)
         except UnencodableValue as exc:
             r.counters.errors += 1
             log_failure(r.name, "encoding a row", exc)
@@ -387,7 +469,9 @@ class CachedFunction(Generic[R]):
 
     # -- many=True ----------------------------------------------------------------------
 
-    def _call_many(self, r: _Resolved, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    def _call_many(
+        self, r: _Resolved, args: tuple[Any, ...], kwargs: dict[str, Any], mode: int = 0
+    ) -> list[Any]:
         binding = self.binding
         session = binding.session(args, kwargs)
         requested = binding.pk(args, kwargs)
@@ -416,37 +500,47 @@ class CachedFunction(Generic[R]):
             return self.__wrapped__(*args, **kwargs)  # type: ignore[return-value]
         if not wanted:
             return []
-        counters.bypasses += len(blocked)
-        lookup = [k for k in wanted if k not in blocked]
         results: dict[str, Any] = {}
         replies: dict[str, tuple[bytes | None, Any]] = {}
-        if lookup:
+        if mode == _UNCACHED:
+            lookup = []
+        else:
+            counters.bypasses += len(blocked)
+            lookup = [k for k in wanted if k not in blocked]
+        if lookup and mode == _REFRESH:
             try:
-                replies = r.store.lookup_many(lookup, r.settings.lease_timeout)
-            except PartialResult as exc:
-                replies = exc.found
-                counters.errors += 1
-                log_failure(r.name, "get_many", exc.error)
+                r.store.delete_many(lookup)
             except Exception as exc:
                 counters.errors += 1
-                log_failure(r.name, "get_many", exc)
+                log_failure(r.name, "refresh", exc)
+                lookup = []
+        if lookup:
+            replies = self._lookup_many(r, lookup)
         missing: list[str] = []
         leases: dict[str, Any] = {}
+        dropped: list[str] = []
         for key in wanted:
             data, lease = replies.get(key, (None, None))
-            if data is not None:
+            if data is not None and mode != _REFRESH:
                 ok, value = self._decode(r, key, data, session, token)
                 if ok:
                     counters.hits += 1
                     results[key] = value
                     continue
+                if value is None:
+                    dropped.append(key)  # deleted: it may be leased now
             elif lease is not None:
                 leases[key] = lease
             missing.append(key)
+        if dropped:
+            for key, (data, lease) in self._lookup_many(r, dropped).items():
+                if data is None and lease is not None:
+                    leases[key] = lease
         if not missing:
             return [results[k] for k in wanted if results[k] is not None]
-        counters.misses += len(missing)
-        counters.lease_wins += len(leases)
+        if mode != _UNCACHED:
+            counters.misses += len(missing)
+            counters.lease_wins += len(leases)
         if session is not None and leases:
             unfillable = not may_fill(session) or reads_old_snapshot(session)
             for key in [
@@ -454,6 +548,7 @@ class CachedFunction(Generic[R]):
             ]:
                 self._release(r, key, leases.pop(key))
         call_args, call_kwargs = binding.replace_pk(args, kwargs, [wanted[k] for k in missing])
+        started = time.time()
         try:
             rows = self.__wrapped__(*call_args, **call_kwargs)
         except BaseException:
@@ -479,7 +574,7 @@ class CachedFunction(Generic[R]):
         entries: list[tuple[str, bytes, Any]] = []
         for key, lease in leases.items():
             payload = self._payload(r, key, results.get(key), token, space)
-            entry = None if payload is _SKIP else self._entry(r, key, lease, payload)
+            entry = None if payload is _SKIP else self._entry(r, key, lease, payload, started)
             if entry is not None:
                 entries.append((key, entry, lease))
             elif payload is _SKIP:
@@ -492,6 +587,53 @@ class CachedFunction(Generic[R]):
             for key, _, lease in entries:
                 self._filled(r, key, lease, outcomes.get(key, False))
         return [results[k] for k in wanted if results.get(k) is not None]
+
+    def _lookup_many(self, r: _Resolved, keys: list[str]) -> dict[str, tuple[bytes | None, Any]]:
+        try:
+            return r.store.lookup_many(keys, r.settings.lease_timeout)
+        except PartialResult as exc:
+            r.counters.errors += 1
+            log_failure(r.name, "get_many", exc.error)
+            found: dict[str, tuple[bytes | None, Any]] = exc.found
+            return found
+        except Exception as exc:
+            r.counters.errors += 1
+            log_failure(r.name, "get_many", exc)
+            return {}
+
+
+#: _call_many modes: a call through the cache, a refresh, a call without the cache
+_REFRESH = 1
+_UNCACHED = 2
+
+
+class _BoundCachedFunction:
+    """A :class:`CachedFunction` bound to an instance (a decorated method), as a method is."""
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, fn: CachedFunction[Any], obj: Any) -> None:
+        self.__func__ = fn
+        self.__self__ = obj
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def refresh(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__.refresh(self.__self__, *args, **kwargs)
+
+    def uncached(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__.uncached(self.__self__, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__func__, name)
+
+    @property
+    def __doc__(self) -> str | None:  # type: ignore[override]
+        return self.__func__.__doc__
+
+    def __repr__(self) -> str:
+        return f"<bound {self.__func__!r} of {self.__self__!r}>"
 
 
 def cached_by_pk(

@@ -29,6 +29,11 @@ if IN_CI:
     hypothesis_settings.load_profile("ci")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # dogpile.cache's generic backend suites (tests/test_dogpile_suite.py) mark their slow tests
+    config.addinivalue_line("markers", "time_intensive: a slow test of dogpile.cache's generic suites")
+
+
 @pytest.fixture(autouse=True)
 def _clean_cachedecor(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("CACHEDECOR_CONFIG", raising=False)

@@ -26,29 +26,6 @@ class NodeDown(Exception):
     """The memcached node that owns a key is marked down; the call was not attempted."""
 
 
-class _RawSerde:
-    """pymemcache serde that stores and returns bytes only and never unpickles.
-
-    dogpile-level values reach the client already serialized (the backend's
-    ``serializer``), cachedecor's own entries are bytes, and dogpile's distributed
-    lock stores the integer 1, so bytes, text and integers are all it needs.
-    """
-
-    @staticmethod
-    def serialize(key: Any, value: Any) -> tuple[bytes, int]:
-        if isinstance(value, bytes):
-            return value, 0
-        if isinstance(value, str):
-            return value.encode(), 0
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value).encode(), 0
-        raise TypeError(f"cachedecor's memcached client stores bytes, not {type(value).__name__}")
-
-    @staticmethod
-    def deserialize(key: Any, value: bytes, flags: int) -> bytes:
-        return value
-
-
 class NodeHealth:
     """Circuit breaker and undelivered-invalidation queue, shared by one backend's threads.
 
@@ -250,6 +227,8 @@ class MemcachedCluster:
         *,
         retry_attempts: int = 0,
         retry_delay: float = 0.0,
+        retry_for: tuple[type[BaseException], ...] = (),
+        do_not_retry_for: tuple[type[BaseException], ...] = (),
         **client_kwargs: Any,
     ) -> None:
         from pymemcache.client.base import Client
@@ -259,6 +238,8 @@ class MemcachedCluster:
         self.health = health
         self.retry_attempts = retry_attempts
         self.retry_delay = retry_delay
+        self.retry_for = retry_for
+        self.do_not_retry_for = do_not_retry_for
         self.clients = {s: Client(_server_spec(s), **client_kwargs) for s in self.servers}
         self._single = self.clients[self.servers[0]] if len(self.servers) == 1 else None
         self._hash = RendezvousHash(list(self.servers))
@@ -342,7 +323,7 @@ class MemcachedCluster:
                     # a connection the server closed while idle (a restart, an idle
                     # timeout): one immediate retry on a new connection, not a failure
                     continue
-                if attempts > 0:
+                if attempts > 0 and self._retries(exc):
                     attempts -= 1
                     if self.retry_delay:
                         time.sleep(self.retry_delay)
@@ -351,6 +332,12 @@ class MemcachedCluster:
                 raise
             self.health.succeeded(node)
             return result
+
+    def _retries(self, exc: BaseException) -> bool:
+        """Whether a failed connection may be retried (``retry_for``/``do_not_retry_for``)."""
+        if self.retry_for and not isinstance(exc, self.retry_for):
+            return False
+        return not isinstance(exc, self.do_not_retry_for)
 
     def _by_node(self, keys: Iterable[str]) -> dict[str, list[str]]:
         groups: dict[str, list[str]] = {}
@@ -386,9 +373,16 @@ class MemcachedCluster:
         return bool(self._call(self.node_for(key), "set", key, value, expire, noreply))
 
     def set_many(self, values: dict[str, Any], expire: int = 0, noreply: bool | None = None) -> list[str]:
+        """Store values; returns the keys not stored. A failing node raises (after the others)."""
         failed: list[str] = []
+        error: BaseException | None = None
         for node, group in self._by_node(values).items():
-            failed += self._call(node, "set_many", {k: values[k] for k in group}, expire, noreply)
+            try:
+                failed += self._call(node, "set_many", {k: values[k] for k in group}, expire, noreply)
+            except Exception as exc:
+                error = exc
+        if error is not None:
+            raise error
         return failed
 
     set_multi = set_many

@@ -57,11 +57,15 @@ class MemcachedStore(Store):
     # -- classic commands (also the fallback) -------------------------------------------
 
     def get(self, key: str) -> bytes | None:
-        value: bytes | None = self._clients.memcached.get(key)
-        return value
+        value = self._clients.memcached.get(key)
+        return value if value is None or type(value) is bytes else _NOT_AN_ENTRY
 
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
-        return self._clients.memcached.get_many(keys)  # type: ignore[no-any-return]
+        try:
+            found: dict[str, Any] = self._clients.memcached.get_many(keys)
+        except PartialResult as exc:
+            raise PartialResult(_entries(exc.found), exc.error) from exc.error
+        return _entries(found)
 
     def lease(self, key: str, ttl: int) -> Any:
         client = self.client
@@ -190,6 +194,16 @@ class MemcachedStore(Store):
         # if the lease is no longer ours the key holds another lease (whose fill then
         # fails) or a fresh entry (which costs one miss).
         self.client.delete(key, noreply=False)
+
+
+#: What the classic commands return for a value stored under other pymemcache flags
+#: than plain bytes (a str, an int, a pickle written through dogpile's region API):
+#: never a cachedecor entry, so it decodes as a bad entry (counted, deleted, a miss).
+_NOT_AN_ENTRY = b""
+
+
+def _entries(found: dict[str, Any]) -> dict[str, bytes]:
+    return {k: v if type(v) is bytes else _NOT_AN_ENTRY for k, v in found.items()}
 
 
 _meta_fallback_logged = False
