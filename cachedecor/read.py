@@ -9,6 +9,7 @@ import). A hit then costs: format the key, one round trip, decode, attach.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -196,7 +197,7 @@ class CachedFunction(Generic[R]):
     def _resolve(self) -> _Resolved:
         settings = _config._settings.get(self.region_name)
         if settings is None:
-            raise RegionNotConfigured(self.region_name)
+            raise RegionNotConfigured(self.region_name, _config._settings)
         resolved = self._resolved
         if resolved is None or resolved.settings is not settings:
             resolved = self._resolved = _Resolved(self, settings)
@@ -631,6 +632,12 @@ class _BoundCachedFunction:
     @property
     def __doc__(self) -> str | None:  # type: ignore[override]
         return self.__func__.__doc__
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The method's signature without ``self``, as for a bound method."""
+        sig = inspect.signature(self.__func__.__wrapped__)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
 
     def __repr__(self) -> str:
         return f"<bound {self.__func__!r} of {self.__self__!r}>"

@@ -664,3 +664,12 @@ class TestWrongSessionArgument:
             @cached_by_pk(User, session=factory)
             def get(user_id: int) -> User | None:
                 return None
+
+
+def test_a_decorated_method_keeps_its_name_docstring_and_signature_when_bound() -> None:
+    import inspect as pyinspect
+
+    bound = UserRepository(None).get  # type: ignore[arg-type]
+    assert bound.__name__ == "get"
+    assert list(pyinspect.signature(bound).parameters) == ["user_id"]
+    assert list(pyinspect.signature(UserRepository.get).parameters) == ["self", "user_id"]
