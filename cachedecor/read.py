@@ -143,22 +143,10 @@ class CachedFunction(Generic[R]):
         if self.many:
             return self._call_many(r, args, kwargs, _REFRESH)  # type: ignore[return-value]
         session = self.binding.session(args, kwargs)
-        try:
-            pk = self.binding.pk(args, kwargs)
-            token, space = self._space(session, args, kwargs)
-            key = r.maker(pk, space)
-            if session is not None:
-                tracker = session_tracker(session)
-                if (
-                    tracker is not None
-                    and tracker.dirty
-                    and tracker.blocks(r.base, r.maker.encode_pk(pk), space)
-                ):
-                    r.counters.bypasses += 1
-                    return self.__wrapped__(*args, **kwargs)
-        except (UsageError, ValueError, TypeError) as exc:
-            self._uncacheable(r, f"no cache key for this call: {exc}")
+        target = self._target(r, session, args, kwargs)
+        if target is None:
             return self.__wrapped__(*args, **kwargs)
+        key, pk, token, space = target
         r.counters.misses += 1
         try:
             r.store.delete_many([key])
@@ -224,25 +212,11 @@ class CachedFunction(Generic[R]):
             r = self._resolve()
         if self.many:
             return self._call_many(r, args, kwargs)  # type: ignore[return-value]
-        binding = self.binding
-        session = binding.session(args, kwargs)
-        try:
-            pk = binding.pk(args, kwargs)
-            token, space = self._space(session, args, kwargs)
-            key = r.maker(pk, space)
-            if session is not None:
-                tracker = session_tracker(session)
-                if (
-                    tracker is not None
-                    and tracker.dirty
-                    and tracker.blocks(r.base, r.maker.encode_pk(pk), space)
-                ):
-                    r.counters.bypasses += 1
-                    return self.__wrapped__(*args, **kwargs)
-        except (UsageError, ValueError, TypeError) as exc:
-            # the call itself decides what such an argument means (an error, None, ...)
-            self._uncacheable(r, f"no cache key for this call: {exc}")
+        session = self.binding.session(args, kwargs)
+        target = self._target(r, session, args, kwargs)
+        if target is None:
             return self.__wrapped__(*args, **kwargs)
+        key, pk, token, space = target
         lease_ttl = r.settings.lease_timeout
         try:
             data, lease = r.store.lookup(key, lease_ttl)
@@ -308,6 +282,33 @@ class CachedFunction(Generic[R]):
                     outcome = exc
                 self._filled(r, key, lease, outcome)
         return result
+
+    def _target(
+        self, r: _Resolved, session: Session | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[str, Any, Any, Space | None] | None:
+        """(key, pk, identity token, space) of a call, or ``None`` when it must call through.
+
+        ``None`` for a row the session's transaction wrote (counted in ``bypasses``)
+        and for arguments with no cache key (counted in ``uncacheable``): the function
+        itself decides what such an argument means (an error, ``None``, ...).
+        """
+        try:
+            pk = self.binding.pk(args, kwargs)
+            token, space = self._space(session, args, kwargs)
+            key = r.maker(pk, space)
+            if session is not None:
+                tracker = session_tracker(session)
+                if (
+                    tracker is not None
+                    and tracker.dirty
+                    and tracker.blocks(r.base, r.maker.encode_pk(pk), space)
+                ):
+                    r.counters.bypasses += 1
+                    return None
+        except (UsageError, ValueError, TypeError) as exc:
+            self._uncacheable(r, f"no cache key for this call: {exc}")
+            return None
+        return key, pk, token, space
 
     def _unfillable(self, session: Session, r: _Resolved, pk: Any, token: Any) -> bool:
         """Whether what this session reads for ``pk`` must not become the shared entry.
