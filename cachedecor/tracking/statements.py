@@ -148,19 +148,11 @@ def _after_execute(
         for space in spaces:
             _add_rows(session, scope, model, space, pks)
         return
-    log.warning(
-        "cachedecor: an INSERT into %s in %s does not show the primary keys of its new rows "
-        "(RETURNING without them, or executemany): a cached 'no such row' (cache_none=True) of "
-        "those keys is invalidated by invalidating every cached row of %s",
-        model.__name__,
-        scope.name,
-        model.__name__,
+    what = (
+        f"an INSERT into {model.__name__} that does not show the primary keys of its new rows "
+        f"(RETURNING without them, or executemany)"
     )
-    for space in spaces:
-        if session is not None:
-            _tracker(session).add_wide(model, space)
-        else:
-            scope.plain_wide.add((key_maker(model).model, space))
+    _unresolved(session, scope, model, spaces, what)
 
 
 _RETURNING = "cachedecor_returning"
