@@ -1,16 +1,19 @@
-"""memcached's protocol: building meta commands and reading replies, with no sockets.
+"""memcached's protocol: building commands and reading replies, with no sockets.
 
-The transport (:mod:`cachedecor.backends.memcached.cluster`) hands bytes in and out;
-everything here is a pure function of them, except :func:`_exchange`, which runs
-one pipelined exchange on a pymemcache connection it is given.
+Both transports, the threaded one (:mod:`cachedecor.backends.memcached.cluster`) and
+the asyncio one (:mod:`cachedecor.backends.memcached.aio`), send the bytes built here
+and parse what they receive with :class:`ReplyParser`. Everything here is a pure
+function of bytes, except :func:`_exchange` and :func:`_answers_classic`, which run
+one exchange on a pymemcache connection they are given.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from cachedecor.backends.base import ValueRefused
+from cachedecor.backends.base import LEASE_PREFIX, ValueRefused
 
 #: memcached treats an expiry above 30 days as a Unix timestamp.
 _MEMCACHED_MAX_RELATIVE = 30 * 24 * 3600
@@ -31,69 +34,185 @@ class MetaUnsupported(CommandRefused):
 
 _META_CODES = frozenset((b"HD", b"EN", b"NF", b"EX", b"NS", b"MN"))
 
+#: Classic replies that end the reply to one command (``VALUE`` lines come before an ``END``).
+_CLASSIC_FINAL = frozenset(
+    (
+        b"END",
+        b"STORED",
+        b"NOT_STORED",
+        b"EXISTS",
+        b"NOT_FOUND",
+        b"DELETED",
+        b"TOUCHED",
+        b"OK",
+        b"ERROR",
+        b"CLIENT_ERROR",
+        b"SERVER_ERROR",
+    )
+)
 
-def _exchange(client: Any, payload: bytes, count: int) -> list[tuple[bytes, list[bytes], bytes | None]]:
+#: One reply: its code, the tokens after the code, and the data block of ``VA``/``VALUE``.
+Reply = tuple[bytes, list[bytes], bytes | None]
+
+
+class ReplyParser:
+    """The replies to ``count`` pipelined commands, parsed from bytes fed as they arrive.
+
+    No I/O: a transport (threads or asyncio) reads from its socket and calls
+    :meth:`feed` until it returns ``True``; :attr:`replies` then holds the replies
+    in command order. A stream the protocol does not allow raises
+    :class:`ProtocolError` (or :class:`MetaUnsupported` for ``ERROR`` to a meta
+    command): the connection is out of step and must be closed.
+
+    Meta replies (the default) are ``(code, flags, value)``: ``VA`` with its data,
+    ``HD``/``EN``/``NF``/``EX``/``NS``/``MN`` and ``SERVER_ERROR`` without.
+    With ``classic=True`` a retrieval gives one ``(b"VALUE", [key, flags(, cas)],
+    data)`` per item before its ``(b"END", [], None)``; every other classic reply is
+    one line, the error lines (``ERROR``, ``CLIENT_ERROR``, ``SERVER_ERROR``)
+    included: they are the server's answer, not a broken stream. Only the line
+    that ends a command's reply counts towards ``count``.
+    """
+
+    __slots__ = ("_buf", "_classic", "_left", "_value", "replies")
+
+    def __init__(self, count: int, *, classic: bool = False) -> None:
+        self.replies: list[Reply] = []
+        self._buf = bytearray()
+        self._left = count
+        self._classic = classic
+        self._value: tuple[bytes, list[bytes], int] | None = None  # header of a data block
+
+    @property
+    def done(self) -> bool:
+        """Whether every reply has arrived."""
+        return self._left == 0
+
+    def feed(self, data: bytes) -> bool:
+        """Take received bytes; return whether every reply has arrived."""
+        buf = self._buf
+        buf += data
+        pos = 0
+        try:
+            while self._left:
+                if self._value is not None:
+                    code, tokens, size = self._value
+                    end = pos + size
+                    if len(buf) < end + 2:
+                        break
+                    if buf[end : end + 2] != b"\r\n":
+                        raise ProtocolError("a data block is not followed by \\r\\n")
+                    self._value = None
+                    self._reply(code, tokens, bytes(buf[pos:end]))
+                    pos = end + 2
+                    continue
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                line = bytes(buf[pos:eol])
+                pos = eol + 2
+                self._line(line)
+        finally:
+            del buf[:pos]
+        if not self._left and buf:
+            raise ProtocolError("unexpected bytes after the last reply")
+        return not self._left
+
+    def _line(self, line: bytes) -> None:
+        parts = line.split()
+        code = parts[0] if parts else b""
+        if self._classic:
+            if code == b"VALUE" and len(parts) in (4, 5):
+                self._value = (code, [parts[1], parts[2], *parts[4:]], _size(parts[3]))
+            elif code in _CLASSIC_FINAL:
+                self._reply(code, parts[1:], None)
+            else:
+                raise ProtocolError(line.decode("ascii", "replace"))
+        elif code == b"VA" and len(parts) > 1:
+            self._value = (code, parts[2:], _size(parts[1]))
+        elif code in _META_CODES or code == b"SERVER_ERROR":
+            self._reply(code, parts[1:], None)
+        elif line == b"ERROR":
+            raise MetaUnsupported("the server does not know meta commands")
+        else:
+            raise ProtocolError(line.decode("ascii", "replace"))
+
+    def _reply(self, code: bytes, tokens: list[bytes], value: bytes | None) -> None:
+        self.replies.append((code, tokens, value))
+        if code != b"VALUE":
+            self._left -= 1
+
+
+def _size(token: bytes) -> int:
+    if not token.isdigit():
+        raise ProtocolError(f"not a data block length: {token!r}")
+    return int(token)
+
+
+#: The request that tells a server that speaks classic commands from one that does not.
+PROBE = b"get cachedecor:probe\r\n"
+
+
+def _probe_verdict(received: bytes) -> bool | None:
+    """Whether ``received`` (the start of the answer to :data:`PROBE`) shows a server
+    speaking classic commands; ``None`` while its first line is incomplete.
+
+    Any well-formed reply counts, ``SERVER_ERROR`` included (a proxy whose backend for
+    the probed key is down still speaks the protocol).
+    """
+    eol = received.find(b"\r\n")
+    if eol < 0:
+        return None
+    line = received[:eol]
+    return bool(line == b"END" or line.startswith((b"VALUE ", b"SERVER_ERROR")))
+
+
+def _exchange(client: Any, payload: bytes, count: int) -> list[Reply]:
     """Write ``payload`` (``count`` meta commands) and read ``count`` replies.
 
-    Uses pymemcache's connection (timeouts, TCP_NODELAY, TLS) and its line reader.
-    A reply the protocol does not allow closes the connection, so that a stream
-    out of step is never reused.
+    Uses pymemcache's connection (timeouts, TCP_NODELAY, TLS) and parses with
+    :class:`ReplyParser`. A reply the protocol does not allow closes the connection,
+    so that a stream out of step is never reused.
     """
-    _readline, _readvalue = _readers()
     if client.sock is None:
         client._connect()
     sock = client.sock
     sock.sendall(payload)
-    buf = b""
-    replies: list[tuple[bytes, list[bytes], bytes | None]] = []
-    for _ in range(count):
-        buf, line = _readline(sock, buf)
-        parts = line.split()
-        code = parts[0] if parts else b""
-        if code == b"VA":
-            buf, value = _readvalue(sock, buf, int(parts[1]))
-            replies.append((code, parts[2:], value))
-        elif code in _META_CODES or code == b"SERVER_ERROR":
-            replies.append((code, parts[1:], None))
-        else:
-            client.close()
-            if line == b"ERROR":
-                raise MetaUnsupported("the server does not know meta commands")
-            raise ProtocolError(line.decode("ascii", "replace"))
-    if buf:
+    parser = ReplyParser(count)
+    try:
+        while not parser.done:
+            parser.feed(_recv(sock))
+    except (ProtocolError, MetaUnsupported):
         client.close()
-        raise ProtocolError("unexpected bytes after the last reply")
-    return replies
+        raise
+    return parser.replies
+
+
+def _recv(sock: Any) -> bytes:
+    data: bytes = sock.recv(_RECV_SIZE)
+    if not data:
+        from pymemcache.exceptions import MemcacheUnexpectedCloseError
+
+        raise MemcacheUnexpectedCloseError()
+    return data
+
+
+_RECV_SIZE = 4096  # pymemcache's
 
 
 def _answers_classic(client: Any) -> bool:
-    """Whether a new connection to ``client``'s server answers a classic ``get``.
-
-    Any well-formed reply counts, ``SERVER_ERROR`` included (a proxy whose backend for
-    the probed key is down still speaks the protocol). The connection is closed after.
-    """
-    _readline, _ = _readers()
+    """Whether a new connection to ``client``'s server answers a classic ``get``
+    (:func:`_probe_verdict`). The connection is closed after."""
     try:
         client._connect()
-        client.sock.sendall(b"get cachedecor:probe\r\n")
-        _, line = _readline(client.sock, b"")
-        return bool(line == b"END" or line.startswith((b"VALUE ", b"SERVER_ERROR")))
+        client.sock.sendall(PROBE)
+        received = b""
+        while (verdict := _probe_verdict(received)) is None:
+            received += _recv(client.sock)
+        return verdict
     except Exception:
         return False
     finally:
         client.close()
-
-
-def _readers() -> Any:
-    global _READERS
-    if _READERS is None:
-        from pymemcache.client import base
-
-        _READERS = (base._readline, base._readvalue)
-    return _READERS
-
-
-_READERS: Any = None
 
 
 class _Exchange:
@@ -125,12 +244,28 @@ class ProtocolError(Exception):
     """memcached answered something the protocol does not allow here."""
 
 
+class ConnectionClosed(ConnectionError):
+    """The server closed the connection before it had answered."""
+
+
+class ErrorReply(Exception):
+    """The server answered ``ERROR``, ``CLIENT_ERROR`` or ``SERVER_ERROR`` to a classic
+    command: it refused this request, and the connection stays usable."""
+
+
 def _stale_connection(exc: BaseException) -> bool:
     """Whether ``exc`` says the connection was closed by the other side (not a timeout)."""
     from pymemcache.exceptions import MemcacheUnexpectedCloseError
 
     return isinstance(
-        exc, (MemcacheUnexpectedCloseError, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+        exc,
+        (
+            ConnectionClosed,
+            MemcacheUnexpectedCloseError,
+            BrokenPipeError,
+            ConnectionResetError,
+            ConnectionAbortedError,
+        ),
     )
 
 
@@ -138,6 +273,8 @@ def _answered(exc: BaseException) -> bool:
     """Whether ``exc`` is the server's answer to a request (not a failed connection)."""
     from pymemcache.exceptions import MemcacheClientError, MemcacheServerError, MemcacheUnexpectedCloseError
 
+    if isinstance(exc, ErrorReply):
+        return True
     return isinstance(exc, (MemcacheServerError, MemcacheClientError)) and not isinstance(
         exc, MemcacheUnexpectedCloseError
     )
@@ -172,6 +309,49 @@ def _ms(key: str, value: bytes, token: Any, ttl: int | None) -> bytes:
         _memcached_expire(ttl),
         value,
     )
+
+
+# -- requests: the bytes both transports send ---------------------------------------------
+
+
+def _mg_lookup(key: str, ttl: int) -> bytes:
+    """Read ``key``; on a miss create its placeholder and win its lease (``N<ttl>``)."""
+    return b"mg %b v c N%d\r\n" % (key.encode(), ttl)
+
+
+def _mg_peek(key: str) -> bytes:
+    return b"mg %b v\r\n" % key.encode()
+
+
+def _md_release(key: str, token: Any) -> bytes:
+    """Delete ``key`` only while it is still the placeholder of lease ``token``."""
+    return b"md %b C%b\r\n" % (key.encode(), _cas_bytes(token))
+
+
+def _classic_get(keys: Sequence[str], *, cas: bool = False) -> bytes:
+    return b"%b %b\r\n" % (b"gets" if cas else b"get", b" ".join(k.encode() for k in keys))
+
+
+def _classic_store(command: bytes, key: str, value: bytes, flags: int, expire: int, cas: Any = None) -> bytes:
+    """``set``/``add``/``cas`` as pymemcache writes them (``noreply`` off)."""
+    extra = b" " + _cas_bytes(cas) if cas is not None else b""
+    return b"%b %b %d %d %d%b\r\n%b\r\n" % (command, key.encode(), flags, expire, len(value), extra, value)
+
+
+def _classic_delete(key: str) -> bytes:
+    return b"delete %b\r\n" % key.encode()
+
+
+# -- replies: what they mean ---------------------------------------------------------------
+
+
+def _peek_result(code: bytes, flags: list[bytes], value: bytes | None) -> bytes | None:
+    """The stored bytes a ``mg <key> v`` reply shows: an entry, a lease marker, or ``None``."""
+    if code != b"VA":
+        return None
+    if b"W" in flags or b"Z" in flags or not value:
+        return LEASE_PREFIX  # the placeholder of a reader that is filling it
+    return value
 
 
 def _stored(code: bytes, flags: list[bytes]) -> bool:

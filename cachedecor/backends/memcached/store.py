@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cachedecor.backends.base import (
-    LEASE_PREFIX,
     PartialResult,
     Store,
     UndeliveredInvalidation,
@@ -18,10 +17,13 @@ from cachedecor.backends.memcached.protocol import (
     CommandRefused,
     MetaUnsupported,
     _answered,
-    _cas_bytes,
     _lookup_result,
+    _md_release,
     _memcached_expire,
+    _mg_lookup,
+    _mg_peek,
     _ms,
+    _peek_result,
     _stored,
 )
 from cachedecor.keys import KeyPattern
@@ -125,7 +127,7 @@ class MemcachedStore(Store):
     def lookup(self, key: str, ttl: int) -> tuple[bytes | None, Any]:
         if self.meta:
             try:
-                code, flags, value = self.client.meta(key, b"mg %b v c N%d\r\n" % (key.encode(), ttl))
+                code, flags, value = self.client.meta(key, _mg_lookup(key, ttl))
             except MetaUnsupported:
                 self._unsupported()
             else:
@@ -134,7 +136,7 @@ class MemcachedStore(Store):
 
     def lookup_many(self, keys: Sequence[str], ttl: int) -> dict[str, tuple[bytes | None, Any]]:
         if self.meta:
-            commands = {k: b"mg %b v c N%d\r\n" % (k.encode(), ttl) for k in keys}
+            commands = {k: _mg_lookup(k, ttl) for k in keys}
             try:
                 replies = self.client.meta_many(commands)
             except MetaUnsupported:
@@ -148,12 +150,7 @@ class MemcachedStore(Store):
 
     def peek(self, key: str) -> bytes | None:
         if self.meta:
-            code, flags, value = self.client.meta(key, b"mg %b v\r\n" % key.encode())
-            if code != b"VA":
-                return None
-            if b"W" in flags or b"Z" in flags or not value:
-                return LEASE_PREFIX  # the placeholder of a reader that is filling it
-            return value
+            return _peek_result(*self.client.meta(key, _mg_peek(key)))
         return self.get(key)
 
     def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
@@ -188,7 +185,7 @@ class MemcachedStore(Store):
 
     def release(self, key: str, token: Any) -> None:
         if self.meta:
-            self.client.meta(key, b"md %b C%b\r\n" % (key.encode(), _cas_bytes(token)))
+            self.client.meta(key, _md_release(key, token))
             return
         # memcached's classic protocol has no compare-and-delete. Deleting is safe:
         # if the lease is no longer ours the key holds another lease (whose fill then
