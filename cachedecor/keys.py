@@ -192,6 +192,10 @@ class KeyMaker:
         self._spaces: dict[Space, str] = {}
 
     def __call__(self, pk: Any, space: Space | None = None) -> str:
+        if space is None and type(pk) is int and self.arity == 1 and -(10**18) < pk < 10**18:
+            key = self.prefix + str(pk)  # the common case, without the general path's calls
+            if len(key) <= MAX_KEY_LENGTH:
+                return key
         prefix = self.prefix if space is None else self.space_prefix(space)
         return finish_key(prefix + self.encode_pk(pk))
 

@@ -331,7 +331,10 @@ class CachedFunction(Generic[R]):
         written before the region's invalidation (dogpile's ``region.invalidate()``)."""
         try:
             payload, written_at = r.codec.decode_timed(key, data)
-            if r.region.region_invalidator.is_invalidated(written_at):
+            invalidator = r.region.region_invalidator
+            if getattr(invalidator, "_invalidated", True) is not None and invalidator.is_invalidated(
+                written_at
+            ):
                 r.store.delete_many([key])
                 return False, None
             assert self._plan is not None
