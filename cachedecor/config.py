@@ -177,7 +177,9 @@ _MEMCACHED_RANGES: dict[str, _Range] = {
     "hashclient_dead_timeout": _Range(0, unit="seconds"),
     "hashclient_retry_timeout": _Range(0, unit="seconds"),
     "hashclient_retry_attempts": _Range(0),
-    "retry_attempts": _Range(0),
+    "retry_attempts": _Range(
+        1, why="how many times a call is tried in all, as dogpile.cache.pymemcache counts"
+    ),
     "retry_delay": _Range(0, unit="seconds"),
     "memcached_expire_time": _Range(0, high=_MEMCACHED_MAX_TTL, unit="seconds", why=_ABSOLUTE),
     "lock_timeout": _Range(0, high=_MEMCACHED_MAX_TTL, unit="seconds", why=_ABSOLUTE),

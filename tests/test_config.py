@@ -1269,3 +1269,16 @@ def test_a_backend_whose_client_package_is_missing_names_the_package() -> None:
     assert str(raised.value).startswith(
         "cachedecor.r.backend: backend 'dogpile.cache.redis' needs the Python package 'redis'"
     )
+
+
+def test_retry_attempts_counts_tries_so_zero_is_refused_with_the_range() -> None:
+    config = {
+        "regions": {
+            "default": {
+                "backend": "cachedecor.pymemcache",
+                "arguments": {"url": ["127.0.0.1:11211"], "enable_retry_client": True, "retry_attempts": 0},
+            }
+        }
+    }
+    with pytest.raises(cachedecor.ConfigError, match=r"arguments\.retry_attempts: must be 1 or more"):
+        cachedecor.configure_regions(config)
