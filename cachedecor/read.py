@@ -1,43 +1,40 @@
-"""The read side: ``@cached_by_pk``.
+"""The read side: ``@cached_by_pk``, its wrapper and the wrapper's attributes.
 
 Everything that can be decided once is decided when the decorator is applied (the
 argument positions of the session and the key) or on the first call (the mapper
 plan, which needs configured mappers, and the region, which may be configured after
-import). A hit then costs: format the key, one round trip, decode, attach.
+import). The decisions of a read (lookup, lease, wait, fill, release) live in
+:mod:`cachedecor.readpath` as steps that ask for I/O; :mod:`cachedecor.drivers`
+carries them out. A hit costs: format the key, one round trip, decode, attach, and
+takes no step of the generator (the wrapper makes the first lookup itself).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import logging
-import time
-from collections.abc import Callable, Iterable
-from typing import Any, Generic, TypeVar, cast
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy
 from dogpile.cache import CacheRegion
 from sqlalchemy.orm import Session
 
 from cachedecor import config as _config
-from cachedecor.backends import PartialResult, ValueRefused, is_lease
 from cachedecor.binding import CallBinding
-from cachedecor.codec import BadEntry, UnencodableValue
+from cachedecor.drivers import drive
 from cachedecor.errors import RegionNotConfigured, UsageError
 from cachedecor.keys import KeyMaker, Space, key_maker
-from cachedecor.rows import EntryMismatch, ModelPlan, OtherClass, model_plan
+from cachedecor.readpath import CACHED, HIT, REFRESH, UNCACHED, decode, read_many, read_one, refresh_one
+from cachedecor.rows import ModelPlan, model_plan
 from cachedecor.stats import counters as region_counters
 from cachedecor.stats import log_failure
-from cachedecor.tracking import may_fill, reads_old_snapshot, session_space, session_tracker
+from cachedecor.tracking import session_space, session_tracker
 from cachedecor.write import invalidate_many
 
 __all__ = ["CachedFunction", "cached_by_pk"]
 
 R = TypeVar("R")
-
-_SKIP: Any = object()
-#: _decode's answer for an entry of a class outside the reader's model
-_OTHER: Any = object()
 
 
 class _Resolved:
@@ -141,24 +138,12 @@ class CachedFunction(Generic[R]):
         """
         r = self._resolve()
         if self.many:
-            return self._call_many(r, args, kwargs, _REFRESH)  # type: ignore[return-value]
+            return self._call_many(r, args, kwargs, REFRESH)  # type: ignore[no-any-return]
         session = self.binding.session(args, kwargs)
         target = self._target(r, session, args, kwargs)
         if target is None:
             return self.__wrapped__(*args, **kwargs)
-        key, pk, token, space = target
-        r.counters.misses += 1
-        try:
-            r.store.delete_many([key])
-            _, lease = r.store.lookup(key, r.settings.lease_timeout)
-        except Exception as exc:
-            r.counters.errors += 1
-            log_failure(r.name, "refresh", exc)
-            return self.__wrapped__(*args, **kwargs)
-        if lease is None:  # filled or being filled by a reader that started after the delete
-            return self.__wrapped__(*args, **kwargs)
-        r.counters.lease_wins += 1
-        return self._call_and_fill(r, key, lease, session, pk, token, space, args, kwargs)
+        return drive(refresh_one(self, r, session, target, args, kwargs), r.store, self.__wrapped__)  # type: ignore[no-any-return]
 
     def uncached(self, *args: Any, **kwargs: Any) -> R:
         """Call the function without the cache: nothing is read from it or stored in it.
@@ -170,7 +155,7 @@ class CachedFunction(Generic[R]):
         """
         if not self.many:
             return self.__wrapped__(*args, **kwargs)
-        return self._call_many(self._resolve(), args, kwargs, _UNCACHED)  # type: ignore[return-value]
+        return self._call_many(self._resolve(), args, kwargs, UNCACHED)  # type: ignore[no-any-return]
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
@@ -211,77 +196,26 @@ class CachedFunction(Generic[R]):
         if r is None or _config._settings.get(self.region_name) is not r.settings:
             r = self._resolve()
         if self.many:
-            return self._call_many(r, args, kwargs)  # type: ignore[return-value]
+            return self._call_many(r, args, kwargs)  # type: ignore[no-any-return]
         session = self.binding.session(args, kwargs)
         target = self._target(r, session, args, kwargs)
         if target is None:
             return self.__wrapped__(*args, **kwargs)
-        key, pk, token, space = target
-        lease_ttl = r.settings.lease_timeout
+        key = target[0]
         try:
-            data, lease = r.store.lookup(key, lease_ttl)
-            if data is not None:
-                found, value = self._decode(r, key, data, session, token)
-                if found:
+            first: Any = r.store.lookup(key, r.settings.lease_timeout)
+        except Exception as exc:
+            first = exc
+            status = None
+        else:
+            status = None
+            if first[0] is not None:  # a hit needs no more than this: no generator, no driver
+                status, value = decode(self, r, key, first[0], session, target[2])
+                if status is HIT:
                     r.counters.hits += 1
                     return value  # type: ignore[no-any-return]
-                if value is _OTHER:
-                    r.counters.misses += 1
-                    return self.__wrapped__(*args, **kwargs)
-                data, lease = r.store.lookup(key, lease_ttl)  # the bad entry was deleted
-        except Exception as exc:
-            r.counters.errors += 1
-            log_failure(r.name, "get", exc)
-            return self.__wrapped__(*args, **kwargs)
-        r.counters.misses += 1
-        if data is not None:
-            found, value = self._decode(r, key, data, session, token)
-            if found:
-                return value  # type: ignore[no-any-return]
-            return self.__wrapped__(*args, **kwargs)
-        if lease is None:
-            found, value = self._wait_for_fill(r, key, session, token)
-            if found:
-                return value  # type: ignore[no-any-return]
-            return self.__wrapped__(*args, **kwargs)
-        r.counters.lease_wins += 1
-        return self._call_and_fill(r, key, lease, session, pk, token, space, args, kwargs)
-
-    def _call_and_fill(
-        self,
-        r: _Resolved,
-        key: str,
-        lease: Any,
-        session: Session | None,
-        pk: Any,
-        token: Any,
-        space: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> R:
-        """Call the function holding the fill lease of ``key``, and fill it with the result."""
-        unfillable = session is not None and self._unfillable(session, r, pk, token)
-        started = time.time()
-        try:
-            result = self.__wrapped__(*args, **kwargs)
-        except BaseException:
-            self._release(r, key, lease)
-            raise
-        if unfillable:
-            self._release(r, key, lease)
-            return result
-        payload = self._payload(r, key, result, token, space)
-        if payload is _SKIP:
-            self._release(r, key, lease)
-        else:
-            entry = self._entry(r, key, lease, payload, started)
-            if entry is not None:
-                try:
-                    outcome: Any = r.store.fill(key, entry, lease, r.ttl)
-                except Exception as exc:
-                    outcome = exc
-                self._filled(r, key, lease, outcome)
-        return result
+        steps = read_one(self, r, session, target, args, kwargs, first, status)
+        return drive(steps, r.store, self.__wrapped__)  # type: ignore[no-any-return]
 
     def _target(
         self, r: _Resolved, session: Session | None, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -310,306 +244,12 @@ class CachedFunction(Generic[R]):
             return None
         return key, pk, token, space
 
-    def _unfillable(self, session: Session, r: _Resolved, pk: Any, token: Any) -> bool:
-        """Whether what this session reads for ``pk`` must not become the shared entry.
-
-        The session held the row before the call (its copy may predate a committed
-        write), its transaction reads an older snapshot, or it has written (the row
-        may be its own uncommitted change).
-        """
-        return (
-            self._in_identity_map(session, r, pk, token)
-            or not may_fill(session)
-            or reads_old_snapshot(session)
-        )
-
-    def _decode(
-        self, r: _Resolved, key: str, data: bytes, session: Session | None, token: Any
-    ) -> tuple[bool, Any]:
-        """(True, instance or None) for a usable entry; (False, _OTHER) for an entry of a
-        class outside the model; (False, None) after dropping an unusable one, or one
-        written before the region's invalidation (dogpile's ``region.invalidate()``)."""
-        try:
-            payload, written_at = r.codec.decode_timed(key, data)
-            invalidator = r.region.region_invalidator
-            if getattr(invalidator, "_invalidated", True) is not None and invalidator.is_invalidated(
-                written_at
-            ):
-                r.store.delete_many([key])
-                return False, None
-            assert self._plan is not None
-            return True, self._plan.build(payload, session, key, token)
-        except OtherClass:
-            return False, _OTHER
-        except EntryMismatch as exc:
-            r.counters.mismatches += 1
-            # another deployed version's entry is routine during a rolling deploy
-            level = logging.INFO if exc.other_mapping else logging.WARNING
-            log_failure(r.name, "verifying an entry", f"{key}: {exc}", level)
-        except BadEntry as exc:
-            r.counters.bad_entries += 1
-            log_failure(r.name, "decoding an entry", f"{key}: {exc}")
-        except Exception as exc:
-            r.counters.errors += 1
-            log_failure(r.name, "attaching a cached row", exc)
-            return False, None
-        try:
-            r.store.delete_many([key])
-        except Exception:
-            r.counters.errors += 1
-        return False, None
-
-    def _in_identity_map(self, session: Session, r: _Resolved, pk: Any, token: Any) -> bool:
-        assert self._plan is not None
-        try:
-            ident = (self._plan.identity_class, r.maker.normalize(pk), token)
-            return session.identity_map.get(ident) is not None
-        except Exception:
-            return True
-
-    def _payload(self, r: _Resolved, key: str, result: Any, token: Any, space: Space | None) -> Any:
-        """The payload to cache for ``result`` under ``key``, or ``_SKIP``.
-
-        A result that is not a row of the model, or whose primary key or identity
-        token is not the one asked for (``25.0`` for row ``25``, say), is returned to
-        the caller as it is and not cached: counted as ``uncacheable`` and logged.
-        """
-        if result is None:
-            # a subclass reader's None says "no such subclass row", not "no such row":
-            # it must not answer the hierarchy's other readers, which share the key
-            return [key, None, 0, None] if self.cache_none and self.model is r.base else _SKIP
-        plan = self._plan
-        assert plan is not None
-        if not isinstance(result, self.model):
-            self._uncacheable(
-                r,
-                f"it is decorated with @cached_by_pk({self.model.__name__}) but returned "
-                f"{type(result).__name__}: results that are not {self.model.__name__} rows are not cached",
-            )
-            return _SKIP
-        state = sqlalchemy.inspect(result)
-        row_token = state.key[2] if state.key is not None else None
-        if row_token != token:
-            self._uncacheable(
-                r,
-                f"it returned a row of shard {row_token!r}; name the parameter holding the shard "
-                f"with identity_token= so that rows of different shards get different keys",
-            )
-            return _SKIP
-        try:
-            row_key = r.maker(plan.pk_of(result), space)
-        except Exception:
-            row_key = None
-        if row_key != key:
-            self._uncacheable(
-                r, f"asked for the row with key {key!r}, it returned {result!r} (key {row_key!r})"
-            )
-            return _SKIP
-        payload = plan.snapshot(result, key)
-        return _SKIP if payload is None else payload
-
-    def _entry(self, r: _Resolved, key: str, lease: Any, payload: Any, started: float) -> bytes | None:
-        """The stored form of ``payload`` (read from the database from ``started`` on),
-        or ``None`` (lease released) if it cannot be cached."""
-        try:
-            entry = r.codec.encode(key, payload, started)
-        except UnencodableValue as exc:
-            r.counters.errors += 1
-            log_failure(r.name, "encoding a row", exc)
-            self._release(r, key, lease)
-            return None
-        if len(entry) > r.settings.max_entry_size:
-            r.counters.oversized += 1
-            log_failure(r.name, "caching an entry", f"{key} is {len(entry)} bytes, over max_entry_size")
-            self._release(r, key, lease)
-            return None
-        return entry
-
-    def _filled(self, r: _Resolved, key: str, lease: Any, outcome: Any) -> None:
-        """Count the outcome of a fill: stored, refused by the lease, or failed."""
-        if outcome is True:
-            r.counters.fills += 1
-        elif outcome is False:
-            r.counters.lease_losses += 1
-        elif isinstance(outcome, ValueRefused):
-            r.counters.oversized += 1
-            log_failure(r.name, "caching an entry", f"{key} refused by the server: {outcome}")
-            self._release(r, key, lease)
-        else:
-            r.counters.errors += 1
-            log_failure(r.name, "fill", outcome)
-
-    def _release(self, r: _Resolved, key: str, lease: Any) -> None:
-        try:
-            r.store.release(key, lease)
-        except Exception as exc:
-            r.counters.errors += 1
-            log_failure(r.name, "lease release", exc)
-
-    def _wait_for_fill(self, r: _Resolved, key: str, session: Session | None, token: Any) -> tuple[bool, Any]:
-        """Another reader holds the lease: wait up to ``lease_wait`` for its value."""
-        wait = r.settings.lease_wait
-        if wait <= 0:
-            return False, None
-        r.counters.lease_waits += 1
-        deadline = time.monotonic() + wait
-        delay = 0.001
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False, None
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.02)
-            try:
-                data = r.store.peek(key)
-            except Exception as exc:
-                r.counters.errors += 1
-                log_failure(r.name, "get", exc)
-                return False, None
-            if data is None:
-                return False, None  # the lease was released or invalidated
-            if not is_lease(data):
-                # counted as the miss it was (and in lease_waits), not as a hit
-                return self._decode(r, key, data, session, token)
-
     # -- many=True ----------------------------------------------------------------------
 
     def _call_many(
-        self, r: _Resolved, args: tuple[Any, ...], kwargs: dict[str, Any], mode: int = 0
-    ) -> list[Any]:
-        binding = self.binding
-        session = binding.session(args, kwargs)
-        requested = binding.pk(args, kwargs)
-        if isinstance(requested, (str, bytes)) or not isinstance(requested, Iterable):
-            raise UsageError(
-                f"{self._name} uses many=True: pass an iterable of primary keys, not {requested!r}"
-            )
-        maker = r.maker
-        counters = r.counters
-        wanted: dict[str, Any] = {}
-        blocked: set[str] = set()
-        try:
-            token, space = self._space(session, args, kwargs)
-            tracker = session_tracker(session) if session is not None else None
-            for pk in requested:
-                key = maker(pk, space)
-                wanted.setdefault(key, pk)
-                if (
-                    tracker is not None
-                    and tracker.dirty
-                    and tracker.blocks(r.base, maker.encode_pk(pk), space)
-                ):
-                    blocked.add(key)
-        except (UsageError, ValueError, TypeError) as exc:
-            self._uncacheable(r, f"no cache key for this call: {exc}")
-            return self.__wrapped__(*args, **kwargs)  # type: ignore[return-value]
-        if not wanted:
-            return []
-        results: dict[str, Any] = {}
-        replies: dict[str, tuple[bytes | None, Any]] = {}
-        if mode == _UNCACHED:
-            lookup = []
-        else:
-            counters.bypasses += len(blocked)
-            lookup = [k for k in wanted if k not in blocked]
-        if lookup and mode == _REFRESH:
-            try:
-                r.store.delete_many(lookup)
-            except Exception as exc:
-                counters.errors += 1
-                log_failure(r.name, "refresh", exc)
-                lookup = []
-        if lookup:
-            replies = self._lookup_many(r, lookup)
-        missing: list[str] = []
-        leases: dict[str, Any] = {}
-        dropped: list[str] = []
-        for key in wanted:
-            data, lease = replies.get(key, (None, None))
-            if data is not None and mode != _REFRESH:
-                ok, value = self._decode(r, key, data, session, token)
-                if ok:
-                    counters.hits += 1
-                    results[key] = value
-                    continue
-                if value is None:
-                    dropped.append(key)  # deleted: it may be leased now
-            elif lease is not None:
-                leases[key] = lease
-            missing.append(key)
-        if dropped:
-            for key, (data, lease) in self._lookup_many(r, dropped).items():
-                if data is None and lease is not None:
-                    leases[key] = lease
-        if not missing:
-            return [results[k] for k in wanted if results[k] is not None]
-        if mode != _UNCACHED:
-            counters.misses += len(missing)
-            counters.lease_wins += len(leases)
-        if session is not None and leases:
-            unfillable = not may_fill(session) or reads_old_snapshot(session)
-            for key in [
-                k for k in leases if unfillable or self._in_identity_map(session, r, wanted[k], token)
-            ]:
-                self._release(r, key, leases.pop(key))
-        call_args, call_kwargs = binding.replace_pk(args, kwargs, [wanted[k] for k in missing])
-        started = time.time()
-        try:
-            rows = self.__wrapped__(*call_args, **call_kwargs)
-        except BaseException:
-            for key, lease in leases.items():
-                self._release(r, key, lease)
-            raise
-        plan = self._plan
-        assert plan is not None
-        for row in cast("Iterable[Any]", rows or ()):
-            if not isinstance(row, self.model):
-                for key, lease in leases.items():
-                    self._release(r, key, lease)
-                raise UsageError(
-                    f"{self._name} (many=True) returned a {type(row).__name__}; "
-                    f"it must return {self.model.__name__} instances"
-                )
-            try:
-                key = maker(plan.pk_of(row), space)
-            except Exception:
-                continue
-            if key in wanted and key not in results:
-                results[key] = row
-        entries: list[tuple[str, bytes, Any]] = []
-        for key, lease in leases.items():
-            payload = self._payload(r, key, results.get(key), token, space)
-            entry = None if payload is _SKIP else self._entry(r, key, lease, payload, started)
-            if entry is not None:
-                entries.append((key, entry, lease))
-            elif payload is _SKIP:
-                self._release(r, key, lease)
-        if entries:
-            try:
-                outcomes = r.store.fill_many(entries, r.ttl)
-            except Exception as exc:
-                outcomes = {key: exc for key, _, _ in entries}
-            for key, _, lease in entries:
-                self._filled(r, key, lease, outcomes.get(key, False))
-        return [results[k] for k in wanted if results.get(k) is not None]
-
-    def _lookup_many(self, r: _Resolved, keys: list[str]) -> dict[str, tuple[bytes | None, Any]]:
-        try:
-            return r.store.lookup_many(keys, r.settings.lease_timeout)
-        except PartialResult as exc:
-            r.counters.errors += 1
-            log_failure(r.name, "get_many", exc.error)
-            found: dict[str, tuple[bytes | None, Any]] = exc.found
-            return found
-        except Exception as exc:
-            r.counters.errors += 1
-            log_failure(r.name, "get_many", exc)
-            return {}
-
-
-#: _call_many modes: a call through the cache, a refresh, a call without the cache
-_REFRESH = 1
-_UNCACHED = 2
+        self, r: _Resolved, args: tuple[Any, ...], kwargs: dict[str, Any], mode: int = CACHED
+    ) -> Any:
+        return drive(read_many(self, r, args, kwargs, mode), r.store, self.__wrapped__)
 
 
 class _BoundCachedFunction:

@@ -1,0 +1,493 @@
+"""The decisions of a cached read, as generators that ask for I/O and do none.
+
+Each function here is a generator. It yields a request, a tuple whose first item
+names the operation (:data:`LOOKUP`, :data:`FILL`, :data:`CALL`, ...), and is
+resumed with the answer, or with the exception the operation raised thrown in at
+the ``yield``. It returns the value of the read. A driver
+(:mod:`cachedecor.drivers`) carries the requests out: with a thread's blocking
+calls, or (later) with asyncio. So the lease, the wait, the fill and the release are
+decided once, in this module, for every kind of caller.
+
+``fn`` is the :class:`~cachedecor.read.CachedFunction` being called and ``r`` its
+resolved region (:class:`~cachedecor.read._Resolved`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Generator, Iterable
+from typing import Any, cast
+
+import sqlalchemy
+from sqlalchemy.orm import Session
+
+from cachedecor.backends import PartialResult, ValueRefused, is_lease
+from cachedecor.codec import BadEntry, UnencodableValue
+from cachedecor.errors import UsageError
+from cachedecor.keys import Space
+from cachedecor.rows import EntryMismatch, OtherClass
+from cachedecor.stats import log_failure
+from cachedecor.tracking import may_fill, reads_old_snapshot, session_tracker
+
+__all__ = [
+    "CALL",
+    "DELETE",
+    "FILL",
+    "FILL_MANY",
+    "HIT",
+    "LOOKUP",
+    "LOOKUP_MANY",
+    "PEEK",
+    "RELEASE",
+    "SLEEP",
+    "Steps",
+    "decode",
+    "read_many",
+    "read_one",
+    "refresh_one",
+]
+
+#: ``(LOOKUP, key, lease_ttl)`` -> ``(entry or None, lease or None)``
+LOOKUP = 0
+#: ``(LOOKUP_MANY, keys, lease_ttl)`` -> ``{key: (entry, lease)}`` (may raise PartialResult)
+LOOKUP_MANY = 1
+#: ``(PEEK, key)`` -> stored bytes or ``None``
+PEEK = 2
+#: ``(FILL, key, entry, lease, ttl)`` -> stored or not
+FILL = 3
+#: ``(FILL_MANY, [(key, entry, lease)], ttl)`` -> ``{key: True, False or exception}``
+FILL_MANY = 4
+#: ``(RELEASE, key, lease)``
+RELEASE = 5
+#: ``(DELETE, keys)``
+DELETE = 6
+#: ``(SLEEP, seconds)``
+SLEEP = 7
+#: ``(CALL, args, kwargs)`` -> what the wrapped function returns
+CALL = 8
+
+#: A read: yields requests, receives answers, returns the result.
+Steps = Generator[tuple[Any, ...], Any, Any]
+
+_SKIP: Any = object()
+#: what decode found: a row to return, a sibling class's row, an entry to delete, an
+#: entry to leave (it could not be attached to the session)
+HIT: Any = object()
+_OTHER: Any = object()
+_DROP: Any = object()
+_KEEP: Any = object()
+
+#: read_many modes: a call through the cache, a refresh, a call without the cache
+CACHED = 0
+REFRESH = 1
+UNCACHED = 2
+
+
+# -- one key ---------------------------------------------------------------------------
+
+
+def read_one(
+    fn: Any,
+    r: Any,
+    session: Session | None,
+    target: tuple[str, Any, Any, Any],
+    args: Any,
+    kwargs: Any,
+    first: tuple[Any, Any] | BaseException,
+    status: Any = None,
+) -> Steps:
+    """A call through the cache, from the answer to its first lookup on.
+
+    The driver makes the first lookup itself, and decodes an entry it finds with
+    :func:`decode`, so that a hit, which needs nothing else, costs no generator:
+    ``first`` is that lookup's answer (or the exception it raised) and ``status``
+    what :func:`decode` said of its entry (``None``: no entry).
+    """
+    key, pk, token, space = target
+    counters = r.counters
+    lease_ttl = r.settings.lease_timeout
+    try:
+        if isinstance(first, BaseException):
+            raise first
+        data, lease = first
+        if data is not None:
+            if status is None:
+                status, value = decode(fn, r, key, data, session, token)
+                if status is HIT:
+                    counters.hits += 1
+                    return value
+            if status is _DROP:
+                yield from _drop(r, key)
+                data, lease = yield (LOOKUP, key, lease_ttl)  # leased by this reader, or filled
+    except Exception as exc:
+        counters.errors += 1
+        log_failure(r.name, "get", exc)
+        return (yield (CALL, args, kwargs))
+    counters.misses += 1
+    if status is _OTHER or status is _KEEP:  # a sibling class's row, or one not attachable
+        return (yield (CALL, args, kwargs))
+    if data is not None:
+        status, value = decode(fn, r, key, data, session, token)
+        if status is HIT:
+            return value
+        if status is _DROP:
+            yield from _drop(r, key)
+        return (yield (CALL, args, kwargs))
+    if lease is None:
+        found, value = yield from _wait_for_fill(fn, r, key, session, token)
+        if found:
+            return value
+        return (yield (CALL, args, kwargs))
+    counters.lease_wins += 1
+    return (yield from _call_and_fill(fn, r, key, lease, session, pk, token, space, args, kwargs))
+
+
+def refresh_one(
+    fn: Any, r: Any, session: Session | None, target: tuple[str, Any, Any, Any], args: Any, kwargs: Any
+) -> Steps:
+    """Call the function and refill the entry under a fresh lease, whatever it held."""
+    key, pk, token, space = target
+    r.counters.misses += 1
+    try:
+        yield (DELETE, [key])
+        _, lease = yield (LOOKUP, key, r.settings.lease_timeout)
+    except Exception as exc:
+        r.counters.errors += 1
+        log_failure(r.name, "refresh", exc)
+        return (yield (CALL, args, kwargs))
+    if lease is None:  # filled or being filled by a reader that started after the delete
+        return (yield (CALL, args, kwargs))
+    r.counters.lease_wins += 1
+    return (yield from _call_and_fill(fn, r, key, lease, session, pk, token, space, args, kwargs))
+
+
+def _call_and_fill(
+    fn: Any,
+    r: Any,
+    key: str,
+    lease: Any,
+    session: Session | None,
+    pk: Any,
+    token: Any,
+    space: Any,
+    args: Any,
+    kwargs: Any,
+) -> Steps:
+    """Call the function holding the fill lease of ``key``, and fill it with the result."""
+    unfillable = session is not None and _unfillable(fn, session, r, pk, token)
+    started = time.time()
+    try:
+        result = yield (CALL, args, kwargs)
+    except BaseException:
+        yield from _release(r, key, lease)
+        raise
+    if unfillable:
+        yield from _release(r, key, lease)
+        return result
+    payload = _payload(fn, r, key, result, token, space)
+    if payload is _SKIP:
+        yield from _release(r, key, lease)
+    else:
+        entry = yield from _entry(r, key, lease, payload, started)
+        if entry is not None:
+            try:
+                outcome: Any = yield (FILL, key, entry, lease, r.ttl)
+            except Exception as exc:
+                outcome = exc
+            yield from _filled(r, key, lease, outcome)
+    return result
+
+
+def _unfillable(fn: Any, session: Session, r: Any, pk: Any, token: Any) -> bool:
+    """Whether what this session reads for ``pk`` must not become the shared entry.
+
+    The session held the row before the call (its copy may predate a committed
+    write), its transaction reads an older snapshot, or it has written (the row may
+    be its own uncommitted change).
+    """
+    return _in_identity_map(fn, session, r, pk, token) or not may_fill(session) or reads_old_snapshot(session)
+
+
+def _in_identity_map(fn: Any, session: Session, r: Any, pk: Any, token: Any) -> bool:
+    try:
+        ident = (fn._plan.identity_class, r.maker.normalize(pk), token)
+        return session.identity_map.get(ident) is not None
+    except Exception:
+        return True
+
+
+def decode(fn: Any, r: Any, key: str, data: bytes, session: Session | None, token: Any) -> tuple[Any, Any]:
+    """``(HIT, instance or None)`` for a usable entry; ``(_OTHER, None)`` for an entry of
+    a class outside the model; ``(_DROP, None)`` for one to delete: unusable (counted
+    and logged), or written before the region's invalidation (``region.invalidate()``).
+    No I/O: the caller deletes (:func:`_drop`)."""
+    counters = r.counters
+    try:
+        payload, written_at = r.codec.decode_timed(key, data)
+        invalidator = r.region.region_invalidator
+        if getattr(invalidator, "_invalidated", True) is not None and invalidator.is_invalidated(written_at):
+            return _DROP, None
+        return HIT, fn._plan.build(payload, session, key, token)
+    except OtherClass:
+        return _OTHER, None
+    except EntryMismatch as exc:
+        counters.mismatches += 1
+        # another deployed version's entry is routine during a rolling deploy
+        level = logging.INFO if exc.other_mapping else logging.WARNING
+        log_failure(r.name, "verifying an entry", f"{key}: {exc}", level)
+    except BadEntry as exc:
+        counters.bad_entries += 1
+        log_failure(r.name, "decoding an entry", f"{key}: {exc}")
+    except Exception as exc:
+        counters.errors += 1
+        log_failure(r.name, "attaching a cached row", exc)
+        return _KEEP, None
+    return _DROP, None
+
+
+def _drop(r: Any, key: str) -> Steps:
+    """Delete an entry :func:`decode` refused."""
+    try:
+        yield (DELETE, [key])
+    except Exception:
+        r.counters.errors += 1
+
+
+def _payload(fn: Any, r: Any, key: str, result: Any, token: Any, space: Space | None) -> Any:
+    """The payload to cache for ``result`` under ``key``, or ``_SKIP``.
+
+    A result that is not a row of the model, or whose primary key or identity token
+    is not the one asked for (``25.0`` for row ``25``, say), is returned to the
+    caller as it is and not cached: counted as ``uncacheable`` and logged.
+    """
+    model = fn.model
+    if result is None:
+        # a subclass reader's None says "no such subclass row", not "no such row":
+        # it must not answer the hierarchy's other readers, which share the key
+        return [key, None, 0, None] if fn.cache_none and model is r.base else _SKIP
+    plan = fn._plan
+    if not isinstance(result, model):
+        fn._uncacheable(
+            r,
+            f"it is decorated with @cached_by_pk({model.__name__}) but returned "
+            f"{type(result).__name__}: results that are not {model.__name__} rows are not cached",
+        )
+        return _SKIP
+    state = sqlalchemy.inspect(result)
+    row_token = state.key[2] if state.key is not None else None
+    if row_token != token:
+        fn._uncacheable(
+            r,
+            f"it returned a row of shard {row_token!r}; name the parameter holding the shard "
+            f"with identity_token= so that rows of different shards get different keys",
+        )
+        return _SKIP
+    try:
+        row_key = r.maker(plan.pk_of(result), space)
+    except Exception:
+        row_key = None
+    if row_key != key:
+        fn._uncacheable(r, f"asked for the row with key {key!r}, it returned {result!r} (key {row_key!r})")
+        return _SKIP
+    payload = plan.snapshot(result, key)
+    return _SKIP if payload is None else payload
+
+
+def _entry(r: Any, key: str, lease: Any, payload: Any, started: float) -> Steps:
+    """The stored form of ``payload`` (read from the database from ``started`` on),
+    or ``None`` (lease released) if it cannot be cached."""
+    try:
+        entry = r.codec.encode(key, payload, started)
+    except UnencodableValue as exc:
+        r.counters.errors += 1
+        log_failure(r.name, "encoding a row", exc)
+        yield from _release(r, key, lease)
+        return None
+    if len(entry) > r.settings.max_entry_size:
+        r.counters.oversized += 1
+        log_failure(r.name, "caching an entry", f"{key} is {len(entry)} bytes, over max_entry_size")
+        yield from _release(r, key, lease)
+        return None
+    return entry
+
+
+def _filled(r: Any, key: str, lease: Any, outcome: Any) -> Steps:
+    """Count the outcome of a fill: stored, refused by the lease, or failed."""
+    if outcome is True:
+        r.counters.fills += 1
+    elif outcome is False:
+        r.counters.lease_losses += 1
+    elif isinstance(outcome, ValueRefused):
+        r.counters.oversized += 1
+        log_failure(r.name, "caching an entry", f"{key} refused by the server: {outcome}")
+        yield from _release(r, key, lease)
+    else:
+        r.counters.errors += 1
+        log_failure(r.name, "fill", outcome)
+
+
+def _release(r: Any, key: str, lease: Any) -> Steps:
+    try:
+        yield (RELEASE, key, lease)
+    except Exception as exc:
+        r.counters.errors += 1
+        log_failure(r.name, "lease release", exc)
+
+
+def _wait_for_fill(fn: Any, r: Any, key: str, session: Session | None, token: Any) -> Steps:
+    """Another reader holds the lease: wait up to ``lease_wait`` for its value."""
+    wait = r.settings.lease_wait
+    if wait <= 0:
+        return False, None
+    r.counters.lease_waits += 1
+    deadline = time.monotonic() + wait
+    delay = 0.001
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False, None
+        yield (SLEEP, min(delay, remaining))
+        delay = min(delay * 2, 0.02)
+        try:
+            data = yield (PEEK, key)
+        except Exception as exc:
+            r.counters.errors += 1
+            log_failure(r.name, "get", exc)
+            return False, None
+        if data is None:
+            return False, None  # the lease was released or invalidated
+        if not is_lease(data):
+            # counted as the miss it was (and in lease_waits), not as a hit
+            status, value = decode(fn, r, key, data, session, token)
+            if status is _DROP:
+                yield from _drop(r, key)
+            return status is HIT, value
+
+
+# -- many keys -------------------------------------------------------------------------
+
+
+def read_many(fn: Any, r: Any, args: Any, kwargs: Any, mode: int = CACHED) -> Steps:
+    """``many=True``: one multi-get, the function called once with the missing keys."""
+    binding = fn.binding
+    session = binding.session(args, kwargs)
+    requested = binding.pk(args, kwargs)
+    if isinstance(requested, (str, bytes)) or not isinstance(requested, Iterable):
+        raise UsageError(f"{fn._name} uses many=True: pass an iterable of primary keys, not {requested!r}")
+    maker = r.maker
+    counters = r.counters
+    wanted: dict[str, Any] = {}
+    blocked: set[str] = set()
+    try:
+        token, space = fn._space(session, args, kwargs)
+        tracker = session_tracker(session) if session is not None else None
+        for pk in requested:
+            key = maker(pk, space)
+            wanted.setdefault(key, pk)
+            if tracker is not None and tracker.dirty and tracker.blocks(r.base, maker.encode_pk(pk), space):
+                blocked.add(key)
+    except (UsageError, ValueError, TypeError) as exc:
+        fn._uncacheable(r, f"no cache key for this call: {exc}")
+        return (yield (CALL, args, kwargs))
+    if not wanted:
+        return []
+    results: dict[str, Any] = {}
+    replies: dict[str, tuple[bytes | None, Any]] = {}
+    if mode == UNCACHED:
+        lookup = []
+    else:
+        counters.bypasses += len(blocked)
+        lookup = [k for k in wanted if k not in blocked]
+    if lookup and mode == REFRESH:
+        try:
+            yield (DELETE, lookup)
+        except Exception as exc:
+            counters.errors += 1
+            log_failure(r.name, "refresh", exc)
+            lookup = []
+    if lookup:
+        replies = yield from _lookup_many(r, lookup)
+    missing: list[str] = []
+    leases: dict[str, Any] = {}
+    dropped: list[str] = []
+    for key in wanted:
+        data, lease = replies.get(key, (None, None))
+        if data is not None and mode != REFRESH:
+            status, value = decode(fn, r, key, data, session, token)
+            if status is HIT:
+                counters.hits += 1
+                results[key] = value
+                continue
+            if status is _DROP:
+                yield from _drop(r, key)
+                dropped.append(key)  # deleted: it may be leased now
+        elif lease is not None:
+            leases[key] = lease
+        missing.append(key)
+    if dropped:
+        relooked = yield from _lookup_many(r, dropped)
+        for key, (data, lease) in relooked.items():
+            if data is None and lease is not None:
+                leases[key] = lease
+    if not missing:
+        return [results[k] for k in wanted if results[k] is not None]
+    if mode != UNCACHED:
+        counters.misses += len(missing)
+        counters.lease_wins += len(leases)
+    if session is not None and leases:
+        unfillable = not may_fill(session) or reads_old_snapshot(session)
+        for key in [k for k in leases if unfillable or _in_identity_map(fn, session, r, wanted[k], token)]:
+            yield from _release(r, key, leases.pop(key))
+    call_args, call_kwargs = binding.replace_pk(args, kwargs, [wanted[k] for k in missing])
+    started = time.time()
+    try:
+        rows = yield (CALL, call_args, call_kwargs)
+    except BaseException:
+        for key, lease in leases.items():
+            yield from _release(r, key, lease)
+        raise
+    plan = fn._plan
+    for row in cast("Iterable[Any]", rows or ()):
+        if not isinstance(row, fn.model):
+            for key, lease in leases.items():
+                yield from _release(r, key, lease)
+            raise UsageError(
+                f"{fn._name} (many=True) returned a {type(row).__name__}; "
+                f"it must return {fn.model.__name__} instances"
+            )
+        try:
+            key = maker(plan.pk_of(row), space)
+        except Exception:
+            continue
+        if key in wanted and key not in results:
+            results[key] = row
+    entries: list[tuple[str, bytes, Any]] = []
+    for key, lease in leases.items():
+        payload = _payload(fn, r, key, results.get(key), token, space)
+        entry = None if payload is _SKIP else (yield from _entry(r, key, lease, payload, started))
+        if entry is not None:
+            entries.append((key, entry, lease))
+        elif payload is _SKIP:
+            yield from _release(r, key, lease)
+    if entries:
+        try:
+            outcomes = yield (FILL_MANY, entries, r.ttl)
+        except Exception as exc:
+            outcomes = {key: exc for key, _, _ in entries}
+        for key, _, lease in entries:
+            yield from _filled(r, key, lease, outcomes.get(key, False))
+    return [results[k] for k in wanted if results.get(k) is not None]
+
+
+def _lookup_many(r: Any, keys: list[str]) -> Steps:
+    try:
+        return (yield (LOOKUP_MANY, keys, r.settings.lease_timeout))
+    except PartialResult as exc:
+        r.counters.errors += 1
+        log_failure(r.name, "get_many", exc.error)
+        return exc.found
+    except Exception as exc:
+        r.counters.errors += 1
+        log_failure(r.name, "get_many", exc)
+        return {}
