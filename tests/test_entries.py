@@ -127,3 +127,17 @@ class TestHierarchies:
         assert isinstance(once(staff, get_employee, 2), Engineer)  # not a cached None
         assert once(staff, get_manager, 2) is None  # the Engineer's entry is not served as a Manager
         assert counters()["hits"] == 0
+
+    def test_a_readers_own_exception_after_a_siblings_entry_is_raised_once(self, staff: Engine) -> None:
+        calls: list[int] = []
+
+        @cached_by_pk(Manager)
+        def failing_manager(session: Session, manager_id: int) -> Manager | None:
+            calls.append(manager_id)
+            raise RuntimeError("the database is gone")
+
+        once(staff, get_employee, 2)  # caches the Engineer under the shared key
+        with pytest.raises(RuntimeError, match="the database is gone"):
+            once(staff, failing_manager, 2)
+        assert calls == [2]
+        assert counters()["errors"] == 0
