@@ -463,3 +463,31 @@ class TestLoopsAndProcesses:
             loop.run_until_complete(cluster.aclose())
         finally:
             loop.close()
+
+
+@pytest.mark.parametrize(
+    ("data", "shortcut"),
+    [
+        (b"VA 3 c17 W\r\nabc\r\n", True),
+        (b"VA 0 c3 W\r\n\r\n", True),
+        (b"HD c9\r\n", True),
+        (b"EN\r\n", True),
+        (b"NF\r\n", True),
+        (b"VA 2 c1\r\nab\r\nHD\r\n", False),  # two replies
+        (b"VA 5 c1\r\nab", False),  # incomplete
+        (b"VA 2 c1\r\nabXY", False),  # no \r\n after the data
+        (b"ERROR\r\n", False),
+        (b"VA x\r\n", False),
+    ],
+)
+def test_the_single_reply_shortcut_agrees_with_the_parser_or_leaves_it_the_decision(
+    data: bytes, shortcut: bool
+) -> None:
+    from cachedecor.backends.memcached.protocol import single_meta_reply
+
+    quick = single_meta_reply(data)
+    assert (quick is not None) == shortcut
+    if shortcut:
+        parser = ReplyParser(1)
+        assert parser.feed(data)
+        assert parser.replies == [quick]

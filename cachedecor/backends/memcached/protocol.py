@@ -55,6 +55,32 @@ _CLASSIC_FINAL = frozenset(
 Reply = tuple[bytes, list[bytes], bytes | None]
 
 
+def single_meta_reply(data: bytes) -> Reply | None:
+    """``data`` as one meta reply if it is exactly one complete, well-formed reply.
+
+    The common case of a single lookup, parsed without :class:`ReplyParser`; any
+    other input (incomplete, several replies, an error) gives ``None``, and the
+    caller feeds the parser, which decides.
+    """
+    eol = data.find(b"\r\n")
+    if eol < 0:
+        return None
+    parts = data[:eol].split()
+    if not parts:
+        return None
+    code = parts[0]
+    if code == b"VA":
+        if len(parts) < 2 or not parts[1].isdigit():
+            return None
+        end = eol + 2 + int(parts[1])
+        if len(data) != end + 2 or data[end:] != b"\r\n":
+            return None
+        return (code, parts[2:], data[eol + 2 : end])
+    if code in _META_CODES and len(data) == eol + 2:
+        return (code, parts[1:], None)
+    return None
+
+
 class ReplyParser:
     """The replies to ``count`` pipelined commands, parsed from bytes fed as they arrive.
 
@@ -177,8 +203,14 @@ def _exchange(client: Any, payload: bytes, count: int) -> list[Reply]:
         client._connect()
     sock = client.sock
     sock.sendall(payload)
+    data = _recv(sock)
+    if count == 1:
+        reply = single_meta_reply(data)
+        if reply is not None:
+            return [reply]
     parser = ReplyParser(count)
     try:
+        parser.feed(data)
         while not parser.done:
             parser.feed(_recv(sock))
     except (ProtocolError, MetaUnsupported):
