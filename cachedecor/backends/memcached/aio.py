@@ -52,6 +52,7 @@ from cachedecor.backends.memcached.protocol import (
     _classic_delete,
     _classic_get,
     _classic_store,
+    _fill_outcomes,
     _lookup_result,
     _md_release,
     _mg_lookup,
@@ -369,18 +370,9 @@ class AsyncMemcachedCluster:
         """:meth:`fill` of several keys: key -> True, False, or the exception it raised."""
         commands = {key: _ms(key, value, token, ttl) for key, value, token in items}
         try:
-            replies = await self.meta_many(commands)
+            return _fill_outcomes(commands, await self.meta_many(commands), None)
         except PartialResult as exc:
-            replies = exc.found
-            out: dict[str, Any] = {k: exc.error for k in commands if k not in replies}
-        else:
-            out = {}
-        for key, (code, flags, _) in replies.items():
-            try:
-                out[key] = _stored(code, flags)
-            except Exception as exc:
-                out[key] = exc
-        return out
+            return _fill_outcomes(commands, exc.found, exc.error)
 
     async def release(self, key: str, token: Any) -> None:
         """``md <key> C<cas>``: give up a lease without filling."""

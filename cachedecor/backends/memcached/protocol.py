@@ -10,7 +10,7 @@ one exchange on a pymemcache connection they are given.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from cachedecor.backends.base import LEASE_PREFIX, ValueRefused
@@ -392,6 +392,21 @@ def _stored(code: bytes, flags: list[bytes]) -> bool:
     if code in (b"EX", b"NF", b"NS"):
         return False
     raise ValueRefused(b" ".join([code, *flags]).decode("ascii", "replace"))
+
+
+def _fill_outcomes(
+    keys: Iterable[str], replies: Mapping[str, Reply], error: BaseException | None
+) -> dict[str, Any]:
+    """What pipelined fills (``ms … C<cas>``) did, key by key: ``True`` (stored),
+    ``False`` (the lease no longer held), or the exception: ``error`` for keys whose
+    node failed, :class:`ValueRefused` for a value the server refused."""
+    out: dict[str, Any] = {k: error for k in keys if k not in replies}
+    for key, (code, flags, _) in replies.items():
+        try:
+            out[key] = _stored(code, flags)
+        except ValueRefused as exc:
+            out[key] = exc
+    return out
 
 
 def _lookup_result(code: bytes, flags: list[bytes], value: bytes | None) -> tuple[bytes | None, Any]:

@@ -17,6 +17,7 @@ from cachedecor.backends.memcached.protocol import (
     CommandRefused,
     MetaUnsupported,
     _answered,
+    _fill_outcomes,
     _lookup_result,
     _md_release,
     _memcached_expire,
@@ -169,19 +170,9 @@ class MemcachedStore(Store):
             return super().fill_many(items, ttl)
         commands = {key: _ms(key, value, token, ttl) for key, value, token in items}
         try:
-            replies = self.client.meta_many(commands)
+            return _fill_outcomes(commands, self.client.meta_many(commands), None)
         except PartialResult as exc:
-            replies = exc.found
-            failed: dict[str, Any] = {k: exc.error for k in commands if k not in replies}
-        else:
-            failed = {}
-        out: dict[str, Any] = dict(failed)
-        for key, (code, flags, _) in replies.items():
-            try:
-                out[key] = _stored(code, flags)
-            except ValueRefused as exc:
-                out[key] = exc
-        return out
+            return _fill_outcomes(commands, exc.found, exc.error)
 
     def release(self, key: str, token: Any) -> None:
         if self.meta:
