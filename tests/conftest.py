@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import sqlalchemy
 from hypothesis import settings as hypothesis_settings
-from sqlalchemy import event
+from sqlalchemy import event, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 import cachedecor
-from tests.models import Base
+from tests.models import Base, User
 from tests.servers import IN_CI, PG_URL, REDIS_URL, Memcached, Nutcracker, unavailable
 
 # The application run by the deployment tests in processes of its own: not collected.
@@ -268,3 +268,10 @@ def wait_until(condition: Any, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not reached within {timeout}s")
         time.sleep(0.002)
+
+
+def rename_behind_the_cache(engine: Engine, user_id: int, name: str) -> None:
+    """A write the cache is not told about (no @invalidates): a stale entry on purpose."""
+    with Session(engine) as s:
+        s.execute(update(User).where(User.id == user_id).values(name=name))
+        s.commit()

@@ -19,7 +19,6 @@ from dogpile.cache.api import NO_VALUE, CachedValue
 from dogpile.cache.backends.memcached import PyMemcacheBackend as DogpileBackend
 from dogpile.cache.proxy import ProxyBackend
 from pymemcache.client.base import Client
-from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -28,7 +27,7 @@ from cachedecor import ConfigError
 from cachedecor.backends import PyMemcacheBackend
 from cachedecor.config import region_settings
 from cachedecor.keys import mangle_key
-from tests.conftest import SQLCounter, memcached_config, once
+from tests.conftest import SQLCounter, memcached_config, once, rename_behind_the_cache
 from tests.models import User
 
 
@@ -72,13 +71,6 @@ def sql(rows: Engine) -> Iterator[SQLCounter]:
     counter = SQLCounter(rows)
     yield counter
     counter.close()
-
-
-def rename_behind_the_cache(engine: Engine, user_id: int, name: str) -> None:
-    """A write the cache is not told about (no @invalidates)."""
-    with Session(engine) as s:
-        s.execute(update(User).where(User.id == user_id).values(name=name))
-        s.commit()
 
 
 class TestRegionAPI:

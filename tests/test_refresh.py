@@ -6,12 +6,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 import cachedecor
-from tests.conftest import SQLCounter, once
+from tests.conftest import SQLCounter, once, rename_behind_the_cache
 from tests.models import User
 
 #: run inside the wrapped functions after they read: a write racing with the read
@@ -62,12 +62,6 @@ def sql(rows: Engine) -> Iterator[SQLCounter]:
     counter = SQLCounter(rows)
     yield counter
     counter.close()
-
-
-def rename_behind_the_cache(engine: Engine, user_id: int, name: str) -> None:
-    with Session(engine) as s:
-        s.execute(update(User).where(User.id == user_id).values(name=name))
-        s.commit()
 
 
 def committed_write(engine: Engine, user_id: int, name: str) -> Callable[[], None]:
