@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-EXTRAS := test,docs,lint,zstd,prometheus,opentelemetry
+EXTRAS := test,docs,lint,zstd,prometheus,opentelemetry,asyncio,bench
 
 .PHONY: demo test lint format docs bench faults race memcached clean
 

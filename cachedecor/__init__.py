@@ -10,13 +10,22 @@ from cachedecor.codec import Codec
 from cachedecor.config import configure_regions, get_region, reset
 from cachedecor.errors import CacheError, ConfigError, InvalidKeyError, RegionNotConfigured, UsageError
 from cachedecor.keys import key_for
-from cachedecor.read import CachedFunction, cached_by_pk
+from cachedecor.read import AsyncCachedFunction, CachedFunction, cached_by_pk
 from cachedecor.stats import RegionStats, dump_stats, reset_stats, stats
-from cachedecor.write import invalidate, invalidate_many, invalidate_model, invalidates
+from cachedecor.write import (
+    ainvalidate,
+    ainvalidate_many,
+    ainvalidate_model,
+    invalidate,
+    invalidate_many,
+    invalidate_model,
+    invalidates,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncCachedFunction",
     "CacheError",
     "CachedFunction",
     "Codec",
@@ -25,6 +34,9 @@ __all__ = [
     "RegionNotConfigured",
     "RegionStats",
     "UsageError",
+    "ainvalidate",
+    "ainvalidate_many",
+    "ainvalidate_model",
     "cached_by_pk",
     "configure_regions",
     "dump_stats",

@@ -15,13 +15,14 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from cachedecor.errors import UsageError
 
-__all__ = ["CallBinding"]
+__all__ = ["CallBinding", "as_session"]
 
-_SESSION_TYPES = (Session, scoped_session)
+_SESSION_TYPES = (Session, scoped_session, AsyncSession, async_scoped_session)
 _SESSION_NAMES = frozenset({"session", "db", "db_session", "dbsession", "sess"})
 _SELF_NAMES = frozenset({"self", "cls"})
 _EMPTY = inspect.Parameter.empty
@@ -59,11 +60,21 @@ def _is_session_annotation(annotation: Any) -> bool:
 
 
 def as_session(value: Any) -> Session | None:
-    """``value`` as a :class:`Session` (resolving a ``scoped_session``), or ``None``."""
+    """``value`` as a :class:`Session`, or ``None``.
+
+    A ``scoped_session`` is resolved to its current session; an ``AsyncSession``
+    (or ``async_scoped_session``) to the ``Session`` it runs on, its
+    ``sync_session``: the one that holds its identity map, its transaction and its
+    events, which reads and writes can use without I/O.
+    """
     if isinstance(value, Session):
         return value
+    if isinstance(value, AsyncSession):
+        return value.sync_session
     if isinstance(value, scoped_session):
         return value()  # type: ignore[no-any-return]
+    if isinstance(value, async_scoped_session):
+        return value().sync_session  # type: ignore[no-any-return]
     return None
 
 
@@ -142,14 +153,16 @@ class CallBinding:
                     f"(expected a parameter name or a path such as 'self.session')"
                 )
             return (param, tuple(attrs))
-        if isinstance(session, sessionmaker) or (isinstance(session, type) and issubclass(session, Session)):
+        if isinstance(session, (sessionmaker, async_sessionmaker)) or (
+            isinstance(session, type) and issubclass(session, (Session, AsyncSession))
+        ):
             raise UsageError(
                 f"session={session!r} makes a new session on every call, one that the function "
                 f"does not use and nothing closes: pass where the function's session is, such as "
                 f"scoped_session(factory), Flask-SQLAlchemy's db.session, a callable returning the "
                 f"current session, or a parameter path such as 'self.session'"
             )
-        if isinstance(session, (Session, scoped_session)) or callable(session):
+        if isinstance(session, _SESSION_TYPES) or callable(session):
             return session
         raise UsageError(
             f"session= takes a Session, a scoped_session, a callable returning a session, "
@@ -188,7 +201,7 @@ class CallBinding:
             value = param.get(args, kwargs)
             for attr in attrs:
                 value = getattr(value, attr, None)
-        elif isinstance(source, (Session, scoped_session)):
+        elif isinstance(source, _SESSION_TYPES):
             value = source
         else:
             value = source()

@@ -24,7 +24,14 @@ import dogpile.cache
 from dogpile.cache import CacheRegion, make_region
 from dogpile.util import PluginLoader
 
-from cachedecor.backends import MEMCACHED_ARGUMENTS, PyMemcacheBackend, Store, store_for
+from cachedecor.backends import (
+    MEMCACHED_ARGUMENTS,
+    AsyncStore,
+    PyMemcacheBackend,
+    Store,
+    async_store_for,
+    store_for,
+)
 from cachedecor.codec import Codec
 from cachedecor.errors import ConfigError, RegionNotConfigured
 from cachedecor.keys import DEFAULT_NAMESPACE, check_namespace, mangle_key
@@ -243,6 +250,8 @@ class RegionSettings:
     name: str
     region: CacheRegion
     store: Store
+    #: the same store for asyncio callers (connects on first use, per event loop)
+    astore: AsyncStore
     codec: Codec
     backend: str
     expiration_time: int
@@ -659,6 +668,7 @@ def _build(name: str, parsed: _Parsed, prefix: str) -> RegionSettings:
         name=name,
         region=region,
         store=store,
+        astore=async_store_for(store),
         codec=codec,
         backend=backend,
         expiration_time=values["expiration_time"],

@@ -7,7 +7,8 @@ names the tables it caches with its ``tables`` option; then only rows of those
 tables are invalidated there (and ``@cached_by_pk`` refuses to cache other tables
 in it, so the narrowing can never hide a stale row).
 
-Deletes are sent now (:func:`deliver`); queueing them until a session commits is
+Deletes are sent now (:func:`deliver`, or :func:`adeliver` for asyncio callers;
+both run the same steps, :func:`deliveries`); queueing them until a session commits is
 :mod:`cachedecor.tracking`'s job, and the public functions are in
 :mod:`cachedecor.write`.
 """
@@ -15,7 +16,7 @@ Deletes are sent now (:func:`deliver`); queueing them until a session commits is
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from typing import Any
 
 from cachedecor.backends import UndeliveredInvalidation
@@ -24,7 +25,7 @@ from cachedecor.keys import KeyPattern, key_maker
 from cachedecor.stats import counters as region_counters
 from cachedecor.stats import log_failure
 
-__all__ = ["EVERY_SPACE", "Group", "deliver", "regions_for"]
+__all__ = ["EVERY_SPACE", "Deliveries", "Group", "adeliver", "deliver", "deliveries", "regions_for"]
 
 #: Rows of one hierarchy in one place: (hierarchy root class, space or ``None``).
 Group = tuple[type, Any]
@@ -42,8 +43,16 @@ def regions_for(model: Any, regions: dict[str, RegionSettings] | None = None) ->
     return [s for s in regions.values() if s.tables is None or table in s.tables]
 
 
-def deliver(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> None:
-    """Delete now the keys of ``rows`` (and every key of the ``wide`` groups) in every region."""
+#: A delivery: yields ``(settings, keys)`` (delete these keys) or ``(settings,
+#: patterns)`` (delete every key matching these :class:`KeyPattern`), receives the
+#: number deleted or has the store's exception thrown in; counts and logs itself.
+Deliveries = Generator[tuple[RegionSettings, list[Any]], Any, None]
+
+
+def deliveries(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> Deliveries:
+    """The deletes that invalidate ``rows`` (and every key of the ``wide`` groups) in every
+    region, as steps: :func:`deliver` runs them with the sync stores, :func:`adeliver`
+    with the asyncio ones."""
     regions = configured_regions()
     keys_by_region: dict[str, list[str]] = {}
     patterns_by_region: dict[str, list[KeyPattern]] = {}
@@ -62,16 +71,82 @@ def deliver(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> None:
             pattern = maker.every_space() if space is EVERY_SPACE else maker.pattern(space)
             patterns_by_region.setdefault(settings.name, []).append(pattern)
     for name, patterns in patterns_by_region.items():
-        _delete_matching(regions[name], patterns)
+        yield from _delete_matching(regions[name], patterns)
     for name, keys in keys_by_region.items():
         if keys:
-            _delete_keys(regions[name], list(dict.fromkeys(keys)))
+            yield from _delete_keys(regions[name], list(dict.fromkeys(keys)))
 
 
-def _delete_keys(settings: RegionSettings, keys: list[str]) -> None:
+def deliver(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> None:
+    """Delete now the keys of ``rows`` (and every key of the ``wide`` groups) in every region.
+
+    Called inside SQLAlchemy's greenlet (an ``AsyncSession``'s commit, or any sync
+    code an ``AsyncSession`` runs), the deletes go through the asyncio stores and
+    this returns when they are done: the event loop is never blocked on a socket.
+    """
+    if _in_async_greenlet():
+        from sqlalchemy.util import await_only
+
+        await_only(adeliver(rows, wide))
+        return
+    steps = deliveries(rows, wide)
+    answer: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            settings, items = steps.send(answer) if error is None else steps.throw(error)
+        except StopIteration:
+            return
+        answer = error = None
+        try:
+            if isinstance(items[0], KeyPattern):
+                answer = settings.store.delete_matching(items)
+            else:
+                settings.store.delete_many(items)
+        except Exception as exc:
+            error = exc
+
+
+async def adeliver(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> None:
+    """:func:`deliver` for asyncio callers: the same deletes, through the asyncio stores."""
+    steps = deliveries(rows, wide)
+    answer: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            settings, items = steps.send(answer) if error is None else steps.throw(error)
+        except StopIteration:
+            return
+        answer = error = None
+        try:
+            if isinstance(items[0], KeyPattern):
+                answer = await settings.astore.delete_matching(items)
+            else:
+                await settings.astore.delete_many(items)
+        except Exception as exc:
+            error = exc
+
+
+def _in_async_greenlet() -> bool:
+    """Whether this code runs inside SQLAlchemy's asyncio greenlet (may ``await_only``)."""
+    try:
+        return bool(_in_greenlet())
+    except Exception:  # no greenlet installed: no async session either
+        return False
+
+
+try:
+    from sqlalchemy.util.concurrency import in_greenlet as _in_greenlet
+except ImportError:  # pragma: no cover - SQLAlchemy without the helper
+
+    def _in_greenlet() -> bool:
+        return False
+
+
+def _delete_keys(settings: RegionSettings, keys: list[str]) -> Deliveries:
     counters = region_counters(settings.name)
     try:
-        settings.store.delete_many(keys)
+        yield settings, keys
     except UndeliveredInvalidation as exc:
         counters.errors += 1
         counters.invalidations_queued += len(exc.keys)
@@ -85,10 +160,10 @@ def _delete_keys(settings: RegionSettings, keys: list[str]) -> None:
         counters.invalidations += len(keys)
 
 
-def _delete_matching(settings: RegionSettings, patterns: list[KeyPattern]) -> None:
+def _delete_matching(settings: RegionSettings, patterns: list[KeyPattern]) -> Deliveries:
     counters = region_counters(settings.name)
     try:
-        deleted = settings.store.delete_matching(patterns)
+        deleted = yield settings, patterns
     except Exception as exc:
         counters.errors += 1
         log_failure(settings.name, "model-wide invalidation", exc)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 import sqlalchemy
 from dogpile.cache import CacheRegion
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from cachedecor import config as _config
 from cachedecor.binding import CallBinding
-from cachedecor.drivers import drive
+from cachedecor.drivers import drive, drive_async
 from cachedecor.errors import RegionNotConfigured, UsageError
 from cachedecor.keys import KeyMaker, Space, key_maker
 from cachedecor.readpath import CACHED, HIT, REFRESH, UNCACHED, decode, read_many, read_one, refresh_one
@@ -30,23 +30,25 @@ from cachedecor.rows import ModelPlan, model_plan
 from cachedecor.stats import counters as region_counters
 from cachedecor.stats import log_failure
 from cachedecor.tracking import session_space, session_tracker
-from cachedecor.write import invalidate_many
+from cachedecor.write import ainvalidate_many, invalidate_many
 
-__all__ = ["CachedFunction", "cached_by_pk"]
+__all__ = ["AsyncCachedFunction", "CachedFunction", "cached_by_pk"]
 
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 class _Resolved:
     """Per (function, region configuration): what a call needs, looked up once."""
 
-    __slots__ = ("base", "codec", "counters", "maker", "name", "region", "settings", "store", "ttl")
+    __slots__ = ("astore", "base", "codec", "counters", "maker", "name", "region", "settings", "store", "ttl")
 
     def __init__(self, fn: CachedFunction[Any], settings: _config.RegionSettings) -> None:
         self.settings = settings
         self.name = settings.name
         self.region = settings.region
         self.store = settings.store
+        self.astore = settings.astore
         self.codec = settings.codec
         self.maker: KeyMaker = key_maker(fn.model, settings.namespace)
         self.base = self.maker.model
@@ -252,6 +254,86 @@ class CachedFunction(Generic[R]):
         return drive(read_many(self, r, args, kwargs, mode), r.store, self.__wrapped__)
 
 
+class AsyncCachedFunction(CachedFunction[T]):
+    """An ``async def`` wrapped by :func:`cached_by_pk`: the same read, awaited.
+
+    Calls are coroutines, as the wrapped function's are, and so are :meth:`refresh`,
+    :meth:`uncached` and :meth:`invalidate`; :meth:`cache_key` and :attr:`region`
+    are as for :class:`CachedFunction`. The session may be an ``AsyncSession`` (or
+    an ``async_scoped_session``): a hit is attached to it, and its loaded columns
+    read without I/O. Every request of the read goes to the region's asyncio store
+    (:class:`~cachedecor.backends.AsyncStore`): nothing blocks the event loop.
+    """
+
+    def __init__(self, fn: Callable[..., Any], model: Any, **options: Any) -> None:
+        super().__init__(fn, model, **options)
+        # what asyncio.iscoroutinefunction and (3.12+) inspect.iscoroutinefunction look for,
+        # so that frameworks (FastAPI, Starlette) await the wrapper
+        self._is_coroutine = getattr(__import__("asyncio").coroutines, "_is_coroutine", None)
+        marker = getattr(inspect, "_is_coroutine_mark", None)
+        if marker is not None:
+            self._is_coroutine_marker = marker
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> T:  # type: ignore[override]
+        r = self._resolved
+        if r is None or _config._settings.get(self.region_name) is not r.settings:
+            r = self._resolve()
+        call: Any = self.__wrapped__
+        if self.many:
+            return await drive_async(read_many(self, r, args, kwargs), r.astore, call)  # type: ignore[no-any-return]
+        session = self.binding.session(args, kwargs)
+        target = self._target(r, session, args, kwargs)
+        if target is None:
+            return await call(*args, **kwargs)  # type: ignore[no-any-return]
+        key = target[0]
+        try:
+            first: Any = await r.astore.lookup(key, r.settings.lease_timeout)
+        except Exception as exc:
+            first = exc
+            status = None
+        else:
+            status = None
+            if first[0] is not None:
+                status, value = decode(self, r, key, first[0], session, target[2])
+                if status is HIT:
+                    r.counters.hits += 1
+                    return value  # type: ignore[no-any-return]
+        steps = read_one(self, r, session, target, args, kwargs, first, status)
+        return await drive_async(steps, r.astore, call)  # type: ignore[no-any-return]
+
+    async def refresh(self, *args: Any, **kwargs: Any) -> T:  # type: ignore[override]
+        """See :meth:`CachedFunction.refresh`; awaited."""
+        r = self._resolve()
+        call: Any = self.__wrapped__
+        if self.many:
+            return await drive_async(read_many(self, r, args, kwargs, REFRESH), r.astore, call)  # type: ignore[no-any-return]
+        session = self.binding.session(args, kwargs)
+        target = self._target(r, session, args, kwargs)
+        if target is None:
+            return await call(*args, **kwargs)  # type: ignore[no-any-return]
+        return await drive_async(refresh_one(self, r, session, target, args, kwargs), r.astore, call)  # type: ignore[no-any-return]
+
+    async def uncached(self, *args: Any, **kwargs: Any) -> T:  # type: ignore[override]
+        """See :meth:`CachedFunction.uncached`; awaited."""
+        call: Any = self.__wrapped__
+        if not self.many:
+            return await call(*args, **kwargs)  # type: ignore[no-any-return]
+        r = self._resolve()
+        return await drive_async(read_many(self, r, args, kwargs, UNCACHED), r.astore, call)  # type: ignore[no-any-return]
+
+    async def invalidate(self, pk: Any) -> None:  # type: ignore[override]
+        """Delete the cached entry of ``pk`` in every region that may cache the model, now."""
+        await ainvalidate_many(self.model, [pk])
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        return _AsyncBoundCachedFunction(self, obj)
+
+    def __repr__(self) -> str:
+        return f"<cached_by_pk async {self._name} of {self.model.__name__} in region {self.region_name!r}>"
+
+
 class _BoundCachedFunction:
     """A :class:`CachedFunction` bound to an instance (a decorated method), as a method is."""
 
@@ -287,6 +369,31 @@ class _BoundCachedFunction:
         return f"<bound {self.__func__!r} of {self.__self__!r}>"
 
 
+class _AsyncBoundCachedFunction(_BoundCachedFunction):
+    """An :class:`AsyncCachedFunction` bound to an instance; its call is a coroutine function."""
+
+    __slots__ = ()
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return await self.__func__(self.__self__, *args, **kwargs)
+
+    async def refresh(self, *args: Any, **kwargs: Any) -> Any:
+        return await self.__func__.refresh(self.__self__, *args, **kwargs)
+
+    async def uncached(self, *args: Any, **kwargs: Any) -> Any:
+        return await self.__func__.uncached(self.__self__, *args, **kwargs)
+
+
+class _Decorator(Protocol):
+    """What :func:`cached_by_pk` returns: sync functions become :class:`CachedFunction`,
+    coroutine functions :class:`AsyncCachedFunction`."""
+
+    @overload
+    def __call__(self, fn: Callable[..., Coroutine[Any, Any, T]]) -> AsyncCachedFunction[T]: ...
+    @overload
+    def __call__(self, fn: Callable[..., R]) -> CachedFunction[R]: ...
+
+
 def cached_by_pk(
     model: Any,
     *,
@@ -297,8 +404,11 @@ def cached_by_pk(
     cache_none: bool = False,
     session: Any = None,
     identity_token: str | None = None,
-) -> Callable[[Callable[..., R]], CachedFunction[R]]:
+) -> _Decorator:
     """Cache the rows a function loads by primary key.
+
+    The function may be an ``async def`` (the session an ``AsyncSession``): the
+    wrapper is then an :class:`AsyncCachedFunction`, awaited as the function is.
 
     :param model: the mapped class the function returns.
     :param region: name of the region to cache in (looked up at call time).
@@ -337,8 +447,9 @@ def cached_by_pk(
     if not isinstance(region, str) or not region:
         raise UsageError(f"region must be a region name, got {region!r}")
 
-    def decorate(fn: Callable[..., R]) -> CachedFunction[R]:
-        return CachedFunction(
+    def decorate(fn: Callable[..., Any]) -> Any:
+        kind = AsyncCachedFunction if inspect.iscoroutinefunction(fn) else CachedFunction
+        return kind(
             fn,
             mapper.class_,
             region=region,

@@ -5,7 +5,7 @@ names the operation (:data:`LOOKUP`, :data:`FILL`, :data:`CALL`, ...), and is
 resumed with the answer, or with the exception the operation raised thrown in at
 the ``yield``. It returns the value of the read. A driver
 (:mod:`cachedecor.drivers`) carries the requests out: with a thread's blocking
-calls, or (later) with asyncio. So the lease, the wait, the fill and the release are
+calls, or with asyncio. So the lease, the wait, the fill and the release are
 decided once, in this module, for every kind of caller.
 
 ``fn`` is the :class:`~cachedecor.read.CachedFunction` being called and ``r`` its
@@ -62,7 +62,7 @@ FILL_MANY = 4
 RELEASE = 5
 #: ``(DELETE, keys)``
 DELETE = 6
-#: ``(SLEEP, seconds)``
+#: ``(SLEEP, seconds, key)``: wait that long for another reader's fill of ``key``
 SLEEP = 7
 #: ``(CALL, args, kwargs)`` -> what the wrapped function returns
 CALL = 8
@@ -347,7 +347,7 @@ def _wait_for_fill(fn: Any, r: Any, key: str, session: Session | None, token: An
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False, None
-        yield (SLEEP, min(delay, remaining))
+        yield (SLEEP, min(delay, remaining), key)
         delay = min(delay * 2, 0.02)
         try:
             data = yield (PEEK, key)

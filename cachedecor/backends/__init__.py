@@ -10,9 +10,14 @@
   get-many, lease, fill, delete) on memcached, dogpile's memory backend and Redis.
   One mechanism, small adapters: the decorators never branch on the backend.
 
-Modules: :mod:`.base` (the interface, leases, errors), :mod:`.memory`,
-:mod:`.redis`, and :mod:`.memcached` (``protocol``, ``cluster``, ``store`` and the
-dogpile backend in ``dogpile``).
+Each store has an asyncio twin (:class:`AsyncStore`) over the same entries and
+leases: the memory store's operations run on the loop, Redis uses
+``redis.asyncio``, memcached the asyncio transport in :mod:`.memcached.aio`.
+
+Modules: :mod:`.base` (the interfaces, leases, errors), :mod:`.memory`,
+:mod:`.redis`, and :mod:`.memcached` (``protocol``, ``cluster`` and the threaded
+transport, ``aio`` the asyncio transport, ``store`` and the dogpile backend in
+``dogpile``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 from cachedecor.backends.base import (
     LEASE_PREFIX,
+    AsyncStore,
     PartialResult,
     Store,
     UndeliveredInvalidation,
@@ -31,14 +37,18 @@ from cachedecor.backends.base import (
 from cachedecor.backends.memcached.cluster import MemcachedCluster, NodeDown, NodeHealth, _metadump
 from cachedecor.backends.memcached.dogpile import MEMCACHED_ARGUMENTS, MEMCACHED_DEFAULTS, PyMemcacheBackend
 from cachedecor.backends.memcached.protocol import MetaUnsupported, ProtocolError
-from cachedecor.backends.memcached.store import MemcachedStore
-from cachedecor.backends.memory import MemoryStore
-from cachedecor.backends.redis import RedisStore
+from cachedecor.backends.memcached.store import AsyncMemcachedStore, MemcachedStore
+from cachedecor.backends.memory import AsyncMemoryStore, MemoryStore
+from cachedecor.backends.redis import AsyncRedisStore, RedisStore
 
 __all__ = [
     "LEASE_PREFIX",
     "MEMCACHED_ARGUMENTS",
     "MEMCACHED_DEFAULTS",
+    "AsyncMemcachedStore",
+    "AsyncMemoryStore",
+    "AsyncRedisStore",
+    "AsyncStore",
     "MemcachedCluster",
     "MemcachedStore",
     "MemoryStore",
@@ -53,6 +63,7 @@ __all__ = [
     "UndeliveredInvalidation",
     "ValueRefused",
     "_metadump",
+    "async_store_for",
     "is_lease",
     "new_lease_marker",
     "store_for",
@@ -80,3 +91,18 @@ def store_for(backend: Any) -> Store | None:
     if isinstance(backend, ValkeyBackend):
         return RedisStore(backend)
     return None
+
+
+def async_store_for(store: Store) -> AsyncStore:
+    """The asyncio twin of ``store``: same entries, same leases, no blocking I/O.
+
+    Made when a region is configured; it opens no connection until an async caller
+    uses it.
+    """
+    if isinstance(store, MemcachedStore):
+        return AsyncMemcachedStore(store)
+    if isinstance(store, MemoryStore):
+        return AsyncMemoryStore(store)
+    if isinstance(store, RedisStore):
+        return AsyncRedisStore(store)
+    raise TypeError(f"no asyncio store for {type(store).__name__}")

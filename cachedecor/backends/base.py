@@ -19,6 +19,7 @@ from cachedecor.keys import KeyPattern
 
 __all__ = [
     "LEASE_PREFIX",
+    "AsyncStore",
     "PartialResult",
     "Store",
     "UndeliveredInvalidation",
@@ -183,4 +184,86 @@ class Store:
         Returns how many keys were deleted. Slow (it lists the server's keys): for
         model-wide invalidation only.
         """
+        raise NotImplementedError
+
+
+class AsyncStore:
+    """:class:`Store`'s operations for asyncio callers, as coroutines.
+
+    The same keys, values, leases and errors as the :class:`Store` of the same
+    region (sync and async callers share entries and leases). Nothing here blocks
+    the event loop: a store that needs the network uses an asyncio client, one set
+    of connections per event loop and per process.
+    """
+
+    name = "abstract"
+
+    async def get(self, key: str) -> bytes | None:
+        raise NotImplementedError
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        raise NotImplementedError
+
+    async def lease(self, key: str, ttl: int) -> Any:
+        raise NotImplementedError
+
+    async def lease_many(self, keys: Sequence[str], ttl: int) -> dict[str, Any]:
+        out = {}
+        for key in keys:
+            token = await self.lease(key, ttl)
+            if token is not None:
+                out[key] = token
+        return out
+
+    async def lookup(self, key: str, ttl: int) -> tuple[bytes | None, Any]:
+        """See :meth:`Store.lookup`."""
+        data = await self.get(key)
+        if data is None:
+            token = await self.lease(key, ttl)
+            if token is not None:
+                return None, token
+            data = await self.get(key)
+        if data is not None and not is_lease(data):
+            return data, None
+        return None, None
+
+    async def lookup_many(self, keys: Sequence[str], ttl: int) -> dict[str, tuple[bytes | None, Any]]:
+        """See :meth:`Store.lookup_many`."""
+        error: BaseException | None = None
+        try:
+            found = await self.get_many(keys)
+        except PartialResult as exc:
+            found, error = exc.found, exc.error
+        missing = [k for k in keys if k not in found]
+        tokens = await self.lease_many(missing, ttl) if missing and error is None else {}
+        out: dict[str, tuple[bytes | None, Any]] = {}
+        for key in keys:
+            data = found.get(key)
+            out[key] = (data, None) if data is not None and not is_lease(data) else (None, tokens.get(key))
+        if error is not None:
+            raise PartialResult(out, error)
+        return out
+
+    async def peek(self, key: str) -> bytes | None:
+        return await self.get(key)
+
+    async def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
+        raise NotImplementedError
+
+    async def fill_many(self, items: Sequence[tuple[str, bytes, Any]], ttl: int | None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value, token in items:
+            try:
+                out[key] = await self.fill(key, value, token, ttl)
+            except Exception as exc:
+                out[key] = exc
+        return out
+
+    async def release(self, key: str, token: Any) -> None:
+        raise NotImplementedError
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    async def delete_matching(self, patterns: Sequence[KeyPattern]) -> int:
         raise NotImplementedError

@@ -7,10 +7,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from cachedecor.backends.base import Store, new_lease_marker, register_fork_aware
+from cachedecor.backends.base import AsyncStore, Store, new_lease_marker, register_fork_aware
 from cachedecor.keys import KeyPattern
 
-__all__ = ["MemoryStore"]
+__all__ = ["AsyncMemoryStore", "MemoryStore"]
 
 
 class MemoryStore(Store):
@@ -79,3 +79,47 @@ class MemoryStore(Store):
             for key in keys:
                 self.cache.pop(key, None)
         return len(keys)
+
+
+class AsyncMemoryStore(AsyncStore):
+    """The :class:`MemoryStore` of a region, for asyncio callers.
+
+    Its operations update a dictionary under a lock held for that update only, so
+    they run on the event loop directly; they share entries and leases with the
+    region's sync callers.
+    """
+
+    name = "memory"
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    async def get(self, key: str) -> bytes | None:
+        return self.store.get(key)
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        return self.store.get_many(keys)
+
+    async def lease(self, key: str, ttl: int) -> Any:
+        return self.store.lease(key, ttl)
+
+    async def lookup(self, key: str, ttl: int) -> tuple[bytes | None, Any]:
+        return self.store.lookup(key, ttl)
+
+    async def lookup_many(self, keys: Sequence[str], ttl: int) -> dict[str, tuple[bytes | None, Any]]:
+        return self.store.lookup_many(keys, ttl)
+
+    async def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
+        return self.store.fill(key, value, token, ttl)
+
+    async def fill_many(self, items: Sequence[tuple[str, bytes, Any]], ttl: int | None) -> dict[str, Any]:
+        return self.store.fill_many(items, ttl)
+
+    async def release(self, key: str, token: Any) -> None:
+        self.store.release(key, token)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        self.store.delete_many(keys)
+
+    async def delete_matching(self, patterns: Sequence[KeyPattern]) -> int:
+        return self.store.delete_matching(patterns)

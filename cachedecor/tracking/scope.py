@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from cachedecor.invalidation import Group, deliver
+from cachedecor.invalidation import Group
 from cachedecor.tracking.session import _tracker
 
 __all__ = ["Scope", "enter_scope", "exit_scope"]
@@ -43,8 +43,12 @@ def enter_scope(models: tuple[type, ...], name: str) -> tuple[Scope, contextvars
     return scope, _scope.set(scope)
 
 
-def exit_scope(scope: Scope, token: contextvars.Token[Scope | None]) -> list[Session]:
-    """Close ``scope``; return the sessions it wrote through that are still in a transaction.
+def exit_scope(
+    scope: Scope, token: contextvars.Token[Scope | None]
+) -> tuple[list[Session], tuple[dict[Group, list[Any]], set[Group]] | None]:
+    """Close ``scope``: the sessions it wrote through that are still in a transaction,
+    and the invalidation to deliver now (``(rows, wide)`` for ``deliver``/``adeliver``),
+    if any: writes on connections that belong to no session.
 
     Changes the function made without flushing them (its caller flushes and commits
     later) are remembered on their sessions, so that they are tracked when flushed.
@@ -63,9 +67,10 @@ def exit_scope(scope: Scope, token: contextvars.Token[Scope | None]) -> list[Ses
                 tracker = _tracker(session)
                 tracker.watched[id(obj)] = obj
                 scope.sessions.add(session)
+    now = None
     if scope.plain_rows or scope.plain_wide:
-        deliver({g: list(p) for g, p in scope.plain_rows.items()}, scope.plain_wide)
-    return [s for s in scope.sessions if s.in_transaction()]
+        now = ({g: list(p) for g, p in scope.plain_rows.items()}, set(scope.plain_wide))
+    return [s for s in scope.sessions if s.in_transaction()], now
 
 
 def _live_sessions(scope: Scope) -> list[Session]:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cachedecor.backends.base import (
+    AsyncStore,
     PartialResult,
     Store,
     UndeliveredInvalidation,
@@ -30,9 +31,10 @@ from cachedecor.backends.memcached.protocol import (
 from cachedecor.keys import KeyPattern
 
 if TYPE_CHECKING:
+    from cachedecor.backends.memcached.aio import AsyncMemcachedCluster
     from cachedecor.backends.memcached.dogpile import PyMemcacheBackend
 
-__all__ = ["MemcachedStore"]
+__all__ = ["AsyncMemcachedStore", "MemcachedStore"]
 
 
 class MemcachedStore(Store):
@@ -184,10 +186,134 @@ class MemcachedStore(Store):
         self.client.delete(key, noreply=False)
 
 
+class AsyncMemcachedStore(AsyncStore):
+    """:class:`MemcachedStore` for asyncio callers, on :class:`AsyncMemcachedCluster`.
+
+    The cluster is made on first use from the region's backend: the same servers and
+    placement, timeouts, and the same :class:`NodeHealth` (a node marked down, or
+    owed deletes, is so for sync and async callers alike). Meta commands with the
+    classic ``add``/``gets``/``cas`` lease as the fallback, as for sync callers.
+    """
+
+    name = "memcached"
+
+    def __init__(self, store: MemcachedStore) -> None:
+        self.sync = store
+        self._cluster: AsyncMemcachedCluster | None = None
+
+    @property
+    def meta(self) -> bool:
+        return self.sync.meta  # one verdict for both kinds of caller
+
+    @property
+    def cluster(self) -> AsyncMemcachedCluster:
+        cluster = self._cluster
+        if cluster is None:
+            from cachedecor.backends.memcached.aio import AsyncMemcachedCluster
+
+            backend = self.sync.backend
+            if backend.tls_context is not None:
+                raise CommandRefused(
+                    "memcached over TLS is not available to async callers: "
+                    "their reads and writes go to the database"
+                )
+            cluster = self._cluster = AsyncMemcachedCluster(
+                backend.url,
+                backend.health,
+                connect_timeout=backend.connect_timeout,
+                timeout=backend.timeout,
+            )
+        return cluster
+
+    def _unsupported(self) -> None:
+        self.sync._unsupported()
+
+    # -- classic commands (the fallback) ------------------------------------------------
+
+    async def get(self, key: str) -> bytes | None:
+        item = await self.cluster.get(key)
+        return None if item is None else item.value if item.flags == 0 else _NOT_AN_ENTRY
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        try:
+            found = await self.cluster.get_many(keys)
+        except PartialResult as exc:
+            raise PartialResult(_item_entries(exc.found), exc.error) from exc.error
+        return _item_entries(found)
+
+    async def lease(self, key: str, ttl: int) -> Any:
+        cluster = self.cluster
+        marker = new_lease_marker()
+        if not await cluster.add(key, marker, _memcached_expire(ttl)):
+            return None
+        item = await cluster.gets(key)
+        if item is None or item.value != marker:
+            return None
+        return item.cas
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        await self.cluster.delete_many(keys)
+
+    async def delete_matching(self, patterns: Sequence[KeyPattern]) -> int:
+        import asyncio
+
+        # lists every key of every node (lru_crawler metadump): slow by nature, so
+        # run by the sync store in a worker thread, never on the loop
+        return await asyncio.to_thread(self.sync.delete_matching, patterns)
+
+    # -- meta-protocol operations -------------------------------------------------------
+
+    async def lookup(self, key: str, ttl: int) -> tuple[bytes | None, Any]:
+        if self.meta:
+            try:
+                return await self.cluster.lookup(key, ttl)
+            except MetaUnsupported:
+                self._unsupported()
+        return await super().lookup(key, ttl)
+
+    async def lookup_many(self, keys: Sequence[str], ttl: int) -> dict[str, tuple[bytes | None, Any]]:
+        if self.meta:
+            try:
+                return await self.cluster.lookup_many(keys, ttl)
+            except MetaUnsupported:
+                self._unsupported()
+        return await super().lookup_many(keys, ttl)
+
+    async def peek(self, key: str) -> bytes | None:
+        if self.meta:
+            return await self.cluster.peek(key)
+        return await self.get(key)
+
+    async def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
+        if self.meta:
+            return await self.cluster.fill(key, value, token, ttl)
+        try:
+            return bool(await self.cluster.cas(key, value, token, _memcached_expire(ttl)))
+        except Exception as exc:
+            if _answered(exc):
+                raise ValueRefused(str(exc)) from exc
+            raise
+
+    async def fill_many(self, items: Sequence[tuple[str, bytes, Any]], ttl: int | None) -> dict[str, Any]:
+        if not self.meta:
+            return await super().fill_many(items, ttl)
+        return await self.cluster.fill_many(items, ttl)
+
+    async def release(self, key: str, token: Any) -> None:
+        if self.meta:
+            await self.cluster.release(key, token)
+            return
+        await self.cluster.delete_many([key])  # no compare-and-delete: see MemcachedStore.release
+
+
 #: What the classic commands return for a value stored under other pymemcache flags
 #: than plain bytes (a str, an int, a pickle written through dogpile's region API):
 #: never a cachedecor entry, so it decodes as a bad entry (counted, deleted, a miss).
 _NOT_AN_ENTRY = b""
+
+
+def _item_entries(found: dict[str, Any]) -> dict[str, bytes]:
+    return {k: item.value if item.flags == 0 else _NOT_AN_ENTRY for k, item in found.items()}
 
 
 def _entries(found: dict[str, Any]) -> dict[str, bytes]:
