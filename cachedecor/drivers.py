@@ -3,10 +3,12 @@
 :func:`drive` does it with blocking calls, for threads; :func:`drive_async` with
 coroutines, for asyncio. The decisions stay in :mod:`cachedecor.readpath`.
 
-The async driver also wakes the readers of its event loop that wait for a fill
-(a lease held by another coroutine of the same loop) as soon as that fill or its
-release is done, instead of at their next poll: concurrent coroutines that miss
-the same key make one database call and get the row as soon as it is stored.
+The async driver also knows which fill leases the coroutines of its event loop
+hold. A reader that finds the lease of its key held by a coroutine of the same
+loop waits for that fill itself (up to the lease's lifetime, not only
+``lease_wait``) and is woken as soon as it is stored or given up: concurrent
+coroutines of one process that miss the same key make one database call, however
+long it takes, and get the row without polling.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from cachedecor.readpath import (
     Steps,
 )
 
-__all__ = ["drive", "drive_async"]
+__all__ = ["drive", "drive_async", "lookup_async"]
 
 
 def drive(steps: Steps, store: Store, call: Callable[..., Any]) -> Any:
@@ -78,37 +80,55 @@ def drive(steps: Steps, store: Store, call: Callable[..., Any]) -> Any:
             error = exc
 
 
-#: per event loop: key -> the event set when this loop's fill (or release) of it is done
+#: per event loop: key -> an event set when this loop's fill of the key (whose lease
+#: one of its coroutines won) is stored or given up
 _fills: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Event]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _waiting(loop: asyncio.AbstractEventLoop) -> dict[str, asyncio.Event]:
-    waiting = _fills.get(loop)
-    if waiting is None:
-        waiting = _fills[loop] = {}
-    return waiting
+def _filling(loop: asyncio.AbstractEventLoop) -> dict[str, asyncio.Event]:
+    filling = _fills.get(loop)
+    if filling is None:
+        filling = _fills[loop] = {}
+    return filling
+
+
+def _won(loop: asyncio.AbstractEventLoop, key: str) -> None:
+    """A coroutine of ``loop`` holds the fill lease of ``key``."""
+    _filling(loop).setdefault(key, asyncio.Event())
 
 
 def _done(loop: asyncio.AbstractEventLoop, keys: Any) -> None:
-    """Wake the coroutines of ``loop`` waiting for a fill of ``keys``."""
-    waiting = _fills.get(loop)
-    if waiting:
+    """This loop's fills of ``keys`` are done: wake the coroutines waiting for them."""
+    filling = _fills.get(loop)
+    if filling:
         for key in keys:
-            event = waiting.pop(key, None)
+            event = filling.pop(key, None)
             if event is not None:
                 event.set()
 
 
-async def _wait(loop: asyncio.AbstractEventLoop, seconds: float, key: str) -> None:
-    event = _waiting(loop).get(key)
+async def _wait(loop: asyncio.AbstractEventLoop, seconds: float, key: str, longest: float) -> None:
+    """Wait ``seconds`` for another reader's fill of ``key``; when the reader is a coroutine
+    of this loop, wait for its fill itself, up to ``longest``."""
+    filling = _fills.get(loop)
+    event = filling.get(key) if filling else None
     if event is None:
-        event = _waiting(loop)[key] = asyncio.Event()
+        await asyncio.sleep(seconds)
+        return
     try:
-        await asyncio.wait_for(event.wait(), seconds)
+        await asyncio.wait_for(event.wait(), longest)
     except asyncio.TimeoutError:
         pass
+
+
+async def lookup_async(store: AsyncStore, key: str, ttl: int) -> tuple[bytes | None, Any]:
+    """``store.lookup``, noting a lease won (see :func:`drive_async`)."""
+    answer = await store.lookup(key, ttl)
+    if answer[1] is not None:
+        _won(asyncio.get_running_loop(), key)
+    return answer
 
 
 async def drive_async(steps: Steps, store: AsyncStore, call: Callable[..., Awaitable[Any]]) -> Any:
@@ -127,6 +147,8 @@ async def drive_async(steps: Steps, store: AsyncStore, call: Callable[..., Await
         try:
             if op == LOOKUP:
                 answer = await store.lookup(request[1], request[2])
+                if answer[1] is not None:
+                    _won(loop, request[1])
             elif op == CALL:
                 answer = await call(*request[1], **request[2])
             elif op == FILL:
@@ -136,6 +158,9 @@ async def drive_async(steps: Steps, store: AsyncStore, call: Callable[..., Await
                     _done(loop, (request[1],))
             elif op == LOOKUP_MANY:
                 answer = await store.lookup_many(request[1], request[2])
+                for key, (_, lease) in answer.items():
+                    if lease is not None:
+                        _won(loop, key)
             elif op == FILL_MANY:
                 try:
                     answer = await store.fill_many(request[1], request[2])
@@ -154,7 +179,7 @@ async def drive_async(steps: Steps, store: AsyncStore, call: Callable[..., Await
                 answer = await store.peek(request[1])
             elif op == SLEEP:
                 answer = None
-                await _wait(loop, request[1], request[2])
+                await _wait(loop, request[1], request[2], request[3])
             else:  # pragma: no cover - a request no driver knows is a programming error
                 raise AssertionError(f"unknown request {request!r}")
         except BaseException as exc:

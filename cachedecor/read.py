@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from cachedecor import config as _config
 from cachedecor.binding import CallBinding
-from cachedecor.drivers import drive, drive_async
+from cachedecor.drivers import drive, drive_async, lookup_async
 from cachedecor.errors import RegionNotConfigured, UsageError
 from cachedecor.keys import KeyMaker, Space, key_maker
 from cachedecor.readpath import CACHED, HIT, REFRESH, UNCACHED, decode, read_many, read_one, refresh_one
@@ -287,7 +287,7 @@ class AsyncCachedFunction(CachedFunction[T]):
             return await call(*args, **kwargs)  # type: ignore[no-any-return]
         key = target[0]
         try:
-            first: Any = await r.astore.lookup(key, r.settings.lease_timeout)
+            first: Any = await lookup_async(r.astore, key, r.settings.lease_timeout)
         except Exception as exc:
             first = exc
             status = None

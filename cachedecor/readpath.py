@@ -62,7 +62,9 @@ FILL_MANY = 4
 RELEASE = 5
 #: ``(DELETE, keys)``
 DELETE = 6
-#: ``(SLEEP, seconds, key)``: wait that long for another reader's fill of ``key``
+#: ``(SLEEP, seconds, key, longest)``: wait that long for another reader's fill of
+#: ``key``; a driver that knows the fill is under way in its own process may wait for
+#: it instead, up to ``longest`` (the lease's lifetime), and be woken when it is done
 SLEEP = 7
 #: ``(CALL, args, kwargs)`` -> what the wrapped function returns
 CALL = 8
@@ -347,7 +349,7 @@ def _wait_for_fill(fn: Any, r: Any, key: str, session: Session | None, token: An
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False, None
-        yield (SLEEP, min(delay, remaining), key)
+        yield (SLEEP, min(delay, remaining), key, r.settings.lease_timeout)
         delay = min(delay * 2, 0.02)
         try:
             data = yield (PEEK, key)
