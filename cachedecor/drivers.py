@@ -19,12 +19,15 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sqlalchemy.util import greenlet_spawn
+
 from cachedecor.backends import AsyncStore, Store
 from cachedecor.readpath import (
     CALL,
     DELETE,
     FILL,
     FILL_MANY,
+    LOAD,
     LOOKUP,
     LOOKUP_MANY,
     PEEK,
@@ -73,11 +76,19 @@ def drive(steps: Steps, store: Store, call: Callable[..., Any]) -> Any:
             elif op == SLEEP:
                 answer = None
                 time.sleep(request[1])
+            elif op == LOAD:
+                answer = None
+                _load(request[1], request[2])
             else:  # pragma: no cover - a request no driver knows is a programming error
                 raise AssertionError(f"unknown request {request!r}")
         except BaseException as exc:
             answer = None
             error = exc
+
+
+def _load(obj: Any, names: list[str]) -> None:
+    for name in names:
+        getattr(obj, name)
 
 
 #: per event loop: key -> an event set when this loop's fill of the key (whose lease
@@ -180,6 +191,9 @@ async def drive_async(steps: Steps, store: AsyncStore, call: Callable[..., Await
             elif op == SLEEP:
                 answer = None
                 await _wait(loop, request[1], request[2], request[3])
+            elif op == LOAD:
+                answer = None
+                await greenlet_spawn(_load, request[1], request[2])
             else:  # pragma: no cover - a request no driver knows is a programming error
                 raise AssertionError(f"unknown request {request!r}")
         except BaseException as exc:

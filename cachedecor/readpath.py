@@ -36,6 +36,7 @@ __all__ = [
     "FILL",
     "FILL_MANY",
     "HIT",
+    "LOAD",
     "LOOKUP",
     "LOOKUP_MANY",
     "PEEK",
@@ -68,6 +69,9 @@ DELETE = 6
 SLEEP = 7
 #: ``(CALL, args, kwargs)`` -> what the wrapped function returns
 CALL = 8
+#: ``(LOAD, instance, attribute names)``: load these unloaded column attributes (a joined
+#: subclass's columns that the base query did not fetch) before the row is stored
+LOAD = 9
 
 #: A read: yields requests, receives answers, returns the result.
 Steps = Generator[tuple[Any, ...], Any, Any]
@@ -187,6 +191,7 @@ def _call_and_fill(
     if unfillable:
         yield from _release(r, key, lease)
         return result
+    yield from _load(fn, result)
     payload = _payload(fn, r, key, result, token, space)
     if payload is _SKIP:
         yield from _release(r, key, lease)
@@ -254,6 +259,19 @@ def _drop(r: Any, key: str) -> Steps:
         yield (DELETE, [key])
     except Exception:
         r.counters.errors += 1
+
+
+def _load(fn: Any, result: Any) -> Steps:
+    """Load the stored columns ``result`` has not loaded yet (inside the lease), so that
+    hits carry the whole row; what cannot be loaded leaves it uncached."""
+    if result is None or not isinstance(result, fn.model):
+        return
+    names = fn._plan.unloaded(result)
+    if names:
+        try:
+            yield (LOAD, result, names)
+        except Exception:
+            pass  # the snapshot finds them unloaded and does not cache the row
 
 
 def _payload(fn: Any, r: Any, key: str, result: Any, token: Any, space: Space | None) -> Any:
@@ -466,6 +484,7 @@ def read_many(fn: Any, r: Any, args: Any, kwargs: Any, mode: int = CACHED) -> St
             results[key] = row
     entries: list[tuple[str, bytes, Any]] = []
     for key, lease in leases.items():
+        yield from _load(fn, results.get(key))
         payload = _payload(fn, r, key, results.get(key), token, space)
         entry = None if payload is _SKIP else (yield from _entry(r, key, lease, payload, started))
         if entry is not None:

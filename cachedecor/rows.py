@@ -203,25 +203,29 @@ class ModelPlan:
         if state.key is None or state.modified or state.deleted:
             return None
         expired = state.expired_attributes
-        if expired:
-            if not expired.isdisjoint(self.required):
-                return None  # expired (e.g. by a commit): its values are not known
-            stored_expired = expired.intersection(plan.keys)
-            if stored_expired:
-                # a joined subclass's columns not fetched by the base query: load them
-                # now, inside the lease, so that hits carry the whole row
-                try:
-                    getattr(obj, next(iter(stored_expired)))
-                except Exception:
-                    return None
-                if not state.expired_attributes.isdisjoint(plan.keys):
-                    return None
+        if expired and not expired.isdisjoint(plan.keys):
+            # expired (by a commit: its values are not known), or a joined subclass's
+            # columns that the base query did not fetch and that were not loaded
+            # (:meth:`unloaded`) before this snapshot
+            return None
         d = state.dict
         values = [d.get(k, ABSENT) for k in plan.keys]
         for i, enc in plan.encoders:
             if values[i] is not ABSENT:
                 values[i] = enc(values[i])
         return [key, plan.tag, plan.fingerprint, values]
+
+    def unloaded(self, obj: Any) -> list[str]:
+        """The stored columns of ``obj`` to load before its snapshot: those of a joined
+        subclass that the base query did not fetch. Empty when it has none, or when
+        columns every row has are expired too (then its values are not known at all)."""
+        plan = self.by_class.get(type(obj))
+        if plan is None:
+            return []
+        expired = instance_state(obj).expired_attributes
+        if not expired or not expired.isdisjoint(self.required):
+            return []
+        return [k for k in plan.keys if k in expired]
 
     def pk_of(self, obj: Any) -> tuple[Any, ...]:
         """Primary key of an instance as a tuple."""

@@ -224,24 +224,43 @@ def redis_available() -> None:
         unavailable(f"Redis is not reachable at {REDIS_URL}: {exc}")
 
 
+def backend_config(name: str, memcached_url: str | None = None, **options: Any) -> dict[str, Any]:
+    """The configuration of region ``default`` on backend ``name`` (see :func:`backend`),
+    with region ``options`` (``lease_wait``, ...)."""
+    if name.startswith("memcached"):
+        assert memcached_url is not None
+        config = memcached_config(memcached_url, **options)
+        config["regions"]["default"]["arguments"]["meta_protocol"] = name == "memcached"
+        return config
+    if name == "memory":
+        return {"regions": {"default": {"backend": "dogpile.cache.memory", **options}}}
+    return redis_config(**options)
+
+
 @pytest.fixture(params=["memcached", "memcached-classic", "memory", "redis"])
 def backend(request: pytest.FixtureRequest) -> str:
     """Configure region ``default`` on each backend cachedecor supports.
 
     ``memcached-classic`` is memcached without the meta protocol (the add/gets/cas
-    leases used with servers older than 1.6).
+    leases used with servers older than 1.6). :func:`reconfigure` changes its options.
     """
+    url = None
     if request.param.startswith("memcached"):
-        server = request.getfixturevalue("memcached")
-        config = memcached_config(server.url)
-        config["regions"]["default"]["arguments"]["meta_protocol"] = request.param == "memcached"
-        cachedecor.configure_regions(config)
-    elif request.param == "memory":
-        cachedecor.configure_regions({"regions": {"default": {"backend": "dogpile.cache.memory"}}})
-    else:
+        url = request.getfixturevalue("memcached").url
+    elif request.param == "redis":
         redis_available()
-        cachedecor.configure_regions(redis_config())
+    cachedecor.configure_regions(backend_config(request.param, url))
     return str(request.param)
+
+
+def reconfigure(backend: str, **options: Any) -> None:
+    """Configure region ``default`` on ``backend`` again, with region ``options``."""
+    from cachedecor.config import region_settings
+
+    url = None
+    if backend.startswith("memcached"):
+        url = region_settings("default").arguments["url"][0]
+    cachedecor.configure_regions(backend_config(backend, url, **options))
 
 
 @pytest.fixture

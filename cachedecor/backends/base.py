@@ -267,3 +267,7 @@ class AsyncStore:
 
     async def delete_matching(self, patterns: Sequence[KeyPattern]) -> int:
         raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Close the connections of the running event loop (at its shutdown); the next
+        call opens new ones."""

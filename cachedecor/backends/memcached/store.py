@@ -228,6 +228,11 @@ class AsyncMemcachedStore(AsyncStore):
     def _unsupported(self) -> None:
         self.sync._unsupported()
 
+    async def aclose(self) -> None:
+        """Close the running event loop's idle connections (at shutdown)."""
+        if self._cluster is not None:
+            await self._cluster.aclose()
+
     # -- classic commands (the fallback) ------------------------------------------------
 
     async def get(self, key: str) -> bytes | None:
