@@ -253,6 +253,36 @@ async def arename_scoped(user_id: int, name: str) -> None:
 RENAME_SCOPED = (rename_scoped, arename_scoped)
 
 
+@cached_by_pk(User, session=lambda: SCOPED["sync"])
+def get_user_scoped(user_id: int) -> User | None:
+    return SCOPED["sync"].get(User, user_id)  # type: ignore[no-any-return]
+
+
+@cached_by_pk(User, session=lambda: SCOPED["async"])
+async def aget_user_scoped(user_id: int) -> User | None:
+    return await SCOPED["async"].get(User, user_id)  # type: ignore[no-any-return]
+
+
+GET_USER_SCOPED = (get_user_scoped, aget_user_scoped)
+
+
+@invalidates(User)
+def rename_unflushed(session: Session, user_id: int, name: str) -> None:
+    user = session.get(User, user_id)
+    assert user is not None
+    user.name = name  # neither flushed nor committed: the caller does both
+
+
+@invalidates(User)
+async def arename_unflushed(session: AsyncSession, user_id: int, name: str) -> None:
+    user = await session.get(User, user_id)
+    assert user is not None
+    user.name = name
+
+
+RENAME_UNFLUSHED = (rename_unflushed, arename_unflushed)
+
+
 class Users:
     """A repository whose methods use ``self.session``."""
 
@@ -305,10 +335,10 @@ def kind(request: pytest.FixtureRequest, engine: Engine, backend: str) -> Iterat
     ENGINES.update({"sync": engine, "async": made.async_engine})
     SCOPED["sync"] = scoped_session(sessionmaker(engine))
     if made.is_async:
-        import asyncio
-
+        # one session per test (a web application scopes by request; the calls of a
+        # test run in tasks of their own)
         SCOPED["async"] = async_scoped_session(
-            async_sessionmaker(made.async_engine), scopefunc=asyncio.current_task
+            async_sessionmaker(made.async_engine), scopefunc=lambda: "test"
         )
     yield made
     SCOPED["sync"].remove()
@@ -498,6 +528,22 @@ class TestWrites:
         kind.once(GET_USER, 1)
         kind.call(RENAME_SCOPED, 1, "scoped")
         assert kind.once(GET_USER, 1).name == "scoped"
+
+    def test_a_change_left_unflushed_is_invalidated_when_the_caller_commits(self, kind: Kind) -> None:
+        kind.once(GET_USER, 1)
+        with kind.session() as s:
+            kind.call(RENAME_UNFLUSHED, s, 1, "later")
+            assert stat("invalidations") == 0
+            s.commit()
+        assert kind.once(GET_USER, 1).name == "later"
+
+    def test_a_scoped_session_found_by_the_reader(self, kind: Kind) -> None:
+        assert kind.call(GET_USER_SCOPED, 1).name == "user1"
+        user = kind.call(GET_USER_SCOPED, 1)
+        assert stat("hits") == 1
+        from sqlalchemy import inspect as sa_inspect
+
+        assert sa_inspect(user).session is not None  # attached to the scoped session it found
 
     def test_methods_use_self_session(self, kind: Kind) -> None:
         repo_class = AsyncUsers if kind.is_async else Users

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, scoped_session, sessionmaker
 
 import cachedecor
-from cachedecor import CachedFunction, cached_by_pk, invalidates
+from cachedecor import AsyncCachedFunction, CachedFunction, cached_by_pk, invalidates
 
 
 class Base(DeclarativeBase):
@@ -72,3 +73,34 @@ def use(session: Session) -> str:
     key += cachedecor.key_for(Account, 1, schema="tenant_1", identity_token=None) + repr((implicit, held))
     hits: int = cachedecor.stats()["default"]["hits"]
     return f"{account} {accounts} {key} {hits}"
+
+
+@cached_by_pk(Account)
+async def aget_account(session: AsyncSession, account_id: int) -> Account | None:
+    return await session.get(Account, account_id)
+
+
+@cached_by_pk(Account, many=True)
+async def aget_accounts(session: AsyncSession, account_ids: list[int]) -> list[Account]:
+    return list(await session.scalars(select(Account).where(Account.id.in_(account_ids))))
+
+
+@invalidates(Account)
+async def arename_account(session: AsyncSession, account_id: int, name: str) -> None:
+    account = await session.get(Account, account_id)
+    if account is not None:
+        account.name = name
+    await session.commit()
+
+
+async def ause(session: AsyncSession) -> str:
+    account: Account | None = await aget_account(session, 1)
+    accounts: list[Account] = await aget_accounts(session, [1, 2])
+    fn: AsyncCachedFunction[Account | None] = aget_account
+    refreshed: Account | None = await fn.refresh(session, 1)
+    await aget_account.invalidate(1)
+    await arename_account(session, 1, "y")
+    await cachedecor.ainvalidate(Account, 1)
+    await cachedecor.ainvalidate_many(Account, [1, 2], session=session)
+    await cachedecor.ainvalidate_model(Account, session=session)
+    return f"{account} {accounts} {refreshed} {aget_account.cache_key(1)}"
