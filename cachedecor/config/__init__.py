@@ -1,0 +1,132 @@
+"""Region configuration: INI files, nested dicts, flat dotted dicts, the environment.
+
+Modules: :mod:`.options` (what each backend and region accepts: types, defaults,
+ranges, coercion), :mod:`.sources` (every source to one flat form) and
+:mod:`.regions` (options to a dogpile region, its store and codec); this module
+holds the configured regions and the public functions.
+
+Every source is first turned into the same flat form (``region -> option -> value``)
+and validated by one parser, so an INI section ``[cachedecor.users]`` with key
+``expiration_time`` is exactly the setting ``cachedecor.users.expiration_time``.
+All validation happens in :func:`configure_regions`; a configuration that passes
+never fails later at the first cache call.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import dogpile.cache
+from dogpile.cache import CacheRegion
+
+from cachedecor.config.options import (
+    ARGUMENT_RANGES,
+    BACKEND_ARGUMENTS,
+    REGION_OPTIONS,
+    REGION_RANGES,
+)
+from cachedecor.config.options import (
+    _did_you_mean as _did_you_mean,
+)
+from cachedecor.config.regions import RegionSettings, _build, _region_names, check_arguments, check_server
+from cachedecor.config.sources import ENV_VAR, _parse
+from cachedecor.errors import RegionNotConfigured
+
+__all__ = [
+    "ARGUMENT_RANGES",
+    "BACKEND_ARGUMENTS",
+    "ENV_VAR",
+    "REGION_OPTIONS",
+    "REGION_RANGES",
+    "RegionSettings",
+    "check_arguments",
+    "check_server",
+    "configure_regions",
+    "get_region",
+    "region_settings",
+    "reset",
+]
+
+dogpile.cache.register_backend(  # type: ignore[no-untyped-call]
+    "cachedecor.pymemcache", "cachedecor.backends", "PyMemcacheBackend"
+)
+
+_lock = threading.Lock()
+_settings: dict[str, RegionSettings] = {}
+
+
+def _new_lock_in_child() -> None:
+    # a lock another thread of the parent held at fork time would never be released
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
+def configure_regions(
+    source: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    *,
+    prefix: str = "cachedecor.",
+) -> dict[str, CacheRegion]:
+    """Configure cache regions and return every region configured so far, by name.
+
+    ``source`` is an INI file path, a nested dict (``{"regions": {...}}``), a flat
+    dotted dict (``{"cachedecor.default.backend": ...}``, keys selected by
+    ``prefix``) or ``None``: the INI file named by ``$CACHEDECOR_CONFIG``, or else
+    one region ``default`` on the in-process memory backend.
+
+    Regions named in ``source`` replace earlier configurations of the same name;
+    others are kept. Nothing is replaced unless the whole source is valid.
+
+    :raises ConfigError: on any invalid setting, naming the region and option.
+
+    >>> import cachedecor
+    >>> regions = cachedecor.configure_regions(
+    ...     {"regions": {"default": {"backend": "dogpile.cache.memory", "expiration_time": 60}}}
+    ... )
+    >>> sorted(regions)
+    ['default']
+    >>> cachedecor.reset()
+    """
+    if not prefix.endswith("."):
+        prefix += "."
+    parsed = _parse(source, prefix)
+    names = _region_names(parsed, prefix)
+    built = {name: _build(name, parsed, prefix) for name in names}
+    with _lock:
+        _settings.update(built)
+        return {name: s.region for name, s in _settings.items()}
+
+
+def region_settings(name: str) -> RegionSettings:
+    """The :class:`RegionSettings` of a configured region."""
+    try:
+        return _settings[name]
+    except KeyError:
+        raise RegionNotConfigured(name, _settings) from None
+
+
+def get_region(name: str = "default") -> CacheRegion:
+    """The dogpile :class:`~dogpile.cache.region.CacheRegion` configured under ``name``.
+
+    :raises RegionNotConfigured: if ``name`` was never configured.
+    """
+    return region_settings(name).region
+
+
+def configured_regions() -> dict[str, RegionSettings]:
+    """A snapshot of every configured region's settings."""
+    return dict(_settings)
+
+
+def reset() -> None:
+    """Forget every configured region and zero the counters (for tests)."""
+    from cachedecor.stats import reset_stats
+
+    with _lock:
+        _settings.clear()
+    reset_stats()

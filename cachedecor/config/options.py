@@ -1,0 +1,274 @@
+"""The options: what each backend and region accepts, their types, ranges and coercion."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from cachedecor.backends import (
+    MEMCACHED_ARGUMENTS,
+)
+from cachedecor.errors import ConfigError
+from cachedecor.keys import DEFAULT_NAMESPACE
+
+#: Backends that cachedecor replaces by its own implementation, and why: dogpile's
+#: pymemcache backend drops connect_timeout/timeout, so a hung server blocks forever.
+_SUBSTITUTES = {"dogpile.cache.pymemcache": "cachedecor.pymemcache"}
+
+_REDIS_ARGUMENTS: dict[str, type] = {
+    "url": str,
+    "host": str,
+    "port": int,
+    "db": int,
+    "username": str,
+    "password": str,
+    "socket_timeout": float,
+    "socket_connect_timeout": float,
+    "socket_keepalive": bool,
+    "socket_keepalive_options": object,
+    "ssl": bool,
+    "distributed_lock": bool,
+    "lock_timeout": int,
+    "lock_sleep": float,
+    "lock_blocking": bool,
+    "lock_blocking_timeout": float,
+    "thread_local_lock": bool,
+    "connection_kwargs": object,
+    "redis_expiration_time": int,
+    "connection_pool": object,
+    "lock_prefix": str,
+}
+_VALKEY_ARGUMENTS = {
+    **{k: v for k, v in _REDIS_ARGUMENTS.items() if k != "redis_expiration_time"},
+    "valkey_expiration_time": int,
+}
+_SENTINEL: dict[str, type] = {"sentinels": object, "service_name": str, "sentinel_kwargs": object}
+_CLUSTER: dict[str, type] = {"startup_nodes": object}
+_MEMORY: dict[str, type] = {"cache_dict": object}
+
+#: Arguments accepted by each backend cachedecor supports, with their types.
+BACKEND_ARGUMENTS: dict[str, dict[str, type]] = {
+    "cachedecor.pymemcache": MEMCACHED_ARGUMENTS,
+    "dogpile.cache.memory": _MEMORY,
+    "dogpile.cache.memory_pickle": _MEMORY,
+    "dogpile.cache.redis": _REDIS_ARGUMENTS,
+    "dogpile.cache.redis_sentinel": {**_REDIS_ARGUMENTS, **_SENTINEL},
+    "dogpile.cache.redis_cluster": {**_REDIS_ARGUMENTS, **_CLUSTER},
+    "dogpile.cache.valkey": _VALKEY_ARGUMENTS,
+    "dogpile.cache.valkey_sentinel": {**_VALKEY_ARGUMENTS, **_SENTINEL},
+    "dogpile.cache.valkey_cluster": {**_VALKEY_ARGUMENTS, **_CLUSTER},
+}
+
+#: Every name ``backend`` accepts.
+_BACKEND_NAMES = sorted({*BACKEND_ARGUMENTS, *_SUBSTITUTES})
+
+_NO_LEASES = (
+    "no atomic add and compare-and-set, which cachedecor's fill leases need to keep a slow "
+    "reader from storing a row older than a committed write"
+)
+_OTHER_MEMCACHED_CLIENT = (
+    f"through {{client}} it has {_NO_LEASES} (cachedecor has them only through its own "
+    "pymemcache client); use backend = dogpile.cache.pymemcache with the same arguments.url"
+)
+
+#: dogpile backends cachedecor cannot use, and why. Checked before anything else about
+#: the region, so the reason comes first rather than a complaint about an argument.
+_REFUSED_BACKENDS = {
+    "dogpile.cache.dbm": (
+        f"it keeps values in a DBM file that no other host sees, and it has {_NO_LEASES}; use "
+        "cachedecor.pymemcache or dogpile.cache.redis (dogpile.cache.memory for a single process)"
+    ),
+    "dogpile.cache.null": (
+        f"it stores nothing, and it has {_NO_LEASES}; to run without a shared cache use dogpile.cache.memory"
+    ),
+    "dogpile.cache.memcached": _OTHER_MEMCACHED_CLIENT.format(client="python-memcached"),
+    "dogpile.cache.pylibmc": _OTHER_MEMCACHED_CLIENT.format(client="pylibmc"),
+    "dogpile.cache.bmemcached": _OTHER_MEMCACHED_CLIENT.format(client="python-binary-memcached"),
+}
+
+
+@dataclass(frozen=True)
+class _Range:
+    """The valid range of a numeric option, and why, where it is not obvious."""
+
+    low: float
+    exclusive: bool = False  # the value must be more than ``low``, not equal to it
+    high: float | None = None
+    unit: str = ""
+    why: str = ""
+
+    def check(self, value: float, where: str) -> None:
+        if (value > self.low if self.exclusive else value >= self.low) and (
+            self.high is None or value <= self.high
+        ):
+            return
+        raise ConfigError(f"{where}: must be {self.expected()}, got {_number(value)}")
+
+    def expected(self) -> str:
+        """The range in words: ``"more than 0 seconds"``, ``"between 1 and 65535 (a TCP port)"``."""
+        unit = f" {self.unit}" if self.unit else ""
+        low = _number(self.low)
+        if self.high is not None:
+            expected = f"between {low} and {_number(self.high)}{unit}"
+        elif self.exclusive:
+            expected = f"more than {low}{unit}"
+        else:
+            expected = f"{low} or more{unit}" if self.low in (0, 1) else f"at least {low}{unit}"
+        return expected + (f" ({self.why})" if self.why else "")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+#: memcached reads an expiry above 30 days as an absolute Unix time.
+_MEMCACHED_MAX_TTL = 30 * 24 * 3600
+_ABSOLUTE = "memcached reads a larger expiry as an absolute Unix time, so it would expire at once"
+
+#: Ranges of the region options.
+REGION_RANGES: dict[str, _Range] = {
+    "expiration_time": _Range(0, unit="seconds"),
+    "compress_threshold": _Range(0, unit="bytes"),
+    "lease_timeout": _Range(1, unit="seconds"),
+    "lease_wait": _Range(0, unit="seconds"),
+    "max_entry_size": _Range(1, unit="bytes"),
+}
+
+_MEMCACHED_RANGES: dict[str, _Range] = {
+    "connect_timeout": _Range(0, exclusive=True, unit="seconds"),
+    "timeout": _Range(0, exclusive=True, unit="seconds"),
+    "dead_timeout": _Range(0, unit="seconds"),
+    "hashclient_dead_timeout": _Range(0, unit="seconds"),
+    "hashclient_retry_timeout": _Range(0, unit="seconds"),
+    "hashclient_retry_attempts": _Range(0),
+    "retry_attempts": _Range(
+        1, why="how many times a call is tried in all, as dogpile.cache.pymemcache counts"
+    ),
+    "retry_delay": _Range(0, unit="seconds"),
+    "memcached_expire_time": _Range(0, high=_MEMCACHED_MAX_TTL, unit="seconds", why=_ABSOLUTE),
+    "lock_timeout": _Range(0, high=_MEMCACHED_MAX_TTL, unit="seconds", why=_ABSOLUTE),
+    "invalidation_retry_interval": _Range(
+        0.01,
+        unit="seconds",
+        why="a shorter interval makes the retry thread spin, taking a CPU core while a server is down",
+    ),
+    "invalidation_retry_for": _Range(0, exclusive=True, unit="seconds"),
+    "max_pending_invalidations": _Range(1),
+}
+_REDIS_RANGES: dict[str, _Range] = {
+    "port": _Range(1, high=65535, why="a TCP port"),
+    "db": _Range(0),
+    "socket_timeout": _Range(0, exclusive=True, unit="seconds"),
+    "socket_connect_timeout": _Range(0, exclusive=True, unit="seconds"),
+    "lock_timeout": _Range(0, unit="seconds"),
+    "lock_sleep": _Range(0, exclusive=True, unit="seconds", why="0 polls the lock in a busy loop"),
+    "lock_blocking_timeout": _Range(0, unit="seconds"),
+    "redis_expiration_time": _Range(0, unit="seconds"),
+    "valkey_expiration_time": _Range(0, unit="seconds"),
+}
+
+#: Ranges of the numeric ``arguments.*`` of each backend (every int and float argument has one).
+ARGUMENT_RANGES: dict[str, dict[str, _Range]] = {
+    name: {
+        arg: valid
+        for arg, valid in (_MEMCACHED_RANGES if schema is MEMCACHED_ARGUMENTS else _REDIS_RANGES).items()
+        if arg in schema
+    }
+    for name, schema in BACKEND_ARGUMENTS.items()
+    if any(kind in (int, float) for kind in schema.values())
+}
+
+
+#: Per-region options (besides ``arguments.*``): type and default.
+REGION_OPTIONS: dict[str, tuple[type, Any]] = {
+    "backend": (str, None),
+    "expiration_time": (int, 3600),
+    "compress_threshold": (int, 1024),
+    "compress_level": (int, None),
+    "compression": (str, "zlib"),
+    "serializer": (str, "msgpack"),
+    "namespace": (str, DEFAULT_NAMESPACE),
+    "secret": (str, None),
+    "lease_timeout": (int, 5),
+    "lease_wait": (float, 0.1),
+    "max_entry_size": (int, 1_000_000),
+    "tables": (list, None),
+}
+_GLOBAL_OPTIONS = ("regions", "secret")
+_SERIALIZERS = ("msgpack",)
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+# --------------------------------------------------------------------------------------
+# value coercion
+
+
+def _coerce(value: Any, kind: type, where: str) -> Any:
+    if kind is object:
+        if isinstance(value, str):
+            raise ConfigError(
+                f"{where}: expects a Python object (not the string {value!r}); "
+                f"pass the object in a dict configuration"
+            )
+        return value
+    if kind is list:
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",")]
+        elif isinstance(value, (list, tuple)):
+            items = [str(v).strip() for v in value]
+        else:
+            raise ConfigError(f"{where}: expected a comma-separated list, got {value!r}")
+        if not items or any(not v for v in items):
+            raise ConfigError(f"{where}: expected a non-empty comma-separated list, got {value!r}")
+        return items
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = float(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value.strip()
+    raise AssertionError(kind)  # pragma: no cover
+
+
+def _closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate closest to ``word`` (difflib), or one it is the last part of."""
+    names = [c for c in candidates if c != word]
+    matches = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    if not matches:  # "memory" for "dogpile.cache.memory"
+        matches = [c for c in names if c.endswith("." + word)][:1]
+    return matches[0] if matches else None
+
+
+def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """``" did you mean 'x'?"`` for the closest candidate, or ``""``."""
+    match = _closest(word, candidates)
+    return f" did you mean {match!r}?" if match else ""

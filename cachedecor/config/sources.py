@@ -1,0 +1,171 @@
+"""Every source (INI file, nested dict, flat dotted dict, the environment) -> one flat form."""
+
+from __future__ import annotations
+
+import configparser
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cachedecor.config.options import _GLOBAL_OPTIONS, _closest, _did_you_mean
+from cachedecor.errors import ConfigError
+
+#: Environment variable naming the INI file used by ``configure_regions(None)``.
+ENV_VAR = "CACHEDECOR_CONFIG"
+
+
+@dataclass
+class _Parsed:
+    globals: dict[str, Any] = field(default_factory=dict)
+    regions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    arguments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: where the settings come from: "ini", "flat" or "nested" (to name a region's options)
+    form: str = "flat"
+
+
+def _check_name(name: str, origin: str) -> str:
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise ConfigError(f"{origin}: region name {name!r} must be letters, digits, '_' or '-'")
+    return name
+
+
+def _from_flat(settings: Mapping[str, Any], prefix: str, form: str = "flat") -> _Parsed:
+    parsed = _Parsed(form=form)
+    for full_key, value in settings.items():
+        if not isinstance(full_key, str) or not full_key.startswith(prefix):
+            continue
+        rest = full_key[len(prefix) :]
+        if rest in _GLOBAL_OPTIONS:
+            parsed.globals[rest] = value
+            continue
+        name, dot, option = rest.partition(".")
+        if not dot or not option:
+            raise ConfigError(
+                f"unknown option {full_key!r};{_did_you_mean(rest, _GLOBAL_OPTIONS)} expected "
+                f"{prefix}regions, {prefix}secret or {prefix}<region>.<option>"
+            )
+        _check_name(name, full_key)
+        if option.startswith("arguments."):
+            arg = option[len("arguments.") :]
+            if not arg:
+                raise ConfigError(f"{full_key!r}: empty argument name")
+            parsed.arguments.setdefault(name, {})[arg] = value
+            parsed.regions.setdefault(name, {})
+        else:
+            parsed.regions.setdefault(name, {})[option] = value
+    return parsed
+
+
+def _from_nested(source: Mapping[str, Any]) -> _Parsed:
+    parsed = _Parsed(form="nested")
+    for key in source:
+        if key not in _GLOBAL_OPTIONS:
+            raise ConfigError(
+                f"unknown top-level option {key!r};{_did_you_mean(str(key), _GLOBAL_OPTIONS)} expected "
+                f"'regions' (a dict of regions) and optionally 'secret'"
+            )
+    regions = source.get("regions")
+    if not isinstance(regions, Mapping) or not regions:
+        raise ConfigError("'regions' must be a non-empty dict of region name -> options")
+    if "secret" in source:
+        parsed.globals["secret"] = source["secret"]
+    for name, options in regions.items():
+        _check_name(name, "regions")
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"region {name!r}: options must be a dict, got {options!r}")
+        opts = dict(options)
+        args = opts.pop("arguments", {})
+        if not isinstance(args, Mapping):
+            raise ConfigError(f"region {name!r}: option 'arguments' must be a dict, got {args!r}")
+        parsed.regions[name] = opts
+        parsed.arguments[name] = dict(args)
+    parsed.globals["regions"] = list(regions)
+    return parsed
+
+
+def _read_ini(path: str | os.PathLike[str], prefix: str) -> dict[str, str]:
+    section = prefix.rstrip(".")
+    # A [DEFAULT] section (Paste-deploy files have one) would otherwise add its keys to
+    # every section; "\n" can never be a section name, so [DEFAULT] is just ignored.
+    parser = configparser.ConfigParser(interpolation=None, default_section="\n")
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        with open(path, encoding="utf-8") as fh:
+            parser.read_file(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {os.fspath(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"configuration file {os.fspath(path)!r} cannot be read: {exc}") from None
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        raise ConfigError(f"configuration file {os.fspath(path)!r} is not valid INI: {exc}") from None
+    flat: dict[str, str] = {}
+    found = False
+    for name in parser.sections():
+        if name == section:
+            found = True
+            for key, value in parser.items(name, raw=True):
+                flat[f"{prefix}{key}"] = value
+        elif name.startswith(section + "."):
+            found = True
+            for key, value in parser.items(name, raw=True):
+                flat[f"{prefix}{name[len(section) + 1 :]}.{key}"] = value
+    if not found:
+        raise ConfigError(
+            f"configuration file {os.fspath(path)!r} has no [{section}] or [{section}.<region>] "
+            f"section{_misspelled_section(section, parser.sections())}"
+        )
+    return flat
+
+
+def _misspelled_section(section: str, sections: list[str]) -> str:
+    """``"; did you mean [cachedecor.default] (not [cachdecor.default])?"`` or ``""``."""
+    parts = section.count(".") + 1
+    for name in sections:
+        head, tail = ".".join(name.split(".")[:parts]), name.split(".")[parts:]
+        if difflib.SequenceMatcher(None, head, section).ratio() >= 0.8:
+            meant = ".".join([section, *tail])
+            return f"; did you mean [{meant}] (not [{name}])?"
+    return ""
+
+
+def _parse(source: Any, prefix: str) -> _Parsed:
+    if source is None:
+        path = os.environ.get(ENV_VAR)
+        if not path:
+            return _Parsed(
+                globals={"regions": ["default"]},
+                regions={"default": {"backend": "dogpile.cache.memory"}},
+                arguments={"default": {}},
+            )
+        return _from_flat(_read_ini(path, prefix), prefix, form="ini")
+    if isinstance(source, (str, os.PathLike)):
+        return _from_flat(_read_ini(source, prefix), prefix, form="ini")
+    if isinstance(source, Mapping):
+        if "regions" in source and isinstance(source["regions"], Mapping):
+            return _from_nested(source)
+        parsed = _from_flat(source, prefix)
+        if not parsed.regions and not parsed.globals:
+            close = _did_you_mean_key(source, prefix)
+            if close:
+                raise ConfigError(f"no regions are configured:{close}")
+        return parsed
+    raise ConfigError(f"configure_regions() takes an INI path, a dict or None, not {type(source).__name__}")
+
+
+def _did_you_mean_key(source: Mapping[str, Any], prefix: str) -> str:
+    """A hint for a dict with no key of ours: a misspelled ``regions`` or prefix."""
+    for key in source:
+        if not isinstance(key, str):
+            continue
+        if key != "regions" and _closest(key, ["regions"]):
+            return f" did you mean 'regions' (not {key!r}) for a nested configuration?"
+        dots = prefix.count(".")
+        parts = key.split(".", dots)
+        if (
+            len(parts) > dots
+            and difflib.SequenceMatcher(None, ".".join(parts[:dots]) + ".", prefix).ratio() >= 0.8
+        ):
+            return f" did you mean {prefix + parts[dots]!r} (not {key!r})?"
+    return ""
