@@ -600,3 +600,89 @@ def _report_failures(regions: list[str], what: str) -> None:
             err=True,
         )
         sys.exit(EXIT_CACHE_FAILED)
+
+
+# --------------------------------------------------------------------------------------
+# outbox
+
+
+def _outbox_settings(config_path: str | None) -> Any:
+    """The outbox options of the configuration (without connecting to anything)."""
+    from cachedecor.config.options import outbox_settings
+    from cachedecor.config.sources import _parse
+
+    if not config_path:
+        _configure(config_path)  # refuses, with the message about --config
+    try:
+        durable = outbox_settings(_parse(config_path, "cachedecor.").globals, "cachedecor.")
+    except cachedecor.ConfigError as exc:
+        raise Refused(f"configuration error: {exc}") from None
+    if durable is None:
+        raise Refused(f"{config_path} sets no outbox_url: there is no outbox to work on")
+    return durable
+
+
+@main.group()
+def outbox() -> None:
+    """The outbox of durable invalidation (see the outbox_url option)."""
+
+
+@outbox.command("create")
+@_config_option
+def outbox_create(config_path: str | None) -> None:
+    """Create the outbox table in the database of outbox_url (if it does not exist)."""
+    import sqlalchemy
+
+    from cachedecor.outbox import outbox_table
+
+    durable = _outbox_settings(config_path)
+    table = outbox_table(name=durable.table, schema=durable.schema)
+    engine = sqlalchemy.create_engine(durable.url)
+    try:
+        table.create(engine, checkfirst=True)
+    except Exception as exc:
+        click.echo(f"could not create {table.fullname}: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(EXIT_CACHE_FAILED)
+    finally:
+        engine.dispose()
+    where = durable.url.render_as_string(hide_password=True)
+    click.echo(f"outbox table {table.fullname} is ready in {where}")
+
+
+@outbox.command("status")
+@_config_option
+def outbox_status(config_path: str | None) -> None:
+    """Show the invalidations waiting in the outbox."""
+    from cachedecor import outbox as durable
+
+    _configure(config_path)
+    box = durable.current()
+    if box is None:
+        raise Refused(f"{config_path} sets no outbox_url: there is no outbox to show")
+    state = box.status()
+    age = state["oldest_age"]
+    click.echo(
+        f"pending {state['pending']}"
+        + (f", oldest {age:.3f}s old, most attempts {state['max_attempts']}" if age is not None else "")
+    )
+
+
+@outbox.command("deliver")
+@_config_option
+def outbox_deliver(config_path: str | None) -> None:
+    """Deliver every invalidation waiting in the outbox now; exit 1 if some could not be."""
+    from cachedecor import outbox as durable
+
+    _configure(config_path)
+    box = durable.current()
+    if box is None:
+        raise Refused(f"{config_path} sets no outbox_url: there is no outbox to deliver")
+    total = 0
+    while True:
+        delivered, left = box.deliver_pending(grace=0)
+        total += delivered
+        if left or not delivered:
+            break
+    click.echo(f"delivered {total} transaction(s); {box.pending} left")
+    if box.pending:
+        sys.exit(EXIT_CACHE_FAILED)

@@ -25,7 +25,17 @@ from cachedecor.keys import KeyPattern, key_maker
 from cachedecor.stats import counters as region_counters
 from cachedecor.stats import log_failure
 
-__all__ = ["EVERY_SPACE", "Deliveries", "Group", "adeliver", "deliver", "deliveries", "regions_for"]
+__all__ = [
+    "EVERY_SPACE",
+    "Deliveries",
+    "Group",
+    "Plan",
+    "adeliver",
+    "deliver",
+    "deliveries",
+    "plan",
+    "regions_for",
+]
 
 #: Rows of one hierarchy in one place: (hierarchy root class, space or ``None``).
 Group = tuple[type, Any]
@@ -46,20 +56,22 @@ def regions_for(model: Any, regions: dict[str, RegionSettings] | None = None) ->
 #: A delivery: yields ``(settings, keys)`` (delete these keys) or ``(settings,
 #: patterns)`` (delete every key matching these :class:`KeyPattern`), receives the
 #: number deleted or has the store's exception thrown in; counts and logs itself.
-Deliveries = Generator[tuple[RegionSettings, list[Any]], Any, None]
+Deliveries = Generator[tuple[RegionSettings, list[Any]], Any, bool]
 
 
-def deliveries(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> Deliveries:
-    """The deletes that invalidate ``rows`` (and every key of the ``wide`` groups) in every
-    region, as steps: :func:`deliver` runs them with the sync stores, :func:`adeliver`
-    with the asyncio ones."""
+#: What to delete, by region name: (keys, patterns of model-wide invalidations).
+Plan = dict[str, tuple[list[str], list[KeyPattern]]]
+
+
+def plan(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> Plan:
+    """The keys (and key patterns) that invalidate ``rows`` (and every row of the
+    ``wide`` groups) in every region that may hold them."""
     regions = configured_regions()
-    keys_by_region: dict[str, list[str]] = {}
-    patterns_by_region: dict[str, list[KeyPattern]] = {}
+    out: Plan = {}
     for (base, space), pks in rows.items():
         for settings in regions_for(base, regions):
             maker = key_maker(base, settings.namespace)
-            keys = keys_by_region.setdefault(settings.name, [])
+            keys = out.setdefault(settings.name, ([], []))[0]
             for pk in pks:
                 try:
                     keys.append(maker(pk, space))
@@ -69,15 +81,32 @@ def deliveries(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> Deli
         for settings in regions_for(base, regions):
             maker = key_maker(base, settings.namespace)
             pattern = maker.every_space() if space is EVERY_SPACE else maker.pattern(space)
-            patterns_by_region.setdefault(settings.name, []).append(pattern)
-    for name, patterns in patterns_by_region.items():
-        yield from _delete_matching(regions[name], patterns)
-    for name, keys in keys_by_region.items():
-        if keys:
-            yield from _delete_keys(regions[name], list(dict.fromkeys(keys)))
+            out.setdefault(settings.name, ([], []))[1].append(pattern)
+    return {name: (list(dict.fromkeys(keys)), patterns) for name, (keys, patterns) in out.items()}
 
 
-def deliver(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> None:
+def deliveries(
+    rows: dict[Group, list[Any]], wide: Iterable[Group] = (), keys: Plan | None = None, durable: bool = False
+) -> Deliveries:
+    """The deletes that invalidate ``rows`` (and every key of the ``wide`` groups) in every
+    region, or of the :data:`Plan` ``keys``, as steps: :func:`deliver` runs them with the
+    sync stores, :func:`adeliver` with the asyncio ones. Returns whether every delete
+    was delivered."""
+    regions = configured_regions()
+    todo = plan(rows, wide) if keys is None else keys
+    ok = True
+    for name, (_, patterns) in todo.items():
+        if patterns and name in regions:
+            ok = (yield from _delete_matching(regions[name], patterns, durable)) and ok
+    for name, (names, _) in todo.items():
+        if names and name in regions:
+            ok = (yield from _delete_keys(regions[name], names, durable)) and ok
+    return ok
+
+
+def deliver(
+    rows: dict[Group, list[Any]], wide: Iterable[Group] = (), keys: Plan | None = None, durable: bool = False
+) -> bool:
     """Delete now the keys of ``rows`` (and every key of the ``wide`` groups) in every region.
 
     Called inside SQLAlchemy's greenlet (an ``AsyncSession``'s commit, or any sync
@@ -87,16 +116,15 @@ def deliver(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> None:
     if _in_async_greenlet():
         from sqlalchemy.util import await_only
 
-        await_only(adeliver(rows, wide))
-        return
-    steps = deliveries(rows, wide)
+        return await_only(adeliver(rows, wide, keys, durable))
+    steps = deliveries(rows, wide, keys, durable)
     answer: Any = None
     error: BaseException | None = None
     while True:
         try:
             settings, items = steps.send(answer) if error is None else steps.throw(error)
-        except StopIteration:
-            return
+        except StopIteration as done:
+            return bool(done.value)
         answer = error = None
         try:
             if isinstance(items[0], KeyPattern):
@@ -107,16 +135,18 @@ def deliver(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> None:
             error = exc
 
 
-async def adeliver(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> None:
+async def adeliver(
+    rows: dict[Group, list[Any]], wide: Iterable[Group] = (), keys: Plan | None = None, durable: bool = False
+) -> bool:
     """:func:`deliver` for asyncio callers: the same deletes, through the asyncio stores."""
-    steps = deliveries(rows, wide)
+    steps = deliveries(rows, wide, keys, durable)
     answer: Any = None
     error: BaseException | None = None
     while True:
         try:
             settings, items = steps.send(answer) if error is None else steps.throw(error)
-        except StopIteration:
-            return
+        except StopIteration as done:
+            return bool(done.value)
         answer = error = None
         try:
             if isinstance(items[0], KeyPattern):
@@ -143,7 +173,7 @@ except ImportError:  # pragma: no cover - SQLAlchemy without the helper
         return False
 
 
-def _delete_keys(settings: RegionSettings, keys: list[str]) -> Deliveries:
+def _delete_keys(settings: RegionSettings, keys: list[str], durable: bool = False) -> Deliveries:
     counters = region_counters(settings.name)
     try:
         yield settings, keys
@@ -152,25 +182,34 @@ def _delete_keys(settings: RegionSettings, keys: list[str]) -> Deliveries:
         counters.invalidations_queued += len(exc.keys)
         counters.invalidations += len(keys) - len(exc.keys)
         log_failure(settings.name, "invalidation", f"{exc}; retrying in the background")
+        return False
     except Exception as exc:
         counters.errors += 1
         log_failure(settings.name, "invalidation", exc)
-        _log_lost(settings, f"{len(keys)} key(s)", ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
-    else:
-        counters.invalidations += len(keys)
+        if not durable:
+            _log_lost(
+                settings, f"{len(keys)} key(s)", ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "")
+            )
+        return False
+    counters.invalidations += len(keys)
+    return True
 
 
-def _delete_matching(settings: RegionSettings, patterns: list[KeyPattern]) -> Deliveries:
+def _delete_matching(
+    settings: RegionSettings, patterns: list[KeyPattern], durable: bool = False
+) -> Deliveries:
     counters = region_counters(settings.name)
     try:
         deleted = yield settings, patterns
     except Exception as exc:
         counters.errors += 1
         log_failure(settings.name, "model-wide invalidation", exc)
-        _log_lost(settings, "every key of " + ", ".join(map(repr, patterns)), "")
-    else:
-        counters.invalidations += deleted
-        counters.model_invalidations += len(patterns)
+        if not durable:
+            _log_lost(settings, "every key of " + ", ".join(map(repr, patterns)), "")
+        return False
+    counters.invalidations += deleted
+    counters.model_invalidations += len(patterns)
+    return True
 
 
 def _log_lost(settings: RegionSettings, what: str, detail: str) -> None:

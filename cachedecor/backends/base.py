@@ -178,6 +178,11 @@ class Store:
     def delete_many(self, keys: Sequence[str]) -> None:
         raise NotImplementedError
 
+    def delete_now(self, keys: Sequence[str]) -> None:
+        """Delete ``keys`` now, on every node, even one a circuit breaker skips; raise if any
+        delete was not delivered. Nothing is queued: the caller (the outbox) keeps them."""
+        self.delete_many(keys)
+
     def delete_matching(self, patterns: Sequence[KeyPattern]) -> int:
         """Delete every key (entries and leases) that one of ``patterns`` matches.
 

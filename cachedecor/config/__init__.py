@@ -27,6 +27,8 @@ from cachedecor.config.options import (
     BACKEND_ARGUMENTS,
     REGION_OPTIONS,
     REGION_RANGES,
+    OutboxSettings,
+    outbox_settings,
 )
 from cachedecor.config.options import (
     _did_you_mean as _did_you_mean,
@@ -41,6 +43,7 @@ __all__ = [
     "ENV_VAR",
     "REGION_OPTIONS",
     "REGION_RANGES",
+    "OutboxSettings",
     "RegionSettings",
     "check_arguments",
     "check_server",
@@ -97,9 +100,18 @@ def configure_regions(
     parsed = _parse(source, prefix)
     names = _region_names(parsed, prefix)
     built = {name: _build(name, parsed, prefix) for name in names}
+    durable = outbox_settings(parsed.globals, prefix)
+    box = None
+    if durable is not None:
+        from cachedecor import outbox
+
+        box = outbox.prepare(durable)  # checks the table: may raise ConfigError
     with _lock:
         _settings.update(built)
-        return {name: s.region for name, s in _settings.items()}
+        regions = {name: s.region for name, s in _settings.items()}
+    if box is not None:
+        outbox.activate(box)
+    return regions
 
 
 def region_settings(name: str) -> RegionSettings:
@@ -130,3 +142,6 @@ def reset() -> None:
     with _lock:
         _settings.clear()
     reset_stats()
+    from cachedecor import outbox
+
+    outbox.activate(None)

@@ -197,7 +197,7 @@ REGION_OPTIONS: dict[str, tuple[type, Any]] = {
     "max_entry_size": (int, 1_000_000),
     "tables": (list, None),
 }
-_GLOBAL_OPTIONS = ("regions", "secret")
+_GLOBAL_OPTIONS = ("regions", "secret", "outbox_url", "outbox_table", "outbox_interval", "outbox_grace")
 _SERIALIZERS = ("msgpack",)
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -272,3 +272,62 @@ def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """``" did you mean 'x'?"`` for the closest candidate, or ``""``."""
     match = _closest(word, candidates)
     return f" did you mean {match!r}?" if match else ""
+
+
+# --------------------------------------------------------------------------------------
+# top-level options of durable invalidation (see cachedecor.outbox)
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    """The top-level ``outbox_*`` options."""
+
+    url: Any  # sqlalchemy.URL
+    table: str = "cachedecor_outbox"
+    schema: str | None = None
+    interval: float = 0.1
+    grace: float = 0.25
+
+
+OUTBOX_RANGES: dict[str, _Range] = {
+    "outbox_interval": _Range(0.01, high=60, unit="seconds", why="how often each process looks for rows"),
+    "outbox_grace": _Range(0, high=60, unit="seconds"),
+}
+
+
+def outbox_settings(options: dict[str, Any], prefix: str) -> OutboxSettings | None:
+    """The outbox options among the top-level ``options``; ``None`` without ``outbox_url``."""
+    import re
+
+    import sqlalchemy
+
+    names = [n for n in ("outbox_table", "outbox_interval", "outbox_grace") if n in options]
+    if "outbox_url" not in options:
+        if names:
+            raise ConfigError(f"{prefix}{names[0]}: set {prefix}outbox_url too (the database of the outbox)")
+        return None
+    url_text = _coerce(options["outbox_url"], str, f"{prefix}outbox_url")
+    try:
+        url = sqlalchemy.make_url(url_text)
+    except Exception as exc:
+        raise ConfigError(
+            f"{prefix}outbox_url: expected a SQLAlchemy database URL such as "
+            f"postgresql://user@host/dbname, got {url_text!r} ({exc})"
+        ) from None
+    table = _coerce(options.get("outbox_table", "cachedecor_outbox"), str, f"{prefix}outbox_table")
+    schema, _, name = table.rpartition(".")
+    ident = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*\Z")
+    if not ident.match(name) or (schema and not ident.match(schema)):
+        raise ConfigError(f"{prefix}outbox_table: expected a table name or schema.table, got {table!r}")
+    values: dict[str, float] = {}
+    for option, default in (("outbox_interval", 0.1), ("outbox_grace", 0.25)):
+        value = _coerce(options.get(option, default), float, f"{prefix}{option}")
+        OUTBOX_RANGES[option].check(value, f"{prefix}{option}")
+        values[option] = value
+    return OutboxSettings(
+        url=url,
+        table=name,
+        schema=schema or None,
+        interval=values["outbox_interval"],
+        grace=values["outbox_grace"],
+    )

@@ -44,7 +44,8 @@ def _from_flat(settings: Mapping[str, Any], prefix: str, form: str = "flat") -> 
         if not dot or not option:
             raise ConfigError(
                 f"unknown option {full_key!r};{_did_you_mean(rest, _GLOBAL_OPTIONS)} expected "
-                f"{prefix}regions, {prefix}secret or {prefix}<region>.<option>"
+                f"{prefix}regions, {prefix}secret, {prefix}outbox_url (and the other outbox_* options) "
+                f"or {prefix}<region>.<option>"
             )
         _check_name(name, full_key)
         if option.startswith("arguments."):
@@ -64,13 +65,14 @@ def _from_nested(source: Mapping[str, Any]) -> _Parsed:
         if key not in _GLOBAL_OPTIONS:
             raise ConfigError(
                 f"unknown top-level option {key!r};{_did_you_mean(str(key), _GLOBAL_OPTIONS)} expected "
-                f"'regions' (a dict of regions) and optionally 'secret'"
+                f"'regions' (a dict of regions) and optionally 'secret' and the outbox_* options"
             )
     regions = source.get("regions")
     if not isinstance(regions, Mapping) or not regions:
         raise ConfigError("'regions' must be a non-empty dict of region name -> options")
-    if "secret" in source:
-        parsed.globals["secret"] = source["secret"]
+    for key in _GLOBAL_OPTIONS:
+        if key != "regions" and key in source:
+            parsed.globals[key] = source[key]
     for name, options in regions.items():
         _check_name(name, "regions")
         if not isinstance(options, Mapping):

@@ -10,7 +10,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, SessionTransaction
 
-from cachedecor.invalidation import deliver
+from cachedecor import outbox
+from cachedecor.invalidation import deliver, plan
 from cachedecor.tracking.scope import _scope
 from cachedecor.tracking.session import _TRACKER, Tracker, _tracker, session_space
 
@@ -68,6 +69,31 @@ def _after_flush(session: Session, flush_context: Any) -> None:
                 _record_instance(session, tracker, obj)
 
 
+@event.listens_for(Session, "before_commit")
+def _before_commit(session: Session) -> None:
+    """With an outbox configured: write the transaction's keys to it, in the transaction."""
+    box = outbox.current()
+    if box is None:
+        return
+    transaction = session.get_transaction()
+    if transaction is None or transaction.nested:
+        return  # a savepoint: the keys go with the outer transaction's commit
+    if session.new or session.dirty or session.deleted:
+        session.flush()  # the commit's own flush, done first so that its rows are recorded
+    tracker = session.info.get(_TRACKER)
+    if tracker is None or not (tracker.rows or tracker.wide):
+        return
+    conn = box.connection_for(session)
+    if conn is None:
+        return  # the transaction holds no connection to the outbox's database: in-process
+    keys = plan({group: list(pks) for group, pks in tracker.rows.items()}, tracker.wide)
+    if not keys:
+        return
+    row_id = box.write(conn, keys)
+    if row_id is not None:
+        tracker.outbox = (row_id, keys)
+
+
 @event.listens_for(Session, "after_commit")
 def _after_commit(session: Session) -> None:
     scope = _scope.get()
@@ -80,8 +106,14 @@ def _after_commit(session: Session) -> None:
     # watched instances were recorded by _after_flush: a commit flushes first
     rows = {group: list(pks) for group, pks in tracker.rows.items()}
     wide = set(tracker.wide)
+    written = tracker.outbox
     tracker.clear()
-    if rows or wide:
+    if written is not None:
+        row_id, keys = written
+        box = outbox.current()
+        if deliver({}, (), keys, durable=True) and box is not None:
+            box.done(row_id)  # every delete delivered: the row is removed in the background
+    elif rows or wide:
         deliver(rows, wide)
 
 

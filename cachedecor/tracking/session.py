@@ -32,7 +32,7 @@ _INTERNAL = "cachedecor_internal"
 class Tracker:
     """Per-session state: what the current transaction wrote and must invalidate."""
 
-    __slots__ = ("bulk", "flushing", "rows", "watched", "wide", "written", "wrote")
+    __slots__ = ("bulk", "flushing", "outbox", "rows", "watched", "wide", "written", "wrote")
 
     def __init__(self) -> None:
         self.wrote = False
@@ -42,6 +42,8 @@ class Tracker:
         self.bulk: set[type] = set()
         self.wide: set[Group] = set()
         self.watched: dict[int, Any] = {}
+        #: (row id, keys) written to the outbox by this transaction (see cachedecor.outbox)
+        self.outbox: tuple[int, Any] | None = None
 
     @property
     def dirty(self) -> bool:
@@ -75,6 +77,7 @@ class Tracker:
         self.bulk.clear()
         self.wide.clear()
         self.watched.clear()
+        self.outbox = None
 
 
 def _tracker(session: Session) -> Tracker:

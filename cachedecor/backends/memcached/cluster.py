@@ -101,6 +101,13 @@ class NodeHealth:
             with self._lock:
                 self._failed[node] = 0
 
+    def recovered(self, node: str) -> None:
+        """``node`` answered (a delete sent whatever the breaker said): use it again."""
+        if node in self._down_until or self._failed.get(node):
+            with self._lock:
+                self._down_until.pop(node, None)
+                self._failed[node] = 0
+
     def down_nodes(self) -> list[str]:
         now = time.monotonic()
         return sorted(n for n, until in self._down_until.items() if until > now)

@@ -85,6 +85,25 @@ class MemcachedStore(Store):
     def delete_many(self, keys: Sequence[str]) -> None:
         self.client.delete_many(keys, noreply=False)
 
+    def delete_now(self, keys: Sequence[str]) -> None:
+        """Delete ``keys`` on their nodes, a node marked down included (a delete that
+        reaches it marks it up again); raise :class:`UndeliveredInvalidation` with the
+        keys that were not delivered (not queued: the caller keeps them)."""
+        client = self.client
+        failed: list[str] = []
+        error: BaseException | None = None
+        for node, group in client._by_node(keys).items():
+            try:
+                client.clients[node].delete_many(group, noreply=False)
+            except Exception as exc:
+                client.clients[node].close()
+                failed += group
+                error = exc
+                continue
+            client.health.recovered(node)
+        if error is not None:
+            raise UndeliveredInvalidation(failed, error)
+
     def delete_matching(self, patterns: Sequence[KeyPattern]) -> int:
         """Lists each node's keys with ``lru_crawler metadump`` and deletes the matches.
 

@@ -1,0 +1,442 @@
+"""Durable invalidation: a transactional outbox of the keys a commit must delete.
+
+Without it, the keys a transaction must invalidate live in the memory of the
+process that committed: a writer that dies between its commit and its deletes,
+or that exits while a cache node is unreachable, loses them, and the entries stay
+stale until they expire.
+
+With ``outbox_url`` configured, the writing session inserts **one row** holding
+every key (in every region) that its transaction must delete into the outbox table,
+in that transaction, just before it commits: the row commits or rolls back with the
+change. After the commit the writer deletes the keys as before; when every delete
+was delivered the row is removed (by this process's background thread, in
+batches, off the write path). What could not be delivered stays in the table.
+
+Every process configured with the outbox runs a *deliverer*: a daemon thread that
+every ``outbox_interval`` seconds claims the rows older than ``outbox_grace``
+(``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so that two processes never fight over a
+row), deletes their keys on every node whatever the circuit breaker says, and
+removes the rows it delivered. A row left by a writer that died is delivered within
+``outbox_grace + outbox_interval`` plus the deletes' round trips; a row whose node
+was unreachable, within ``outbox_interval`` plus ``timeout`` of the node being
+reachable again. ``cachedecor outbox deliver`` does the same from the command line.
+
+Sessions whose transaction holds no connection to the outbox's database (another
+database, or no write on it) keep the in-process queue. Writes outside any
+session's transaction (plain connections) are delivered at once, as before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import sqlalchemy
+from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, Table, Text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+from cachedecor.backends.base import register_fork_aware
+from cachedecor.config import OutboxSettings, configured_regions
+from cachedecor.errors import ConfigError
+from cachedecor.invalidation import Group, Plan, plan
+from cachedecor.keys import KeyPattern
+from cachedecor.stats import counters as region_counters
+from cachedecor.stats import log_failure
+
+__all__ = [
+    "DEFAULT_TABLE",
+    "Outbox",
+    "OutboxSettings",
+    "activate",
+    "current",
+    "outbox_table",
+    "prepare",
+]
+
+log = logging.getLogger("cachedecor")
+
+#: The outbox table's default name.
+DEFAULT_TABLE = "cachedecor_outbox"
+#: Rows claimed by one round of the deliverer.
+BATCH = 200
+
+
+def outbox_table(
+    metadata: MetaData | None = None, name: str = DEFAULT_TABLE, schema: str | None = None
+) -> Table:
+    """The outbox table, in ``metadata`` (a new ``MetaData`` when ``None``).
+
+    Add it to your application's metadata to create it with the rest of the schema
+    (``metadata.create_all``, an Alembic migration), or run ``cachedecor outbox
+    create``. Columns: ``id`` (a random 63-bit key chosen by the writer),
+    ``created_at`` (seconds since the epoch, the database's clock), ``attempts``
+    (failed deliveries) and ``payload`` (the keys, as JSON).
+
+    >>> t = outbox_table()
+    >>> [c.name for c in t.columns]
+    ['id', 'created_at', 'attempts', 'payload']
+    """
+    metadata = MetaData() if metadata is None else metadata
+    return Table(
+        name,
+        metadata,
+        Column("id", BigInteger, primary_key=True, autoincrement=False),
+        Column("created_at", Float, nullable=False, index=True),
+        Column("attempts", Integer, nullable=False, default=0),
+        Column("payload", Text, nullable=False),
+        schema=schema,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# payloads: what one transaction must delete, by region
+
+
+def encode(keys: Plan) -> str:
+    """The JSON of a :data:`~cachedecor.invalidation.Plan` (region -> keys, patterns)."""
+    out: dict[str, Any] = {}
+    for region, (names, patterns) in keys.items():
+        entry: dict[str, Any] = {}
+        if names:
+            entry["k"] = names
+        if patterns:
+            entry["p"] = [[p.prefix, p.regex.pattern if p.regex is not None else None] for p in patterns]
+        out[region] = entry
+    return json.dumps(out, separators=(",", ":"))
+
+
+def decode(payload: str) -> Plan:
+    import re
+
+    out: Plan = {}
+    for region, entry in json.loads(payload).items():
+        patterns = [
+            KeyPattern(prefix, re.compile(rx) if rx is not None else None)
+            for prefix, rx in entry.get("p", [])
+        ]
+        out[region] = (list(entry.get("k", [])), patterns)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# the outbox of this process
+
+
+def _epoch(dialect: Any) -> Any:
+    """SQL for the database's current time in seconds since the epoch (``None``: unknown)."""
+    name = dialect.name
+    if name == "postgresql":
+        return sqlalchemy.literal_column("extract(epoch from clock_timestamp())")
+    if name == "sqlite":
+        return sqlalchemy.literal_column("((julianday('now') - 2440587.5) * 86400.0)")
+    if name in ("mysql", "mariadb"):
+        return sqlalchemy.literal_column("unix_timestamp(now(6))")
+    return None
+
+
+def _same_database(a: sqlalchemy.URL, b: sqlalchemy.URL) -> bool:
+    if a.get_backend_name() != b.get_backend_name():
+        return False
+    if a.get_backend_name() == "sqlite":
+        return os.path.abspath(a.database or "") == os.path.abspath(b.database or "")
+    return (a.host or "localhost", a.port, a.database) == (b.host or "localhost", b.port, b.database)
+
+
+def _sync_url(url: sqlalchemy.URL) -> sqlalchemy.URL:
+    """``url`` with a blocking driver, for the deliverer's thread."""
+    drivers = {
+        "asyncpg": "psycopg",
+        "psycopg_async": "psycopg",
+        "aiosqlite": "pysqlite",
+        "aiomysql": "pymysql",
+    }
+    driver = url.get_driver_name()
+    if driver in drivers:
+        return url.set(drivername=f"{url.get_backend_name()}+{drivers[driver]}")
+    return url
+
+
+class Outbox:
+    """This process's outbox: writes rows in transactions, delivers and removes them."""
+
+    def __init__(self, settings: OutboxSettings) -> None:
+        self.settings = settings
+        self.table = outbox_table(name=settings.table, schema=settings.schema)
+        self.engine: Engine = sqlalchemy.create_engine(
+            _sync_url(settings.url), pool_size=1, max_overflow=1, pool_pre_ping=True
+        )
+        self._checked: dict[Any, bool] = {}  # engine url -> the table exists there
+        self._done: list[int] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.delivered = 0
+        self.written = 0
+        self.pending = 0
+        self.errors = 0
+        register_fork_aware(self)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Verify the table exists, when the database can be reached.
+
+        :raises ConfigError: the table is missing (naming it and how to create it).
+        Unreachable: logged; checked again at the first write.
+        """
+        try:
+            with self.engine.connect() as conn:
+                exists = sqlalchemy.inspect(conn).has_table(self.settings.table, schema=self.settings.schema)
+        except Exception as exc:
+            log.warning(
+                "outbox_url: cannot reach %s to check the outbox table (%s); checked at the first write",
+                self.settings.url.render_as_string(hide_password=True),
+                exc,
+            )
+            return
+        if not exists:
+            raise ConfigError(self._missing())
+        self._checked[self._url_key(self.settings.url)] = True
+
+    def _missing(self) -> str:
+        table = (
+            f"{self.settings.schema}.{self.settings.table}" if self.settings.schema else self.settings.table
+        )
+        return (
+            f"outbox_table: the table {table!r} does not exist in the database of outbox_url "
+            f"({self.settings.url.render_as_string(hide_password=True)}); create it with "
+            f"'cachedecor outbox create' or add cachedecor.outbox_table(metadata) to your schema"
+        )
+
+    @staticmethod
+    def _url_key(url: sqlalchemy.URL) -> Any:
+        return (url.get_backend_name(), url.host, url.port, url.database)
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="cachedecor-outbox", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
+        self._thread = None
+        self.engine.dispose()
+
+    def _after_fork_in_child(self) -> None:
+        # the parent's thread does not exist here, and its connections are the parent's
+        self.engine.dispose(close=False)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._done = []
+        self._thread = None
+        if _current is self:
+            self.start()
+
+    # -- the write path (inside the writing transaction) ---------------------------------
+
+    def connection_for(self, session: Session) -> Connection | None:
+        """The connection of ``session``'s transaction to the outbox's database, if any."""
+        transaction = session.get_transaction()
+        if transaction is None:
+            return None
+        for entry in list(transaction._connections.values()):
+            conn = entry[0]
+            if _same_database(conn.engine.url, self.settings.url):
+                return conn
+        return None
+
+    def write(self, conn: Connection, keys: Plan) -> int | None:
+        """Insert one row holding ``keys`` on ``conn`` (in the transaction); its id, or
+        ``None`` if the table is missing there (logged: the caller keeps the in-process way)."""
+        url_key = self._url_key(conn.engine.url)
+        known = self._checked.get(url_key)
+        if known is None:
+            known = self._checked[url_key] = sqlalchemy.inspect(conn).has_table(
+                self.settings.table, schema=self.settings.schema
+            )
+            if not known:
+                log.error("%s; invalidations are kept in memory until it exists", self._missing())
+        if not known:
+            return None
+        row_id = secrets.randbits(63)
+        values: dict[str, Any] = {"id": row_id, "attempts": 0, "payload": encode(keys)}
+        now = _epoch(conn.dialect)
+        values["created_at"] = now if now is not None else time.time()
+        conn.execute(self.table.insert().values(values))
+        self.written += 1
+        return row_id
+
+    def done(self, row_id: int) -> None:
+        """The keys of row ``row_id`` were delivered: remove it (in the background)."""
+        with self._lock:
+            self._done.append(row_id)
+        self._wake.set()
+
+    # -- the deliverer -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.remove_done()
+                self.deliver_pending()
+            except Exception as exc:
+                self.errors += 1
+                log_failure("outbox", "delivering pending invalidations", exc)
+
+    def remove_done(self) -> None:
+        with self._lock:
+            ids, self._done = self._done, []
+        if not ids:
+            return
+        try:
+            with self.engine.begin() as conn:
+                for start in range(0, len(ids), 500):
+                    conn.execute(self.table.delete().where(self.table.c.id.in_(ids[start : start + 500])))
+        except Exception:
+            with self._lock:
+                self._done[:0] = ids  # again next round (the rows may be delivered twice: harmless)
+            raise
+
+    def deliver_pending(self, *, grace: float | None = None) -> tuple[int, int]:
+        """Claim and deliver the rows older than ``grace`` (default: ``outbox_grace``).
+
+        Returns (rows delivered, rows left). Deletes are idempotent: a row delivered
+        twice (by its writer and by a deliverer) costs a second delete, nothing else.
+        """
+        grace = self.settings.grace if grace is None else grace
+        table = self.table
+        delivered = left = 0
+        with self.engine.begin() as conn:
+            now = _epoch(conn.dialect)
+            cutoff = (now if now is not None else sqlalchemy.literal(time.time())) - grace
+            query = (
+                sqlalchemy.select(table.c.id, table.c.payload)
+                .where(table.c.created_at <= cutoff)
+                .order_by(table.c.created_at)
+                .limit(BATCH)
+            )
+            if conn.dialect.name != "sqlite":
+                query = query.with_for_update(skip_locked=True)
+            rows = conn.execute(query).all()
+            done: list[int] = []
+            failed: list[int] = []
+            for row_id, payload in rows:
+                if deliver_now(decode(payload)):
+                    done.append(row_id)
+                else:
+                    failed.append(row_id)
+            if done:
+                conn.execute(table.delete().where(table.c.id.in_(done)))
+            if failed:
+                conn.execute(
+                    table.update().where(table.c.id.in_(failed)).values(attempts=table.c.attempts + 1)
+                )
+            delivered, left = len(done), len(failed)
+            self.pending = conn.execute(
+                sqlalchemy.select(sqlalchemy.func.count()).select_from(table)
+            ).scalar_one()
+        self.delivered += delivered
+        return delivered, left
+
+    def status(self) -> dict[str, Any]:
+        """Rows pending in the table: how many, the oldest's age, the most attempts."""
+        table = self.table
+        with self.engine.connect() as conn:
+            now = _epoch(conn.dialect)
+            row = conn.execute(
+                sqlalchemy.select(
+                    sqlalchemy.func.count(),
+                    sqlalchemy.func.min(table.c.created_at),
+                    sqlalchemy.func.max(table.c.attempts),
+                    now if now is not None else sqlalchemy.literal(time.time()),
+                ).select_from(table)
+            ).one()
+        count, oldest, attempts, at = row
+        return {
+            "pending": int(count),
+            "oldest_age": (float(at) - float(oldest)) if oldest is not None else None,
+            "max_attempts": int(attempts or 0),
+        }
+
+
+def deliver_now(keys: Plan) -> bool:
+    """Delete ``keys`` in every region this process configured, whatever the circuit
+    breakers say; whether every delete was delivered (to regions it knows)."""
+    regions = configured_regions()
+    ok = True
+    for name, (names, patterns) in keys.items():
+        settings = regions.get(name)
+        if settings is None:
+            log_failure(
+                "outbox", "delivering to an unknown region", f"region {name!r} is not configured here"
+            )
+            ok = False
+            continue
+        counters = region_counters(name)
+        try:
+            if patterns:
+                counters.invalidations += settings.store.delete_matching(patterns)
+                counters.model_invalidations += len(patterns)
+            if names:
+                settings.store.delete_now(names)
+                counters.invalidations += len(names)
+        except Exception as exc:
+            counters.errors += 1
+            log_failure(name, "outbox delivery (kept in the outbox, retried)", exc)
+            ok = False
+    return ok
+
+
+# --------------------------------------------------------------------------------------
+# the configured outbox
+
+_current: Outbox | None = None
+
+
+def current() -> Outbox | None:
+    """The configured outbox of this process, or ``None``."""
+    return _current
+
+
+def prepare(settings: OutboxSettings) -> Outbox:
+    """An outbox for ``settings``, its table checked (:meth:`Outbox.check`), not yet running."""
+    box = Outbox(settings)
+    try:
+        box.check()
+    except BaseException:
+        box.engine.dispose()
+        raise
+    return box
+
+
+def activate(box: Outbox | None) -> None:
+    """Make ``box`` this process's outbox and start its deliverer (``None``: no outbox)."""
+    global _current
+    old, _current = _current, box
+    if old is not None and old is not box:
+        old.stop()
+    if box is not None:
+        box.start()
+
+
+def plan_for(rows: Mapping[Group, Iterable[Any]], wide: Iterable[Group]) -> Plan:
+    """The keys, by region, that invalidate ``rows`` and ``wide`` here."""
+    return plan({g: list(p) for g, p in rows.items()}, wide)
