@@ -7,9 +7,10 @@ its transaction commits. Regions are dogpile.cache regions configured by
 """
 
 from cachedecor.codec import Codec
-from cachedecor.config import configure_regions, get_region, reset
+from cachedecor.config import aclose, configure_regions, get_region, reset
 from cachedecor.errors import CacheError, ConfigError, InvalidKeyError, RegionNotConfigured, UsageError
 from cachedecor.keys import key_for
+from cachedecor.outbox import outbox_table
 from cachedecor.read import AsyncCachedFunction, CachedFunction, cached_by_pk
 from cachedecor.stats import RegionStats, dump_stats, reset_stats, stats
 from cachedecor.write import (
@@ -34,6 +35,7 @@ __all__ = [
     "RegionNotConfigured",
     "RegionStats",
     "UsageError",
+    "aclose",
     "ainvalidate",
     "ainvalidate_many",
     "ainvalidate_model",
@@ -46,6 +48,7 @@ __all__ = [
     "invalidate_model",
     "invalidates",
     "key_for",
+    "outbox_table",
     "reset",
     "reset_stats",
     "stats",

@@ -59,7 +59,14 @@ def memcached_binary() -> str | None:
 class Memcached:
     """A memcached process on a free loopback port that tests can kill, pause and restart."""
 
-    def __init__(self, port: int | None = None, *, threads: int = 1, item_size: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        threads: int = 1,
+        item_size: str | None = None,
+        extra: list[str] | None = None,
+    ) -> None:
         binary = memcached_binary()
         if binary is None:
             unavailable("memcached is not installed (make test installs it)")
@@ -67,6 +74,7 @@ class Memcached:
         self.port = port or free_port()
         self.threads = threads
         self.item_size = item_size
+        self.extra = list(extra or [])
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -90,6 +98,7 @@ class Memcached:
         ]
         if self.item_size:
             cmd += ["-I", self.item_size]
+        cmd += self.extra
         if os.geteuid() == 0:
             cmd += ["-u", "root"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

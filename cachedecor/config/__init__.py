@@ -45,6 +45,7 @@ __all__ = [
     "REGION_RANGES",
     "OutboxSettings",
     "RegionSettings",
+    "aclose",
     "check_arguments",
     "check_server",
     "configure_regions",
@@ -133,6 +134,21 @@ def get_region(name: str = "default") -> CacheRegion:
 def configured_regions() -> dict[str, RegionSettings]:
     """A snapshot of every configured region's settings."""
     return dict(_settings)
+
+
+async def aclose() -> None:
+    """Close the running event loop's cache connections, in every region.
+
+    Call it when the loop's work is done (an ASGI application's shutdown, the end of
+    an ``asyncio.run``): connections are per event loop, and those of a loop that
+    ends are otherwise left to the garbage collector. A later call from this loop
+    opens new ones. Sync callers' connections are not touched.
+    """
+    for settings in configured_regions().values():
+        try:
+            await settings.astore.aclose()
+        except Exception:  # closing is best effort: a connection already broken is gone
+            pass
 
 
 def reset() -> None:

@@ -182,6 +182,7 @@ def create_app(
         # before the first request: a configuration mistake stops the start-up
         cachedecor.configure_regions(cache_config)
         yield
+        await cachedecor.aclose()  # this loop's cache connections
         await engine.dispose()
 
     app = FastAPI(lifespan=lifespan)

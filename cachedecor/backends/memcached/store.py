@@ -212,9 +212,18 @@ class AsyncMemcachedStore(AsyncStore):
     placement, timeouts, and the same :class:`NodeHealth` (a node marked down, or
     owed deletes, is so for sync and async callers alike). Meta commands with the
     classic ``add``/``gets``/``cas`` lease as the fallback, as for sync callers.
+
+    memcached over TLS (``arguments.tls_context``) is served by the sync store in
+    worker threads (``asyncio.to_thread``): the loop never blocks, each operation
+    costs a thread hand-off.
     """
 
     name = "memcached"
+
+    def __new__(cls, store: MemcachedStore) -> AsyncMemcachedStore:
+        if cls is AsyncMemcachedStore and store.backend.tls_context is not None:
+            return _ThreadedMemcachedStore(store)
+        return super().__new__(cls)
 
     def __init__(self, store: MemcachedStore) -> None:
         self.sync = store
@@ -231,11 +240,6 @@ class AsyncMemcachedStore(AsyncStore):
             from cachedecor.backends.memcached.aio import AsyncMemcachedCluster
 
             backend = self.sync.backend
-            if backend.tls_context is not None:
-                raise CommandRefused(
-                    "memcached over TLS is not available to async callers: "
-                    "their reads and writes go to the database"
-                )
             cluster = self._cluster = AsyncMemcachedCluster(
                 backend.url,
                 backend.health,
@@ -328,6 +332,48 @@ class AsyncMemcachedStore(AsyncStore):
             await self.cluster.release(key, token)
             return
         await self.cluster.delete_many([key])  # no compare-and-delete: see MemcachedStore.release
+
+
+class _ThreadedMemcachedStore(AsyncMemcachedStore):
+    """memcached over TLS for asyncio callers: each operation of the sync store in a thread."""
+
+    async def _run(self, method: Any, *args: Any) -> Any:
+        import asyncio
+
+        return await asyncio.to_thread(method, *args)
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._run(self.sync.get, key)  # type: ignore[no-any-return]
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        return await self._run(self.sync.get_many, keys)  # type: ignore[no-any-return]
+
+    async def lease(self, key: str, ttl: int) -> Any:
+        return await self._run(self.sync.lease, key, ttl)
+
+    async def lookup(self, key: str, ttl: int) -> tuple[bytes | None, Any]:
+        return await self._run(self.sync.lookup, key, ttl)  # type: ignore[no-any-return]
+
+    async def lookup_many(self, keys: Sequence[str], ttl: int) -> dict[str, tuple[bytes | None, Any]]:
+        return await self._run(self.sync.lookup_many, keys, ttl)  # type: ignore[no-any-return]
+
+    async def peek(self, key: str) -> bytes | None:
+        return await self._run(self.sync.peek, key)  # type: ignore[no-any-return]
+
+    async def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
+        return await self._run(self.sync.fill, key, value, token, ttl)  # type: ignore[no-any-return]
+
+    async def fill_many(self, items: Sequence[tuple[str, bytes, Any]], ttl: int | None) -> dict[str, Any]:
+        return await self._run(self.sync.fill_many, items, ttl)  # type: ignore[no-any-return]
+
+    async def release(self, key: str, token: Any) -> None:
+        await self._run(self.sync.release, key, token)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        await self._run(self.sync.delete_many, keys)
+
+    async def aclose(self) -> None:
+        """Nothing of the loop's: the threads' connections are the sync store's."""
 
 
 #: What the classic commands return for a value stored under other pymemcache flags
