@@ -403,3 +403,62 @@ def _wait(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     from tests.conftest import wait_until
 
     wait_until(condition, timeout)
+
+
+class TestOtherSessions:
+    def test_an_async_session_writes_to_the_same_outbox(self, durable: Engine) -> None:
+        import asyncio
+
+        from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+        schema = durable.info["schema"]  # type: ignore[attr-defined]
+        engine = create_async_engine(
+            durable.url.set(drivername="postgresql+asyncpg"),
+            connect_args={"server_settings": {"search_path": schema}},
+        )
+
+        @cachedecor.invalidates(User)
+        async def arename(session: AsyncSession, user_id: int, name: str) -> None:
+            (await session.get(User, user_id)).name = name  # type: ignore[union-attr]
+            await session.commit()
+
+        box = outbox.current()
+        assert box is not None
+        box.stop()  # keep the row, to read it
+
+        async def write() -> None:
+            async with AsyncSession(engine) as s:
+                await arename(s, 1, "Ada")
+            await cachedecor.aclose()
+            await engine.dispose()
+
+        asyncio.run(write())
+        (row,) = _rows(durable)
+        assert outbox.decode(row.payload)["default"][0] == [get_user.cache_key(1)]
+
+    def test_sqlite_with_one_writer(self, memcached: Memcached, tmp_path: Path) -> None:
+        engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'app.sqlite'}")
+        User.__table__.create(engine)
+        outbox_table().create(engine)
+        with Session(engine) as s:
+            s.add(User(id=1, name="user1", version=0, bio=""))
+            s.commit()
+        config = memcached_config(memcached.url)
+        config["outbox_url"] = str(engine.url)
+        cachedecor.configure_regions(config)
+        try:
+            with Session(engine) as s:
+                assert get_user(s, 1).name == "user1"  # type: ignore[union-attr]
+            memcached.pause()
+            try:
+                with Session(engine) as s:
+                    rename(s, 1, "Ada")  # the delete times out: the row stays
+            finally:
+                memcached.resume()
+            _wait(lambda: not _rows(engine))  # delivered by this process's deliverer
+            with Session(engine) as s:
+                assert get_user(s, 1).name == "Ada"  # type: ignore[union-attr]
+            assert outbox.current().written == 1  # type: ignore[union-attr]
+        finally:
+            cachedecor.reset()
+            engine.dispose()
