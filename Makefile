@@ -26,9 +26,11 @@ memcached:
 test: $(STAMP) memcached lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-## make bench: hit path against the floor, plain dogpile and the database (prints ratios)
+## make bench: hit path against the floor, plain dogpile and the database (prints ratios);
+##   then what invalidation and the outbox add to a committing transaction
 bench: $(STAMP) memcached
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/writes.py $(if $(findstring --quick,$(BENCH_ARGS)),--quick,)
 
 ## make faults: what a caller sees (latency, result, counters) for each kind of cache failure
 faults: $(STAMP) memcached
