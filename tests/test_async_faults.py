@@ -1,0 +1,822 @@
+"""Async callers fail open as sync ones do, and a failing cache never stalls the event loop.
+
+Every test runs its coroutines with ``asyncio.run`` (one event loop per run, as an
+application has) against real servers: memcached processes of the test's own that
+it kills, pauses (SIGSTOP) and restarts, a ``redis-server`` of its own that it
+pauses, and the rows in SQLite (aiosqlite) or PostgreSQL (asyncpg, a schema of its
+own). The one fake, a server that accepts connections and never answers, is said
+so where it is used.
+
+"The loop never stalls" is measured by a ticker: a task that sleeps 5 ms in a loop
+and records the longest gap between two of its wake-ups. A call that blocked the
+loop's thread on a socket would show as a gap of its whole duration; the tests run
+several such calls at once, so blocking calls would add up to several timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import sqlalchemy
+from pymemcache.client.base import Client
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
+
+import cachedecor
+from cachedecor.backends import NodeDown
+from cachedecor.config import configured_regions, region_settings
+from tests.conftest import SQLCounter, memcached_config
+from tests.models import Base, User
+from tests.servers import PG_URL, Memcached, fake_server, free_port, unavailable, wait_for_port
+
+T = TypeVar("T")
+
+#: the configured ``timeout``/``connect_timeout`` (memcached) and ``socket_timeout`` (Redis)
+TIMEOUT = 0.2
+#: what a call may take beyond one TIMEOUT (a database read, the scheduler of a shared
+#: machine); less than a second TIMEOUT, so a call that waited twice fails
+CALL_MARGIN = 0.15
+#: the longest gap the ticker may see beyond one TIMEOUT
+STALL_MARGIN = 0.1
+#: the rows readers read; two more exist, for writers that run beside them
+ROWS = 5
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+@cachedecor.cached_by_pk(User)
+async def get_user(session: AsyncSession, user_id: int) -> User | None:
+    return await session.get(User, user_id)
+
+
+@cachedecor.cached_by_pk(User, many=True)
+async def get_users(session: AsyncSession, user_ids: list[int]) -> list[User]:
+    return list((await session.scalars(select(User).where(User.id.in_(user_ids)))).all())
+
+
+@cachedecor.invalidates(User)
+async def rename_user(session: AsyncSession, user_id: int, name: str) -> None:
+    user = await session.get(User, user_id)
+    assert user is not None
+    user.name = name
+    await session.commit()
+
+
+# --------------------------------------------------------------------------------------
+# databases: the rows, read through asyncio drivers
+
+
+class Database:
+    """Where the rows live: an async URL, and its engine made in each event loop."""
+
+    def __init__(self, name: str, url: str, connect_args: dict[str, Any] | None = None) -> None:
+        self.name = name
+        self.url = url
+        self.connect_args = connect_args or {}
+
+    def engine(self) -> AsyncEngine:
+        return create_async_engine(self.url, connect_args=self.connect_args)
+
+    def seed(self, sync_engine: sqlalchemy.engine.Engine) -> None:
+        with Session(sync_engine) as s:
+            s.execute(sqlalchemy.delete(User))
+            s.add_all([User(id=i, name=f"user{i}", bio="x" * 50) for i in range(1, ROWS + 3)])
+            s.commit()
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Iterator[Database]:
+    path = tmp_path / "async.sqlite"
+    sync_engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+    Base.metadata.create_all(sync_engine)
+    db = Database("sqlite", f"sqlite+aiosqlite:///{path}")
+    db.seed(sync_engine)
+    sync_engine.dispose()
+    yield db
+
+
+@pytest.fixture(scope="module")
+def pg_schema() -> Iterator[tuple[str, sqlalchemy.engine.Engine]]:
+    schema = f"cd_afaults_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = sqlalchemy.create_engine(PG_URL)
+    try:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    except Exception as exc:
+        admin.dispose()
+        unavailable(f"PostgreSQL is not reachable at {PG_URL}: {exc}")
+    sync_engine = sqlalchemy.create_engine(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
+    Base.metadata.create_all(sync_engine)
+    yield schema, sync_engine
+    sync_engine.dispose()
+    with admin.begin() as conn:
+        conn.exec_driver_sql("SET LOCAL lock_timeout = '10s'")
+        conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    admin.dispose()
+
+
+@pytest.fixture
+def pg_db(pg_schema: tuple[str, sqlalchemy.engine.Engine]) -> Database:
+    schema, sync_engine = pg_schema
+    for table in reversed(Base.metadata.sorted_tables):
+        with sync_engine.begin() as conn:
+            conn.execute(table.delete())
+    url = PG_URL.replace("postgresql+psycopg://", "postgresql+asyncpg://")
+    db = Database("postgresql", url, {"server_settings": {"search_path": schema}})
+    db.seed(sync_engine)
+    return db
+
+
+@pytest.fixture
+def db(sqlite_db: Database) -> Database:
+    """The rows in SQLite, read with aiosqlite."""
+    return sqlite_db
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db(request: pytest.FixtureRequest) -> Database:
+    """The rows in SQLite (aiosqlite), then in PostgreSQL (asyncpg)."""
+    return request.getfixturevalue("sqlite_db" if request.param == "sqlite" else "pg_db")  # type: ignore[no-any-return]
+
+
+def run(db: Database, body: Callable[[Sessions], Awaitable[T]]) -> T:
+    """Run ``body(sessions)`` in a new event loop; close that loop's connections after."""
+
+    async def main() -> T:
+        engine = db.engine()
+        try:
+            return await body(async_sessionmaker(engine, expire_on_commit=False))
+        finally:
+            for settings in configured_regions().values():
+                astore: Any = settings.astore
+                if hasattr(astore, "cluster"):
+                    await astore.cluster.aclose()
+                elif hasattr(astore, "aclose"):
+                    await astore.aclose()
+            await engine.dispose()
+
+    return asyncio.run(main())
+
+
+async def read(sessions: Sessions, user_id: int) -> tuple[int, str] | None:
+    """A cached read in a session of its own: (id, name) of the row it returned."""
+    async with sessions() as session:
+        user = await get_user(session, user_id)
+        return None if user is None else (user.id, user.name)
+
+
+async def read_many(sessions: Sessions, user_ids: list[int]) -> list[tuple[int, str]]:
+    async with sessions() as session:
+        return [(u.id, u.name) for u in await get_users(session, user_ids)]
+
+
+async def rename(sessions: Sessions, user_id: int, name: str) -> None:
+    async with sessions() as session:
+        await rename_user(session, user_id, name)
+
+
+def row(user_id: int) -> tuple[int, str]:
+    return user_id, f"user{user_id}"
+
+
+async def timed(call: Awaitable[T]) -> tuple[T, float]:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    result = await call
+    return result, loop.time() - start
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll an observable condition from the loop until it holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not reached within {timeout}s")
+        await asyncio.sleep(0.002)
+
+
+class Ticker:
+    """A task that sleeps 5 ms in a loop; :attr:`longest` is the longest gap between wake-ups."""
+
+    def __init__(self) -> None:
+        self.gaps: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(0.005)
+            self.gaps.append(loop.time() - start)
+
+    async def __aenter__(self) -> Ticker:
+        self._task = asyncio.create_task(self._tick())
+        await until(lambda: len(self.gaps) > 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+    @property
+    def longest(self) -> float:
+        return max(self.gaps)
+
+
+def counters() -> dict[str, int]:
+    return cachedecor.stats("default")["default"]
+
+
+def raw_memcached(server: Memcached) -> Client:
+    return Client(("127.0.0.1", server.port), connect_timeout=1, timeout=1)
+
+
+def unread_bytes(port: int) -> int:
+    """Bytes that clients sent to the server on ``port`` and it has not read yet.
+
+    The kernel's receive queues of the server's side of every established loopback
+    connection (``/proc/net/tcp``): above zero once a request has reached a server
+    that is paused.
+    """
+    total = 0
+    with open("/proc/net/tcp") as fh:
+        next(fh)
+        for line in fh:
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                total += int(queues.split(":")[1], 16)
+    return total
+
+
+def memcached_region(url: str, **arguments: Any) -> None:
+    cachedecor.configure_regions(
+        memcached_config(url, arguments={"timeout": TIMEOUT, "connect_timeout": TIMEOUT, **arguments})
+    )
+
+
+def health() -> Any:
+    """The memcached circuit breaker and pending queue of region ``default`` (sync and async)."""
+    return region_settings("default").store.backend.health  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------
+# Redis: a server of our own, which can be paused without disturbing anyone
+
+
+class RedisServer:
+    """``redis-server`` on a free loopback port, without persistence, that tests can pause."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            unavailable("redis-server is not installed")
+        assert binary is not None
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _state(self) -> str:
+        with open(f"/proc/{self.proc.pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+
+    def _wait_for(self, stopped: bool) -> None:
+        deadline = time.monotonic() + 10
+        while (self._state() in ("T", "t")) != stopped:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"redis-server {self.proc.pid} did not {'stop' if stopped else 'resume'}")
+            time.sleep(0.001)
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+        self._wait_for(stopped=True)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+        self._wait_for(stopped=False)
+
+    def flush(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_timeout=5)
+        client.flushdb()
+        client.close()
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def redis_server_process() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(redis_server_process: RedisServer) -> Iterator[RedisServer]:
+    """Our own Redis, running and empty; region ``default`` on it with a 0.2 s socket timeout."""
+    redis_server_process.flush()
+    redis_region(redis_server_process.url)
+    yield redis_server_process
+    redis_server_process.resume()
+
+
+def redis_region(url: str) -> None:
+    cachedecor.configure_regions(
+        {
+            "regions": {
+                "default": {
+                    "backend": "dogpile.cache.redis",
+                    "arguments": {"url": url, "socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT},
+                }
+            }
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------
+# the instrument
+
+
+class TestTicker:
+    def test_the_ticker_sees_a_call_that_blocks_the_loop(self, db: Database) -> None:
+        # What the other tests rule out: a call that holds the loop's thread.
+        async def body(sessions: Sessions) -> float:
+            async with Ticker() as ticker:
+                await asyncio.sleep(0.02)
+                time.sleep(TIMEOUT + STALL_MARGIN)  # blocks the loop, on purpose
+                await asyncio.sleep(0.02)
+            return ticker.longest
+
+        assert run(db, body) >= TIMEOUT + STALL_MARGIN
+
+
+# --------------------------------------------------------------------------------------
+# 1. memcached killed
+
+
+@pytest.mark.memcached
+class TestMemcachedKilled:
+    def test_reads_return_the_row_from_the_database_counted_and_logged(
+        self, any_db: Database, memcached_factory: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        server = memcached_factory()
+        memcached_region(server.url)
+
+        async def body(sessions: Sessions) -> list[Any]:
+            assert await read(sessions, 1) == row(1)  # filled
+            server.kill()
+            return [await read(sessions, 1), await read(sessions, 2), await read_many(sessions, [3, 1])]
+
+        with caplog.at_level(logging.WARNING, logger="cachedecor"):
+            results = run(any_db, body)
+        assert results == [row(1), row(2), [row(3), row(1)]]
+        assert counters()["errors"] >= 1
+        assert counters()["hits"] == 0
+        assert any("falling through to the database" in r.getMessage() for r in caplog.records)
+
+    def test_a_commit_while_down_does_not_raise_and_queues_the_deletes(
+        self, any_db: Database, memcached_factory: Any
+    ) -> None:
+        server = memcached_factory()
+        memcached_region(server.url)
+
+        async def body(sessions: Sessions) -> Any:
+            await read(sessions, 1)
+            server.kill()
+            await rename(sessions, 1, "renamed while down")
+            async with sessions() as session:
+                return await get_user.uncached(session, 1)
+
+        assert run(any_db, body).name == "renamed while down"
+        assert counters()["invalidations_queued"] == 1
+        assert health().pending_count() == 1
+
+    def test_queued_deletes_are_delivered_before_the_restarted_node_is_read(
+        self, any_db: Database, memcached_factory: Any
+    ) -> None:
+        server = memcached_factory()
+        memcached_region(server.url, dead_timeout=0.5, invalidation_retry_interval=3600)
+        key = get_user.cache_key(1)
+
+        async def body(sessions: Sessions) -> tuple[int, str] | None:
+            await read(sessions, 1)
+            old_entry = raw_memcached(server).get(key)
+            assert old_entry is not None
+            server.kill()
+            assert await read(sessions, 2) == row(2)  # fails: the node is marked down
+            assert health().down_nodes() == [server.url]
+            await rename(sessions, 1, "renamed while down")
+            assert counters()["invalidations_queued"] == 1
+            server.start()  # the same port, empty
+            # A restarted memcached holds nothing; put the old entry back, as a node that
+            # was only unreachable would still hold it, to show the order of delivery.
+            raw_memcached(server).set(key, old_entry, noreply=False)
+            await until(lambda: health().down_nodes() == [])
+            return await read(sessions, 1)
+
+        assert run(any_db, body) == (1, "renamed while down")
+        assert health().pending_count() == 0
+        assert counters()["invalidations"] == 0  # delivered from the queue, not by the commit
+
+
+# --------------------------------------------------------------------------------------
+# 2. memcached paused, 3. a server that never answers
+
+
+@pytest.mark.memcached
+class TestMemcachedPaused:
+    def test_each_call_returns_within_the_timeout(self, db: Database, memcached_factory: Any) -> None:
+        server = memcached_factory()
+        memcached_region(server.url, dead_timeout=0)  # no breaker: every call meets the pause
+
+        async def body(sessions: Sessions) -> list[tuple[Any, float]]:
+            await read(sessions, 1)
+            server.pause()
+            try:
+                return [
+                    await timed(read(sessions, 1)),
+                    await timed(read(sessions, 2)),
+                    await timed(read_many(sessions, [3, 4])),
+                ]
+            finally:
+                server.resume()
+
+        (one, t1), (two, t2), (many, t3) = run(db, body)
+        assert (one, two, many) == (row(1), row(2), [row(3), row(4)])
+        assert max(t1, t2, t3) < TIMEOUT + CALL_MARGIN
+        assert counters()["errors"] == 3
+
+    def test_the_circuit_breaker_then_skips_the_node_for_sync_and_async_callers(
+        self, db: Database, memcached_factory: Any
+    ) -> None:
+        server = memcached_factory()
+        memcached_region(server.url, dead_timeout=60)
+
+        async def body(sessions: Sessions) -> list[Any]:
+            await read(sessions, 1)
+            server.pause()
+            try:
+                first = await read(sessions, 1)  # times out: the node is marked down
+                assert health().down_nodes() == [server.url]
+                with pytest.raises(NodeDown):
+                    await region_settings("default").astore.lookup(get_user.cache_key(1), 30)
+                return [first, await read(sessions, 2), await read(sessions, 3)]
+            finally:
+                server.resume()
+
+        assert run(db, body) == [row(1), row(2), row(3)]
+        assert counters()["errors"] == 3
+        with pytest.raises(NodeDown, match="marked down"):  # the sync callers' breaker is the same
+            region_settings("default").store.get("any-key")
+
+
+@pytest.mark.memcached
+class TestSilentServer:
+    def test_a_server_that_accepts_and_never_answers_costs_one_timeout(self, db: Database) -> None:
+        """A fake: a listening socket that accepts connections and never replies, which a
+        real memcached cannot be made to do on demand."""
+        with fake_server() as url:
+            memcached_region(url)
+
+            async def body(sessions: Sessions) -> list[tuple[Any, float]]:
+                return [await timed(read(sessions, 1)), await timed(read(sessions, 2))]
+
+            (one, t1), (two, t2) = run(db, body)
+        assert (one, two) == (row(1), row(2))
+        assert max(t1, t2) < TIMEOUT + CALL_MARGIN
+        assert counters()["errors"] == 2
+        assert health().down_nodes() == [url]
+
+
+# --------------------------------------------------------------------------------------
+# 4. garbage
+
+
+@pytest.mark.memcached
+class TestGarbage:
+    def test_garbage_entry_is_a_miss_deleted_and_counted(self, db: Database, memcached: Memcached) -> None:
+        memcached_region(memcached.url)
+        key = get_user.cache_key(1)
+        raw_memcached(memcached).set(key, b"\x01\x00\xff\xfe not an entry", noreply=False)
+
+        async def body(sessions: Sessions) -> tuple[Any, Any, int]:
+            engine = sessions.kw["bind"]
+            sql = SQLCounter(engine.sync_engine)
+            try:
+                first = await read(sessions, 1)
+                assert sql.selects() == 1
+                sql.reset()
+                second = await read(sessions, 1)  # filled again by the miss
+                return first, second, sql.count
+            finally:
+                sql.close()
+
+        first, second, statements = run(db, body)
+        assert first == second == row(1)
+        assert statements == 0
+        assert counters()["bad_entries"] == 1
+        assert raw_memcached(memcached).get(key) != b"\x01\x00\xff\xfe not an entry"
+
+    def test_garbage_in_a_multi_get_is_a_miss_for_that_key_only(
+        self, db: Database, memcached: Memcached
+    ) -> None:
+        memcached_region(memcached.url)
+
+        async def body(sessions: Sessions) -> list[tuple[int, str]]:
+            await read_many(sessions, [1, 2, 3])
+            raw_memcached(memcached).set(get_users.cache_key(2), b"garbage", noreply=False)
+            cachedecor.reset_stats()
+            return await read_many(sessions, [1, 2, 3])
+
+        assert run(db, body) == [row(1), row(2), row(3)]
+        assert counters()["bad_entries"] == 1
+        assert counters()["hits"] == 2
+
+    @pytest.mark.redis
+    def test_garbage_in_redis_is_a_miss_deleted_and_counted(
+        self, db: Database, redis_server: RedisServer
+    ) -> None:
+        import redis
+
+        key = get_user.cache_key(1)
+        client = redis.Redis.from_url(redis_server.url, socket_timeout=5)
+        client.set(key, b"\x01\x00 not an entry")
+
+        async def body(sessions: Sessions) -> list[Any]:
+            return [await read(sessions, 1), await read(sessions, 1)]
+
+        assert run(db, body) == [row(1), row(1)]
+        assert counters()["bad_entries"] == 1
+        assert counters()["hits"] == 1
+        assert client.get(key) != b"\x01\x00 not an entry"
+        client.close()
+
+
+# --------------------------------------------------------------------------------------
+# 5. Redis unreachable or paused
+
+
+@pytest.mark.redis
+class TestRedis:
+    def test_nothing_listening_reads_and_commits_fall_through(
+        self, db: Database, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        redis_region(f"redis://127.0.0.1:{free_port()}/0")
+
+        async def body(sessions: Sessions) -> list[Any]:
+            results: list[Any] = [await read(sessions, 1), await read_many(sessions, [2, 3])]
+            await rename(sessions, 4, "renamed while unreachable")
+            async with sessions() as session:
+                results.append((await get_user.uncached(session, 4)).name)  # type: ignore[union-attr]
+            return results
+
+        with caplog.at_level(logging.WARNING, logger="cachedecor"):
+            results = run(db, body)
+        assert results == [row(1), [row(2), row(3)], "renamed while unreachable"]
+        assert counters()["errors"] >= 3
+        assert any(
+            r.levelno == logging.ERROR and get_user.cache_key(4) in r.getMessage() for r in caplog.records
+        )
+
+    def test_paused_server_each_call_returns_within_the_socket_timeout(
+        self, db: Database, redis_server: RedisServer
+    ) -> None:
+        async def body(sessions: Sessions) -> list[tuple[Any, float]]:
+            await read(sessions, 1)
+            redis_server.pause()
+            try:
+                return [
+                    await timed(read(sessions, 1)),
+                    await timed(read(sessions, 2)),
+                    await timed(read_many(sessions, [3, 4])),
+                    await timed(rename(sessions, 5, "renamed while paused")),
+                ]
+            finally:
+                redis_server.resume()
+
+        results = run(db, body)
+        assert [r for r, _ in results] == [row(1), row(2), [row(3), row(4)], None]
+        assert max(t for _, t in results) < TIMEOUT + CALL_MARGIN
+        assert counters()["errors"] == 4
+
+    def test_after_the_pause_reads_are_served_from_the_cache_again(
+        self, db: Database, redis_server: RedisServer
+    ) -> None:
+        async def body(sessions: Sessions) -> list[Any]:
+            await read(sessions, 1)
+            redis_server.pause()
+            try:
+                await read(sessions, 1)
+            finally:
+                redis_server.resume()
+            cachedecor.reset_stats()
+            return [await read(sessions, 1), await read(sessions, 2), await read(sessions, 2)]
+
+        assert run(db, body) == [row(1), row(2), row(2)]
+        assert counters()["hits"] == 2
+        assert counters()["errors"] == 0
+
+
+# --------------------------------------------------------------------------------------
+# 6. the loop never stalls
+
+
+async def readers(sessions: Sessions, tasks: int, calls: int) -> list[list[Any]]:
+    """``tasks`` concurrent readers, each reading ``calls`` rows one after the other."""
+
+    async def reader(n: int) -> list[Any]:
+        return [await read(sessions, 1 + (n + i) % ROWS) for i in range(calls)]
+
+    return list(await asyncio.gather(*(reader(n) for n in range(tasks))))
+
+
+def expected_reads(tasks: int, calls: int) -> list[list[Any]]:
+    return [[row(1 + (n + i) % ROWS) for i in range(calls)] for n in range(tasks)]
+
+
+@pytest.mark.memcached
+class TestTheLoopNeverStalls:
+    def test_concurrent_reads_on_a_paused_memcached(self, db: Database, memcached_factory: Any) -> None:
+        server = memcached_factory()
+        memcached_region(server.url, dead_timeout=0)  # no breaker: every call meets the pause
+
+        async def body(sessions: Sessions) -> tuple[Any, float]:
+            await readers(sessions, 1, ROWS)  # warm: filled, connections open
+            server.pause()
+            try:
+                async with Ticker() as ticker:
+                    results = await readers(sessions, 6, 3)
+            finally:
+                server.resume()
+            return results, ticker.longest
+
+        results, longest = run(db, body)
+        assert results == expected_reads(6, 3)
+        assert counters()["errors"] >= 18
+        assert longest < TIMEOUT + STALL_MARGIN
+
+    def test_concurrent_reads_on_a_server_that_never_answers(self, db: Database) -> None:
+        """A fake: a listening socket that accepts connections and never replies, which a
+        real memcached cannot be made to do on demand."""
+        with fake_server() as url:
+            memcached_region(url, dead_timeout=0)
+
+            async def body(sessions: Sessions) -> tuple[Any, float]:
+                async with Ticker() as ticker:
+                    results = await readers(sessions, 6, 3)
+                return results, ticker.longest
+
+            results, longest = run(db, body)
+        assert results == expected_reads(6, 3)
+        assert counters()["errors"] >= 18
+        assert longest < TIMEOUT + STALL_MARGIN
+
+    def test_after_commit_invalidations_on_a_paused_memcached(
+        self, any_db: Database, memcached_factory: Any
+    ) -> None:
+        server = memcached_factory()
+        memcached_region(server.url, dead_timeout=0, invalidation_retry_interval=3600)
+
+        async def body(sessions: Sessions) -> tuple[list[Any], float, list[float]]:
+            await readers(sessions, 1, ROWS)
+            server.pause()
+            try:
+                async with Ticker() as ticker:
+                    done = await asyncio.gather(
+                        *(timed(rename(sessions, i, f"renamed {i}")) for i in range(1, 5))
+                    )
+            finally:
+                server.resume()
+            return [await read(sessions, i) for i in range(1, 5)], ticker.longest, [t for _, t in done]
+
+        after, longest, durations = run(any_db, body)
+        assert after == [(i, f"renamed {i}") for i in range(1, 5)]  # queued deletes delivered first
+        assert counters()["invalidations_queued"] >= 1
+        assert longest < TIMEOUT + STALL_MARGIN
+        assert max(durations) < TIMEOUT + CALL_MARGIN
+
+    @pytest.mark.redis
+    def test_concurrent_reads_and_commits_on_a_paused_redis(
+        self, db: Database, redis_server: RedisServer
+    ) -> None:
+        async def body(sessions: Sessions) -> tuple[Any, float]:
+            await readers(sessions, 1, ROWS)
+            redis_server.pause()
+            try:
+                async with Ticker() as ticker:
+                    results = await asyncio.gather(
+                        readers(sessions, 6, 3),
+                        *(rename(sessions, i, f"renamed {i}") for i in (ROWS + 1, ROWS + 2)),
+                    )
+            finally:
+                redis_server.resume()
+            async with sessions() as session:
+                written = [(await get_user.uncached(session, i)).name for i in (ROWS + 1, ROWS + 2)]  # type: ignore[union-attr]
+            return (results[0], written), ticker.longest
+
+        (results, written), longest = run(db, body)
+        assert results == expected_reads(6, 3)
+        assert written == [f"renamed {ROWS + 1}", f"renamed {ROWS + 2}"]
+        assert counters()["errors"] >= 20
+        assert longest < TIMEOUT + STALL_MARGIN
+
+
+# --------------------------------------------------------------------------------------
+# 7. cancelled reads
+
+
+async def cancel_when_sent(call: Awaitable[Any], port: int) -> None:
+    """Start ``call``, wait until its request has reached the (paused) server on ``port``,
+    cancel it, and check that it was cancelled."""
+    before = unread_bytes(port)
+    task = asyncio.ensure_future(call)
+    await until(lambda: task.done() or unread_bytes(port) > before)
+    assert not task.done(), f"the call ended before it was cancelled: {task.result()!r}"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+@pytest.mark.memcached
+class TestCancelledReads:
+    def test_a_read_cancelled_on_a_paused_memcached_leaves_no_connection_out_of_step(
+        self, any_db: Database, memcached_factory: Any
+    ) -> None:
+        server = memcached_factory()
+        memcached_region(server.url, timeout=10)  # the caller gives up first
+
+        async def body(sessions: Sessions) -> list[Any]:
+            await readers(sessions, 1, ROWS)  # every row cached
+            server.pause()
+            try:
+                await cancel_when_sent(read(sessions, 1), server.port)
+                await cancel_when_sent(read_many(sessions, [2, 3, 4]), server.port)
+            finally:
+                server.resume()
+            cachedecor.reset_stats()
+            # a connection left in step with the cancelled requests would answer these
+            # with the replies meant for them
+            return [await read(sessions, 5), await read_many(sessions, [4, 3]), await read(sessions, 2)]
+
+        assert run(any_db, body) == [row(5), [row(4), row(3)], row(2)]
+        assert counters()["hits"] == 4
+        assert counters()["errors"] == counters()["mismatches"] == counters()["bad_entries"] == 0
+
+    @pytest.mark.redis
+    def test_a_read_cancelled_on_a_paused_redis_leaves_no_connection_out_of_step(
+        self, db: Database, redis_server: RedisServer
+    ) -> None:
+        cachedecor.configure_regions(
+            {
+                "regions": {
+                    "default": {
+                        "backend": "dogpile.cache.redis",
+                        "arguments": {"url": redis_server.url, "socket_timeout": 10},
+                    }
+                }
+            }
+        )
+
+        async def body(sessions: Sessions) -> list[Any]:
+            await readers(sessions, 1, ROWS)
+            redis_server.pause()
+            try:
+                await cancel_when_sent(read(sessions, 1), redis_server.port)
+                await cancel_when_sent(read_many(sessions, [2, 3, 4]), redis_server.port)
+            finally:
+                redis_server.resume()
+            cachedecor.reset_stats()
+            return [await read(sessions, 5), await read_many(sessions, [4, 3]), await read(sessions, 2)]
+
+        assert run(db, body) == [row(5), [row(4), row(3)], row(2)]
+        assert counters()["hits"] == 4
+        assert counters()["errors"] == counters()["mismatches"] == counters()["bad_entries"] == 0
