@@ -15,7 +15,9 @@ both run the same steps, :func:`deliveries`); queueing them until a session comm
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Generator, Iterable
 from typing import Any
 
@@ -85,6 +87,35 @@ def plan(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> Plan:
     return {name: (list(dict.fromkeys(keys)), patterns) for name, (keys, patterns) in out.items()}
 
 
+# --------------------------------------------------------------------------------------
+# plans as JSON: what the outbox stores and broadcasts carry
+
+
+def encode_plan(keys: Plan) -> str:
+    """The JSON of a :data:`~cachedecor.invalidation.Plan` (region -> keys, patterns)."""
+    out: dict[str, Any] = {}
+    for region, (names, patterns) in keys.items():
+        entry: dict[str, Any] = {}
+        if names:
+            entry["k"] = names
+        if patterns:
+            entry["p"] = [[p.prefix, p.regex.pattern if p.regex is not None else None] for p in patterns]
+        out[region] = entry
+    return json.dumps(out, separators=(",", ":"))
+
+
+def decode_plan(payload: str) -> Plan:
+    """The :data:`Plan` of :func:`encode_plan`'s JSON."""
+    out: Plan = {}
+    for region, entry in json.loads(payload).items():
+        patterns = [
+            KeyPattern(prefix, re.compile(rx) if rx is not None else None)
+            for prefix, rx in entry.get("p", [])
+        ]
+        out[region] = (list(entry.get("k", [])), patterns)
+    return out
+
+
 def deliveries(
     rows: dict[Group, list[Any]], wide: Iterable[Group] = (), keys: Plan | None = None, durable: bool = False
 ) -> Deliveries:
@@ -117,6 +148,8 @@ def deliver(
         from sqlalchemy.util import await_only
 
         return await_only(adeliver(rows, wide, keys, durable))
+    keys = plan(rows, wide) if keys is None else keys
+    evict_here(keys)
     steps = deliveries(rows, wide, keys, durable)
     answer: Any = None
     error: BaseException | None = None
@@ -124,6 +157,7 @@ def deliver(
         try:
             settings, items = steps.send(answer) if error is None else steps.throw(error)
         except StopIteration as done:
+            broadcast_after(keys)
             return bool(done.value)
         answer = error = None
         try:
@@ -139,6 +173,8 @@ async def adeliver(
     rows: dict[Group, list[Any]], wide: Iterable[Group] = (), keys: Plan | None = None, durable: bool = False
 ) -> bool:
     """:func:`deliver` for asyncio callers: the same deletes, through the asyncio stores."""
+    keys = plan(rows, wide) if keys is None else keys
+    evict_here(keys)
     steps = deliveries(rows, wide, keys, durable)
     answer: Any = None
     error: BaseException | None = None
@@ -146,6 +182,7 @@ async def adeliver(
         try:
             settings, items = steps.send(answer) if error is None else steps.throw(error)
         except StopIteration as done:
+            broadcast_after(keys)
             return bool(done.value)
         answer = error = None
         try:
@@ -155,6 +192,24 @@ async def adeliver(
                 await settings.astore.delete_many(items)
         except Exception as exc:
             error = exc
+
+
+def evict_here(keys: Plan) -> None:
+    """Evict ``keys`` from this process's near caches, now (before the deletes: a commit
+    returns with its own near entries gone)."""
+    from cachedecor import near
+
+    if near.active():
+        near.evict_everywhere(keys)
+
+
+def broadcast_after(keys: Plan) -> None:
+    """Send ``keys`` to every process's near caches, once the remote deletes are done."""
+    from cachedecor import broadcast
+
+    sender = broadcast.current()
+    if sender is not None:
+        sender.publish(keys)
 
 
 def _in_async_greenlet() -> bool:

@@ -28,7 +28,6 @@ session's transaction (plain connections) are delivered at once, as before.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -45,8 +44,7 @@ from sqlalchemy.orm import Session
 from cachedecor.backends.base import register_fork_aware
 from cachedecor.config import OutboxSettings, configured_regions
 from cachedecor.errors import ConfigError
-from cachedecor.invalidation import Group, Plan, plan
-from cachedecor.keys import KeyPattern
+from cachedecor.invalidation import Group, Plan, decode_plan, encode_plan, plan
 from cachedecor.stats import counters as region_counters
 from cachedecor.stats import log_failure
 
@@ -93,36 +91,6 @@ def outbox_table(
         Column("payload", Text, nullable=False),
         schema=schema,
     )
-
-
-# --------------------------------------------------------------------------------------
-# payloads: what one transaction must delete, by region
-
-
-def encode(keys: Plan) -> str:
-    """The JSON of a :data:`~cachedecor.invalidation.Plan` (region -> keys, patterns)."""
-    out: dict[str, Any] = {}
-    for region, (names, patterns) in keys.items():
-        entry: dict[str, Any] = {}
-        if names:
-            entry["k"] = names
-        if patterns:
-            entry["p"] = [[p.prefix, p.regex.pattern if p.regex is not None else None] for p in patterns]
-        out[region] = entry
-    return json.dumps(out, separators=(",", ":"))
-
-
-def decode(payload: str) -> Plan:
-    import re
-
-    out: Plan = {}
-    for region, entry in json.loads(payload).items():
-        patterns = [
-            KeyPattern(prefix, re.compile(rx) if rx is not None else None)
-            for prefix, rx in entry.get("p", [])
-        ]
-        out[region] = (list(entry.get("k", [])), patterns)
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -250,11 +218,7 @@ class Outbox:
 
     def connection_for(self, session: Session) -> Connection | None:
         """The connection of ``session``'s transaction to the outbox's database, if any."""
-        transaction = session.get_transaction()
-        if transaction is None:
-            return None
-        for entry in list(transaction._connections.values()):
-            conn = entry[0]
+        for conn in connections(session):
             if _same_database(conn.engine.url, self.settings.url):
                 return conn
         return None
@@ -273,7 +237,7 @@ class Outbox:
         if not known:
             return None
         row_id = secrets.randbits(63)
-        values: dict[str, Any] = {"id": row_id, "attempts": 0, "payload": encode(keys)}
+        values: dict[str, Any] = {"id": row_id, "attempts": 0, "payload": encode_plan(keys)}
         now = _epoch(conn.dialect)
         values["created_at"] = now if now is not None else time.time()
         conn.execute(self.table.insert().values(values))
@@ -339,7 +303,7 @@ class Outbox:
             done: list[int] = []
             failed: list[int] = []
             for row_id, payload in rows:
-                if deliver_now(decode(payload)):
+                if deliver_now(decode_plan(payload)):
                     done.append(row_id)
                 else:
                     failed.append(row_id)
@@ -377,10 +341,21 @@ class Outbox:
         }
 
 
+def connections(session: Session) -> list[Connection]:
+    """The connections that ``session``'s transaction holds."""
+    transaction = session.get_transaction()
+    if transaction is None:
+        return []
+    return [entry[0] for entry in list(transaction._connections.values())]
+
+
 def deliver_now(keys: Plan) -> bool:
     """Delete ``keys`` in every region this process configured, whatever the circuit
     breakers say; whether every delete was delivered (to regions it knows)."""
+    from cachedecor.invalidation import broadcast_after, evict_here
+
     regions = configured_regions()
+    evict_here(keys)
     ok = True
     for name, (names, patterns) in keys.items():
         settings = regions.get(name)
@@ -402,6 +377,7 @@ def deliver_now(keys: Plan) -> bool:
             counters.errors += 1
             log_failure(name, "outbox delivery (kept in the outbox, retried)", exc)
             ok = False
+    broadcast_after(keys)
     return ok
 
 

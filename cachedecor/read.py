@@ -25,7 +25,17 @@ from cachedecor.binding import CallBinding
 from cachedecor.drivers import drive, drive_async, lookup_async
 from cachedecor.errors import RegionNotConfigured, UsageError
 from cachedecor.keys import KeyMaker, Space, key_maker
-from cachedecor.readpath import CACHED, HIT, REFRESH, UNCACHED, decode, read_many, read_one, refresh_one
+from cachedecor.readpath import (
+    CACHED,
+    HIT,
+    REFRESH,
+    UNCACHED,
+    decode,
+    near_hit,
+    read_many,
+    read_one,
+    refresh_one,
+)
 from cachedecor.rows import ModelPlan, model_plan
 from cachedecor.stats import counters as region_counters
 from cachedecor.stats import log_failure
@@ -41,7 +51,19 @@ T = TypeVar("T")
 class _Resolved:
     """Per (function, region configuration): what a call needs, looked up once."""
 
-    __slots__ = ("astore", "base", "codec", "counters", "maker", "name", "region", "settings", "store", "ttl")
+    __slots__ = (
+        "astore",
+        "base",
+        "codec",
+        "counters",
+        "maker",
+        "name",
+        "near",
+        "region",
+        "settings",
+        "store",
+        "ttl",
+    )
 
     def __init__(self, fn: CachedFunction[Any], settings: _config.RegionSettings) -> None:
         self.settings = settings
@@ -49,6 +71,7 @@ class _Resolved:
         self.region = settings.region
         self.store = settings.store
         self.astore = settings.astore
+        self.near = settings.near
         self.codec = settings.codec
         self.maker: KeyMaker = key_maker(fn.model, settings.namespace)
         self.base = self.maker.model
@@ -204,6 +227,13 @@ class CachedFunction(Generic[R]):
         if target is None:
             return self.__wrapped__(*args, **kwargs)
         key = target[0]
+        near = r.near
+        since = None
+        if near is not None:
+            status, value = near_hit(self, r, key, session, target[2])
+            if status is HIT:
+                return value  # type: ignore[no-any-return]
+            since = near.mark()
         try:
             first: Any = r.store.lookup(key, r.settings.lease_timeout)
         except Exception as exc:
@@ -212,11 +242,11 @@ class CachedFunction(Generic[R]):
         else:
             status = None
             if first[0] is not None:  # a hit needs no more than this: no generator, no driver
-                status, value = decode(self, r, key, first[0], session, target[2])
+                status, value = decode(self, r, key, first[0], session, target[2], since)
                 if status is HIT:
                     r.counters.hits += 1
                     return value  # type: ignore[no-any-return]
-        steps = read_one(self, r, session, target, args, kwargs, first, status)
+        steps = read_one(self, r, session, target, args, kwargs, first, status, since)
         return drive(steps, r.store, self.__wrapped__)  # type: ignore[no-any-return]
 
     def _target(
@@ -286,6 +316,13 @@ class AsyncCachedFunction(CachedFunction[T]):
         if target is None:
             return await call(*args, **kwargs)  # type: ignore[no-any-return]
         key = target[0]
+        near = r.near
+        since = None
+        if near is not None:
+            status, value = near_hit(self, r, key, session, target[2])
+            if status is HIT:
+                return value  # type: ignore[no-any-return]
+            since = near.mark()
         try:
             first: Any = await lookup_async(r.astore, key, r.settings.lease_timeout)
         except Exception as exc:
@@ -294,11 +331,11 @@ class AsyncCachedFunction(CachedFunction[T]):
         else:
             status = None
             if first[0] is not None:
-                status, value = decode(self, r, key, first[0], session, target[2])
+                status, value = decode(self, r, key, first[0], session, target[2], since)
                 if status is HIT:
                     r.counters.hits += 1
                     return value  # type: ignore[no-any-return]
-        steps = read_one(self, r, session, target, args, kwargs, first, status)
+        steps = read_one(self, r, session, target, args, kwargs, first, status, since)
         return await drive_async(steps, r.astore, call)  # type: ignore[no-any-return]
 
     async def refresh(self, *args: Any, **kwargs: Any) -> T:  # type: ignore[override]

@@ -102,13 +102,15 @@ def read_one(
     kwargs: Any,
     first: tuple[Any, Any] | BaseException,
     status: Any = None,
+    since: int | None = None,
 ) -> Steps:
     """A call through the cache, from the answer to its first lookup on.
 
     The driver makes the first lookup itself, and decodes an entry it finds with
     :func:`decode`, so that a hit, which needs nothing else, costs no generator:
     ``first`` is that lookup's answer (or the exception it raised) and ``status``
-    what :func:`decode` said of its entry (``None``: no entry).
+    what :func:`decode` said of its entry (``None``: no entry). ``since`` is the near
+    cache's eviction sequence when the read started (``None``: no near cache).
     """
     key, pk, token, space = target
     counters = r.counters
@@ -119,7 +121,7 @@ def read_one(
         data, lease = first
         if data is not None:
             if status is None:
-                status, value = decode(fn, r, key, data, session, token)
+                status, value = decode(fn, r, key, data, session, token, since)
                 if status is HIT:
                     counters.hits += 1
                     return value
@@ -134,19 +136,19 @@ def read_one(
     if status is _OTHER or status is _KEEP:  # a sibling class's row, or one not attachable
         return (yield (CALL, args, kwargs))
     if data is not None:
-        status, value = decode(fn, r, key, data, session, token)
+        status, value = decode(fn, r, key, data, session, token, since)
         if status is HIT:
             return value
         if status is _DROP:
             yield from _drop(r, key)
         return (yield (CALL, args, kwargs))
     if lease is None:
-        found, value = yield from _wait_for_fill(fn, r, key, session, token)
+        found, value = yield from _wait_for_fill(fn, r, key, session, token, since)
         if found:
             return value
         return (yield (CALL, args, kwargs))
     counters.lease_wins += 1
-    return (yield from _call_and_fill(fn, r, key, lease, session, pk, token, space, args, kwargs))
+    return (yield from _call_and_fill(fn, r, key, lease, session, pk, token, space, args, kwargs, since))
 
 
 def refresh_one(
@@ -154,6 +156,10 @@ def refresh_one(
 ) -> Steps:
     """Call the function and refill the entry under a fresh lease, whatever it held."""
     key, pk, token, space = target
+    since = None
+    if r.near is not None:
+        r.near.evict((key,))
+        since = r.near.mark()
     r.counters.misses += 1
     try:
         yield (DELETE, [key])
@@ -165,7 +171,7 @@ def refresh_one(
     if lease is None:  # filled or being filled by a reader that started after the delete
         return (yield (CALL, args, kwargs))
     r.counters.lease_wins += 1
-    return (yield from _call_and_fill(fn, r, key, lease, session, pk, token, space, args, kwargs))
+    return (yield from _call_and_fill(fn, r, key, lease, session, pk, token, space, args, kwargs, since))
 
 
 def _call_and_fill(
@@ -179,8 +185,10 @@ def _call_and_fill(
     space: Any,
     args: Any,
     kwargs: Any,
+    since: int | None = None,
 ) -> Steps:
-    """Call the function holding the fill lease of ``key``, and fill it with the result."""
+    """Call the function holding the fill lease of ``key``, and fill it with the result
+    (and the near cache, with ``since``, when the fill was stored)."""
     unfillable = session is not None and _unfillable(fn, session, r, pk, token)
     started = time.time()
     try:
@@ -203,6 +211,8 @@ def _call_and_fill(
             except Exception as exc:
                 outcome = exc
             yield from _filled(r, key, lease, outcome)
+            if outcome is True and since is not None:
+                r.near.put(key, payload, started, len(entry), since)
     return result
 
 
@@ -224,14 +234,36 @@ def _in_identity_map(fn: Any, session: Session, r: Any, pk: Any, token: Any) -> 
         return True
 
 
-def decode(fn: Any, r: Any, key: str, data: bytes, session: Session | None, token: Any) -> tuple[Any, Any]:
+def decode(
+    fn: Any, r: Any, key: str, data: bytes, session: Session | None, token: Any, since: int | None = None
+) -> tuple[Any, Any]:
     """``(HIT, instance or None)`` for a usable entry; ``(_OTHER, None)`` for an entry of
     a class outside the model; ``(_DROP, None)`` for one to delete: unusable (counted
     and logged), or written before the region's invalidation (``region.invalidate()``).
-    No I/O: the caller deletes (:func:`_drop`)."""
-    counters = r.counters
+    No I/O: the caller deletes (:func:`_drop`). With ``since`` (the near cache's
+    eviction sequence when the lookup started), a usable entry is also kept in the
+    region's near cache."""
     try:
         payload, written_at = r.codec.decode_timed(key, data)
+    except BadEntry as exc:
+        r.counters.bad_entries += 1
+        log_failure(r.name, "decoding an entry", f"{key}: {exc}")
+        return _DROP, None
+    except Exception as exc:
+        r.counters.errors += 1
+        log_failure(r.name, "attaching a cached row", exc)
+        return _KEEP, None
+    if since is not None:
+        r.near.put(key, payload, written_at, len(data), since)
+    return use(fn, r, key, payload, written_at, session, token)
+
+
+def use(
+    fn: Any, r: Any, key: str, payload: Any, written_at: float, session: Session | None, token: Any
+) -> tuple[Any, Any]:
+    """:func:`decode` of an entry already decoded (from the near cache, or by :func:`decode`)."""
+    counters = r.counters
+    try:
         invalidator = r.region.region_invalidator
         if getattr(invalidator, "_invalidated", True) is not None and invalidator.is_invalidated(written_at):
             return _DROP, None
@@ -251,6 +283,22 @@ def decode(fn: Any, r: Any, key: str, data: bytes, session: Session | None, toke
         log_failure(r.name, "attaching a cached row", exc)
         return _KEEP, None
     return _DROP, None
+
+
+def near_hit(fn: Any, r: Any, key: str, session: Session | None, token: Any) -> tuple[Any, Any]:
+    """The near cache's answer for ``key``: ``(HIT, value)``, or ``(None, None)`` (not there,
+    or not usable: then it is evicted and the read goes on to the remote cache)."""
+    near = r.near
+    got = near.get(key)
+    if got is None:
+        return None, None
+    status, value = use(fn, r, key, got[0], got[1], session, token)
+    if status is HIT:
+        r.counters.hits += 1
+        r.counters.local_hits += 1
+        return HIT, value
+    near.evict((key,))
+    return None, None
 
 
 def _drop(r: Any, key: str) -> Steps:
@@ -355,7 +403,9 @@ def _release(r: Any, key: str, lease: Any) -> Steps:
         log_failure(r.name, "lease release", exc)
 
 
-def _wait_for_fill(fn: Any, r: Any, key: str, session: Session | None, token: Any) -> Steps:
+def _wait_for_fill(
+    fn: Any, r: Any, key: str, session: Session | None, token: Any, since: int | None = None
+) -> Steps:
     """Another reader holds the lease: wait up to ``lease_wait`` for its value."""
     wait = r.settings.lease_wait
     if wait <= 0:
@@ -379,7 +429,7 @@ def _wait_for_fill(fn: Any, r: Any, key: str, session: Session | None, token: An
             return False, None  # the lease was released or invalidated
         if not is_lease(data):
             # counted as the miss it was (and in lease_waits), not as a hit
-            status, value = decode(fn, r, key, data, session, token)
+            status, value = decode(fn, r, key, data, session, token, since)
             if status is _DROP:
                 yield from _drop(r, key)
             return status is HIT, value
@@ -414,11 +464,23 @@ def read_many(fn: Any, r: Any, args: Any, kwargs: Any, mode: int = CACHED) -> St
         return []
     results: dict[str, Any] = {}
     replies: dict[str, tuple[bytes | None, Any]] = {}
+    near = r.near
+    since = None
     if mode == UNCACHED:
         lookup = []
     else:
         counters.bypasses += len(blocked)
         lookup = [k for k in wanted if k not in blocked]
+        if near is not None:
+            if mode == REFRESH:
+                near.evict(lookup)
+            else:
+                for key in lookup:
+                    status, value = near_hit(fn, r, key, session, token)
+                    if status is HIT:
+                        results[key] = value
+                lookup = [k for k in lookup if k not in results]
+            since = near.mark()
     if lookup and mode == REFRESH:
         try:
             yield (DELETE, lookup)
@@ -432,9 +494,11 @@ def read_many(fn: Any, r: Any, args: Any, kwargs: Any, mode: int = CACHED) -> St
     leases: dict[str, Any] = {}
     dropped: list[str] = []
     for key in wanted:
+        if key in results:
+            continue  # a near-cache hit
         data, lease = replies.get(key, (None, None))
         if data is not None and mode != REFRESH:
-            status, value = decode(fn, r, key, data, session, token)
+            status, value = decode(fn, r, key, data, session, token, since)
             if status is HIT:
                 counters.hits += 1
                 results[key] = value
@@ -451,7 +515,7 @@ def read_many(fn: Any, r: Any, args: Any, kwargs: Any, mode: int = CACHED) -> St
             if data is None and lease is not None:
                 leases[key] = lease
     if not missing:
-        return [results[k] for k in wanted if results[k] is not None]
+        return [results[k] for k in wanted if results.get(k) is not None]
     if mode != UNCACHED:
         counters.misses += len(missing)
         counters.lease_wins += len(leases)
@@ -483,12 +547,14 @@ def read_many(fn: Any, r: Any, args: Any, kwargs: Any, mode: int = CACHED) -> St
         if key in wanted and key not in results:
             results[key] = row
     entries: list[tuple[str, bytes, Any]] = []
+    payloads: dict[str, Any] = {}
     for key, lease in leases.items():
         yield from _load(fn, results.get(key))
         payload = _payload(fn, r, key, results.get(key), token, space)
         entry = None if payload is _SKIP else (yield from _entry(r, key, lease, payload, started))
         if entry is not None:
             entries.append((key, entry, lease))
+            payloads[key] = payload
         elif payload is _SKIP:
             yield from _release(r, key, lease)
     if entries:
@@ -496,8 +562,11 @@ def read_many(fn: Any, r: Any, args: Any, kwargs: Any, mode: int = CACHED) -> St
             outcomes = yield (FILL_MANY, entries, r.ttl)
         except Exception as exc:
             outcomes = {key: exc for key, _, _ in entries}
-        for key, _, lease in entries:
-            yield from _filled(r, key, lease, outcomes.get(key, False))
+        for key, entry, lease in entries:
+            outcome = outcomes.get(key, False)
+            yield from _filled(r, key, lease, outcome)
+            if outcome is True and since is not None:
+                near.put(key, payloads[key], started, len(entry), since)
     return [results[k] for k in wanted if results.get(k) is not None]
 
 

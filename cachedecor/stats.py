@@ -27,7 +27,9 @@ class RegionStats:
     """Counters of one region since start-up (or the last :func:`reset_stats`)."""
 
     hits: int = 0
-    """Entries served from the cache."""
+    """Entries served from the cache (the near cache's included)."""
+    local_hits: int = 0
+    """Hits served by this process's near cache (``local_entries``), without a round trip."""
     misses: int = 0
     """Keys not found (or found unusable). Each call counts once: a hit or a miss.
     A miss that waited for another reader's fill is also in ``lease_waits``."""

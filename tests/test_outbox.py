@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 
 import cachedecor
 from cachedecor import outbox
+from cachedecor.invalidation import decode_plan
 from cachedecor.outbox import outbox_table
 from tests.apps import accounts_v2
 from tests.conftest import memcached_config
@@ -342,7 +343,7 @@ class TestWritePath:
         with Session(durable) as s:
             rename(s, 2, "Grace")
         (row,) = _rows(durable)
-        assert outbox.decode(row.payload)["default"][0] == [get_user.cache_key(2)]
+        assert decode_plan(row.payload)["default"][0] == [get_user.cache_key(2)]
 
     def test_a_missing_table_is_a_configuration_error(self, pg_engine: Engine, memcached: Memcached) -> None:
         config = memcached_config(memcached.url)
@@ -434,7 +435,7 @@ class TestOtherSessions:
 
         asyncio.run(write())
         (row,) = _rows(durable)
-        assert outbox.decode(row.payload)["default"][0] == [get_user.cache_key(1)]
+        assert decode_plan(row.payload)["default"][0] == [get_user.cache_key(1)]
 
     def test_sqlite_with_one_writer(self, memcached: Memcached, tmp_path: Path) -> None:
         engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'app.sqlite'}")

@@ -28,6 +28,7 @@ from cachedecor.config.options import (
     REGION_OPTIONS,
     REGION_RANGES,
     OutboxSettings,
+    broadcast_settings,
     outbox_settings,
 )
 from cachedecor.config.options import (
@@ -35,7 +36,7 @@ from cachedecor.config.options import (
 )
 from cachedecor.config.regions import RegionSettings, _build, _region_names, check_arguments, check_server
 from cachedecor.config.sources import ENV_VAR, _parse
-from cachedecor.errors import RegionNotConfigured
+from cachedecor.errors import ConfigError, RegionNotConfigured
 
 __all__ = [
     "ARGUMENT_RANGES",
@@ -102,6 +103,15 @@ def configure_regions(
     names = _region_names(parsed, prefix)
     built = {name: _build(name, parsed, prefix) for name in names}
     durable = outbox_settings(parsed.globals, prefix)
+    heard = broadcast_settings(parsed.globals, prefix)
+    from cachedecor import broadcast
+
+    near = [name for name, s in built.items() if s.near is not None]
+    if near and heard is None and broadcast.current() is None:
+        raise ConfigError(
+            f"{prefix}{near[0]}.local_entries: a near cache needs {prefix}broadcast_url (a postgresql:// "
+            f"or redis:// URL) to hear the other processes' invalidations"
+        )
     box = None
     if durable is not None:
         from cachedecor import outbox
@@ -112,6 +122,8 @@ def configure_regions(
         regions = {name: s.region for name, s in _settings.items()}
     if box is not None:
         outbox.activate(box)
+    if heard is not None:
+        broadcast.activate(broadcast.Broadcast(*heard))
     return regions
 
 
@@ -158,6 +170,7 @@ def reset() -> None:
     with _lock:
         _settings.clear()
     reset_stats()
-    from cachedecor import outbox
+    from cachedecor import broadcast, outbox
 
     outbox.activate(None)
+    broadcast.activate(None)

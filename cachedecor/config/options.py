@@ -135,6 +135,9 @@ REGION_RANGES: dict[str, _Range] = {
     "lease_timeout": _Range(1, unit="seconds"),
     "lease_wait": _Range(0, unit="seconds"),
     "max_entry_size": _Range(1, unit="bytes"),
+    "local_entries": _Range(0, unit="entries"),
+    "local_ttl": _Range(0, exclusive=True, unit="seconds"),
+    "local_max_bytes": _Range(1024, unit="bytes"),
 }
 
 _MEMCACHED_RANGES: dict[str, _Range] = {
@@ -196,8 +199,20 @@ REGION_OPTIONS: dict[str, tuple[type, Any]] = {
     "lease_wait": (float, 0.1),
     "max_entry_size": (int, 1_000_000),
     "tables": (list, None),
+    "local_entries": (int, 0),
+    "local_ttl": (float, 10.0),
+    "local_max_bytes": (int, 64 * 1024 * 1024),
 }
-_GLOBAL_OPTIONS = ("regions", "secret", "outbox_url", "outbox_table", "outbox_interval", "outbox_grace")
+_GLOBAL_OPTIONS = (
+    "regions",
+    "secret",
+    "outbox_url",
+    "outbox_table",
+    "outbox_interval",
+    "outbox_grace",
+    "broadcast_url",
+    "broadcast_channel",
+)
 _SERIALIZERS = ("msgpack",)
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -331,3 +346,37 @@ def outbox_settings(options: dict[str, Any], prefix: str) -> OutboxSettings | No
         interval=values["outbox_interval"],
         grace=values["outbox_grace"],
     )
+
+
+# --------------------------------------------------------------------------------------
+# top-level options of the near cache's broadcast (see cachedecor.broadcast)
+
+
+def broadcast_settings(options: dict[str, Any], prefix: str) -> tuple[Any, str] | None:
+    """``(url, channel)`` of ``broadcast_url``/``broadcast_channel``; ``None`` without a URL."""
+    import re
+
+    import sqlalchemy
+
+    if "broadcast_url" not in options:
+        if "broadcast_channel" in options:
+            raise ConfigError(f"{prefix}broadcast_channel: set {prefix}broadcast_url too")
+        return None
+    text = _coerce(options["broadcast_url"], str, f"{prefix}broadcast_url")
+    try:
+        url = sqlalchemy.make_url(text)
+    except Exception:
+        url = None
+    if url is None or url.get_backend_name() not in ("postgresql", "redis", "rediss"):
+        raise ConfigError(
+            f"{prefix}broadcast_url: expected a postgresql:// URL (LISTEN/NOTIFY) or a redis:// URL "
+            f"(pub/sub), got {text!r}"
+        )
+    channel = _coerce(
+        options.get("broadcast_channel", "cachedecor_invalidations"), str, f"{prefix}broadcast_channel"
+    )
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", channel):
+        raise ConfigError(
+            f"{prefix}broadcast_channel: expected letters, digits and '_' (at most 63), got {channel!r}"
+        )
+    return url, channel

@@ -38,6 +38,7 @@ from cachedecor.config.options import (
 from cachedecor.config.sources import _check_name, _Parsed
 from cachedecor.errors import ConfigError
 from cachedecor.keys import check_namespace, mangle_key
+from cachedecor.near import NearCache
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class RegionSettings:
     max_entry_size: int
     arguments: Mapping[str, Any] = field(repr=False)
     tables: frozenset[str] | None = None
+    #: the near cache of this process (``local_entries`` > 0), or ``None``
+    near: NearCache | None = None
 
 
 def _origin(parsed: _Parsed, prefix: str, name: str) -> str:
@@ -228,6 +231,9 @@ def _build(name: str, parsed: _Parsed, prefix: str) -> RegionSettings:
         max_entry_size=values["max_entry_size"],
         arguments=arguments,
         tables=frozenset(values["tables"]) if values["tables"] is not None else None,
+        near=NearCache(values["local_entries"], values["local_ttl"], values["local_max_bytes"])
+        if values["local_entries"]
+        else None,
     )
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, SessionTransaction
 
-from cachedecor import outbox
+from cachedecor import broadcast, outbox
 from cachedecor.invalidation import deliver, plan
 from cachedecor.tracking.scope import _scope
 from cachedecor.tracking.session import _TRACKER, Tracker, _tracker, session_space
@@ -71,9 +71,11 @@ def _after_flush(session: Session, flush_context: Any) -> None:
 
 @event.listens_for(Session, "before_commit")
 def _before_commit(session: Session) -> None:
-    """With an outbox configured: write the transaction's keys to it, in the transaction."""
+    """With an outbox configured: write the transaction's keys to it, in the transaction.
+    With a PostgreSQL broadcast: notify them, in the transaction (sent at its commit)."""
     box = outbox.current()
-    if box is None:
+    sender = broadcast.current()
+    if box is None and (sender is None or sender.kind != "postgresql"):
         return
     transaction = session.get_transaction()
     if transaction is None or transaction.nested:
@@ -83,12 +85,18 @@ def _before_commit(session: Session) -> None:
     tracker = session.info.get(_TRACKER)
     if tracker is None or not (tracker.rows or tracker.wide):
         return
-    conn = box.connection_for(session)
-    if conn is None:
-        return  # the transaction holds no connection to the outbox's database: in-process
     keys = plan({group: list(pks) for group, pks in tracker.rows.items()}, tracker.wide)
     if not keys:
         return
+    if sender is not None:
+        for held in outbox.connections(session):
+            if sender.notify_in_transaction(held, keys):
+                break
+    if box is None:
+        return
+    conn = box.connection_for(session)
+    if conn is None:
+        return  # the transaction holds no connection to the outbox's database: in-process
     row_id = box.write(conn, keys)
     if row_id is not None:
         tracker.outbox = (row_id, keys)

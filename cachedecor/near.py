@@ -1,0 +1,236 @@
+"""The near cache: decoded rows kept in each process, in front of the remote cache.
+
+A region with ``local_entries = N`` keeps up to N decoded entries (and at most
+``local_max_bytes`` of them, counted as their stored size) in a per-process LRU.
+A hit there costs no round trip. Coherence across processes comes from the
+commits themselves (:mod:`cachedecor.broadcast`): every invalidation is also
+broadcast, and each process evicts the keys it receives. Rules:
+
+* Filled only from what the remote cache returned (a remote hit) or from a fill
+  this process won with the lease and stored; never from a transaction that wrote.
+* A process's own commits evict its entries before the commit returns.
+* A fill that started before an eviction of its key is refused (the eviction
+  sequence): a broadcast that arrives between a remote read and the near fill can
+  never be overtaken by the older row.
+* No entry lives longer than ``local_ttl`` seconds, whatever else happens.
+* While the broadcast connection is down (or not yet up), the near cache is
+  emptied and neither read nor filled: a process that may miss invalidations
+  never serves from it.
+* A forked child starts with an empty near cache, deaf until its own broadcast
+  listener has connected.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+from cachedecor.backends.base import register_fork_aware
+
+__all__ = ["NearCache", "active", "evict_everywhere", "flush_everywhere", "set_listening"]
+
+#: A rough per-entry overhead (the key, the list, the dict slot), added to an entry's
+#: stored size when counting bytes.
+OVERHEAD = 200
+#: How many recent evictions are remembered to refuse fills that started before them.
+_REMEMBERED = 50_000
+
+
+class NearCache:
+    """One region's near cache in this process."""
+
+    __slots__ = (
+        "__weakref__",
+        "_entries",
+        "_evicted",
+        "_floor",
+        "_lock",
+        "_seq",
+        "bytes",
+        "evictions",
+        "hits",
+        "max_bytes",
+        "max_entries",
+        "refused",
+        "ttl",
+    )
+
+    def __init__(self, max_entries: int, ttl: float, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self._entries: OrderedDict[str, tuple[Any, float, float, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._seq = 0  # eviction sequence: +1 per eviction batch
+        self._evicted: OrderedDict[str, int] = OrderedDict()  # key -> seq of its last eviction
+        self._floor = 0  # evictions at or below this seq are forgotten
+        self.bytes = 0
+        self.hits = 0
+        self.evictions = 0
+        self.refused = 0
+        _caches.add(self)
+        register_fork_aware(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        self._entries.clear()
+        self.bytes = 0
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get(self, key: str) -> tuple[Any, float] | None:
+        """``(payload copy, written_at)`` of a live entry, or ``None``. Not while deaf."""
+        if not _listening:
+            return None
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        payload, written_at, expires, _ = entry
+        if time.monotonic() >= expires:
+            with self._lock:
+                self._drop(key)
+            return None
+        try:
+            self._entries.move_to_end(key)
+        except KeyError:  # evicted by another thread meanwhile: still a consistent copy
+            pass
+        self.hits += 1
+        return _fresh(payload), written_at
+
+    def mark(self) -> int:
+        """The eviction sequence now: pass it to :meth:`put` for a read starting now."""
+        return self._seq
+
+    # -- writes --------------------------------------------------------------------------
+
+    def put(self, key: str, payload: Any, written_at: float, size: int, since: int) -> bool:
+        """Keep ``payload`` (as read from the remote cache, before any decoding) for ``key``.
+
+        Refused (``False``) while deaf, when ``key`` was evicted after ``since`` (the
+        sequence when the read that produced the payload started), or when the
+        eviction that would have told is forgotten.
+        """
+        if not _listening or type(payload) is not list:
+            return False
+        size += OVERHEAD
+        if size > self.max_bytes:
+            return False
+        with self._lock:
+            last = self._evicted.get(key)
+            if since < self._floor or (last is not None and last > since):
+                self.refused += 1
+                return False
+            self._drop(key)
+            self._entries[key] = (_fresh(payload), written_at, time.monotonic() + self.ttl, size)
+            self.bytes += size
+            while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+                _, (_, _, _, dropped) = self._entries.popitem(last=False)
+                self.bytes -= dropped
+        return True
+
+    def evict(self, keys: Iterable[str]) -> None:
+        """Forget ``keys`` (and refuse fills of them that started before now)."""
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            evicted = self._evicted
+            for key in keys:
+                self._drop(key)
+                evicted[key] = seq
+                evicted.move_to_end(key)
+                self.evictions += 1
+            while len(evicted) > _REMEMBERED:
+                _, forgotten = evicted.popitem(last=False)
+                self._floor = max(self._floor, forgotten)
+
+    def evict_matching(self, patterns: Iterable[Any]) -> None:
+        """Forget every key one of ``patterns`` (:class:`~cachedecor.keys.KeyPattern`) matches."""
+        patterns = list(patterns)
+        self.evict([k for k in list(self._entries) if any(p.matches(k) for p in patterns)])
+        with self._lock:
+            self._floor = self._seq  # fills of other keys of the patterns may be under way
+
+    def flush(self) -> None:
+        """Forget everything, and refuse every fill under way."""
+        with self._lock:
+            self._seq += 1
+            self._floor = self._seq
+            self._entries.clear()
+            self._evicted.clear()
+            self.bytes = 0
+
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry[3]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _fresh(payload: list[Any]) -> list[Any]:
+    """A copy of ``payload`` that a build may change (it decodes values in place) and whose
+    mutable values (JSON documents) are the caller's own."""
+    values = payload[3]
+    if type(values) is list:
+        values = [copy.deepcopy(v) if type(v) in (list, dict) else v for v in values]
+    return [payload[0], payload[1], payload[2], values]
+
+
+# --------------------------------------------------------------------------------------
+# every near cache of this process
+
+_caches: weakref.WeakSet[NearCache] = weakref.WeakSet()
+#: whether invalidations reach this process (the broadcast listener is connected)
+_listening = False
+
+
+def active() -> bool:
+    """Whether any near cache exists in this process."""
+    return bool(_caches)
+
+
+def set_listening(on: bool) -> None:
+    """The broadcast connection is up (``True``) or lost (``False``: flush, then bypass)."""
+    global _listening
+    if not on:
+        _listening = False
+        flush_everywhere()
+    else:
+        flush_everywhere()  # what was missed while deaf is unknown
+        _listening = True
+
+
+def evict_everywhere(keys_by_region: dict[str, tuple[list[str], list[Any]]]) -> None:
+    """Evict keys (and key patterns) by region name, in this process's near caches."""
+    from cachedecor.config import configured_regions
+
+    regions = configured_regions()
+    for name, (keys, patterns) in keys_by_region.items():
+        settings = regions.get(name)
+        near = getattr(settings, "near", None) if settings is not None else None
+        if near is None:
+            continue
+        if keys:
+            near.evict(keys)
+        if patterns:
+            near.evict_matching(patterns)
+
+
+def flush_everywhere() -> None:
+    for near in list(_caches):
+        near.flush()
+
+
+def _after_fork_in_child() -> None:
+    global _listening
+    _listening = False  # until this process's own listener has connected
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
