@@ -35,7 +35,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 import cachedecor
-from cachedecor.backends import NodeDown
+from cachedecor.backends import NodeDown, NodeHealth
+from cachedecor.backends.memcached.aio import AsyncMemcachedCluster
 from cachedecor.config import configured_regions, region_settings
 from tests.conftest import SQLCounter, memcached_config
 from tests.models import Base, User
@@ -446,6 +447,36 @@ class TestMemcachedKilled:
         assert run(any_db, body) == (1, "renamed while down")
         assert health().pending_count() == 0
         assert counters()["invalidations"] == 0  # delivered from the queue, not by the commit
+
+
+@pytest.mark.memcached
+class TestOwedDeletes:
+    def test_concurrent_readers_wait_for_the_delivery_under_way(self) -> None:
+        # A delete leaves the node's queue when its delivery starts. Coroutines that
+        # read the node meanwhile must wait for that delivery, not read beside it: on
+        # a memcached with several worker threads, reads sent on other connections
+        # while the delete was on its way returned the stale entry (64 of 2,400 reads).
+        server = Memcached(threads=4)
+        raw = raw_memcached(server)
+        cluster = AsyncMemcachedCluster([server.url], NodeHealth(5), max_connections=8)
+
+        async def body() -> list[bytes | None]:
+            seen: list[bytes | None] = []
+            try:
+                for _ in range(100):
+                    raw.set("k", b"stale", noreply=False)
+                    cluster.health.queue(server.url, ["k"])
+                    seen += await asyncio.gather(*(cluster.peek("k") for _ in range(8)))
+            finally:
+                await cluster.aclose()
+            return seen
+
+        try:
+            seen = asyncio.run(body())
+        finally:
+            raw.close()
+            server.stop()
+        assert seen == [None] * 800
 
 
 # --------------------------------------------------------------------------------------

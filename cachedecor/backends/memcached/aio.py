@@ -35,6 +35,7 @@ a server that answers classic ones is a proxy without meta commands).
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import sys
 from collections.abc import Awaitable, Iterable, Sequence
@@ -94,13 +95,15 @@ async def _within(awaitable: Awaitable[_T], seconds: float | None, what: str) ->
 
 
 class _Pool:
-    """One node's connections in one event loop."""
+    """One node's connections in one event loop, and the delivery of its owed deletes
+    under way in that loop (which every other call to the node waits for)."""
 
-    __slots__ = ("idle", "slots")
+    __slots__ = ("delivery", "idle", "slots")
 
     def __init__(self, size: int) -> None:
         self.idle: list[socket.socket] = []
         self.slots = asyncio.Semaphore(size)
+        self.delivery: asyncio.Future[None] | None = None
 
     def close(self) -> None:
         while self.idle:
@@ -207,15 +210,20 @@ class AsyncMemcachedCluster:
             parser.feed(data)
         return parser.replies
 
-    async def _run(self, node: str, payload: bytes, count: int, *, classic: bool = False) -> list[Reply]:
-        """Send ``payload`` (``count`` commands) to ``node`` and return its replies."""
+    async def _run(
+        self, node: str, payload: bytes, count: int, *, classic: bool = False, owed: bool = True
+    ) -> list[Reply]:
+        """Send ``payload`` (``count`` commands) to ``node`` and return its replies.
+
+        What the node is owed is delivered first (``owed=False``: this is that delivery).
+        """
         health = self.health
         if health.is_down(node):
             raise NodeDown(f"memcached node {node} is marked down")
-        if health.owes(node):
-            await self.deliver(node)
         loop = asyncio.get_running_loop()
         pool = self._pool(loop, node)
+        if owed and (pool.delivery is not None or health.owes(node)):
+            await self._settle(loop, pool, node)
         if pool.slots.locked():  # every connection busy: wait for one, within the timeout
             try:
                 await _within(
@@ -284,9 +292,28 @@ class AsyncMemcachedCluster:
         except Exception:
             return False
 
-    async def _classic(self, node: str, payload: bytes, count: int = 1) -> list[Reply]:
+    async def _settle(self, loop: asyncio.AbstractEventLoop, pool: _Pool, node: str) -> None:
+        """Deliver what ``node`` is owed before anything else is sent to it.
+
+        The deletes leave the queue when their delivery starts, so a call that only
+        looked at the queue could read the node while they are still on their way. The
+        calls of this loop therefore wait for the one delivery under way, started by the
+        first of them, and fail with it if it fails (each call costs at most one
+        timeout). The delivery runs as a task of its own: a caller that is cancelled
+        does not cancel it for the others.
+        """
+        while True:
+            delivery = pool.delivery
+            if delivery is None:
+                if not self.health.owes(node):
+                    return
+                delivery = pool.delivery = loop.create_task(self.deliver(node))
+                delivery.add_done_callback(functools.partial(_delivered, pool))
+            await asyncio.shield(delivery)
+
+    async def _classic(self, node: str, payload: bytes, count: int = 1, *, owed: bool = True) -> list[Reply]:
         """Classic commands: error lines raise :class:`ErrorReply` (the connection is fine)."""
-        replies = await self._run(node, payload, count, classic=True)
+        replies = await self._run(node, payload, count, classic=True, owed=owed)
         for code, tokens, _ in replies:
             if code in (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR"):
                 raise ErrorReply(b" ".join([code, *tokens]).decode("ascii", "replace"))
@@ -299,7 +326,7 @@ class AsyncMemcachedCluster:
             return
         payload = b"flush_all\r\n" if flush else b"".join(_classic_delete(k) for k in pending)
         try:
-            await self._classic(node, payload, 1 if flush else len(pending))
+            await self._classic(node, payload, 1 if flush else len(pending), owed=False)
         except Exception:
             self.health.give_back(node, flush, pending)
             self.health.failed(node)
@@ -451,6 +478,14 @@ async def _each(calls: Iterable[Awaitable[_T]]) -> list[_T | Exception]:
         if isinstance(result, BaseException) and not isinstance(result, Exception):
             raise result
     return results  # type: ignore[return-value]
+
+
+def _delivered(pool: _Pool, delivery: asyncio.Future[None]) -> None:
+    """The delivery of a node's owed deletes ended: the next call may start another."""
+    if pool.delivery is delivery:
+        pool.delivery = None
+    if not delivery.cancelled():
+        delivery.exception()  # retrieved: a failure is the waiting callers' to raise
 
 
 def _items(replies: list[Reply]) -> dict[str, Item]:
