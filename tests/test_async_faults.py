@@ -249,22 +249,23 @@ def raw_memcached(server: Memcached) -> Client:
     return Client(("127.0.0.1", server.port), connect_timeout=1, timeout=1)
 
 
-def unread_bytes(port: int) -> int:
-    """Bytes that clients sent to the server on ``port`` and it has not read yet.
+def unread_bytes(port: int) -> list[int]:
+    """Per established connection to the server on ``port``: the bytes clients sent
+    that it has not read yet.
 
-    The kernel's receive queues of the server's side of every established loopback
-    connection (``/proc/net/tcp``): above zero once a request has reached a server
-    that is paused.
+    The kernel's receive queues of the server's side of the loopback connections
+    (``/proc/net/tcp``): above zero once a request has reached a server that is
+    paused.
     """
-    total = 0
+    queues: list[int] = []
     with open("/proc/net/tcp") as fh:
         next(fh)
         for line in fh:
             fields = line.split()
-            local, state, queues = fields[1], fields[3], fields[4]
+            local, state, queue = fields[1], fields[3], fields[4]
             if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
-                total += int(queues.split(":")[1], 16)
-    return total
+                queues.append(int(queue.split(":")[1], 16))
+    return queues
 
 
 def memcached_region(url: str, **arguments: Any) -> None:
@@ -529,6 +530,62 @@ class TestMemcachedPaused:
         with pytest.raises(NodeDown, match="marked down"):  # the sync callers' breaker is the same
             region_settings("default").store.get("any-key")
 
+    def test_calls_queued_for_a_connection_fail_at_once_when_the_node_is_marked_down(
+        self, db: Database, memcached_factory: Any
+    ) -> None:
+        # Four reads hold the node's four connections; four more wait for one. When the
+        # first four time out the node is marked down, and the waiting reads give up
+        # then, rather than send to the node and wait a timeout more.
+        server = memcached_factory()
+        memcached_region(server.url, dead_timeout=60)
+
+        async def body(sessions: Sessions) -> list[tuple[Any, float]]:
+            await asyncio.gather(*(read(sessions, i) for i in range(1, 5)))  # four connections open
+            server.pause()
+            try:
+                first = [asyncio.ensure_future(timed(read(sessions, i))) for i in range(1, 5)]
+                await until(lambda: sum(1 for q in unread_bytes(server.port) if q) == 4)
+                late = [timed(read(sessions, 1 + i % ROWS)) for i in range(4, 8)]
+                return list(await asyncio.gather(*first, *late))
+            finally:
+                server.resume()
+
+        results = run(db, body)
+        assert [r for r, _ in results] == [row(1 + i % ROWS) for i in range(8)]
+        assert max(t for _, t in results) < TIMEOUT + CALL_MARGIN
+        assert counters()["errors"] == 8
+
+    def test_one_paused_node_of_two_costs_its_keys_only(self, db: Database, memcached_factory: Any) -> None:
+        paused, healthy = memcached_factory(), memcached_factory()
+        cachedecor.configure_regions(
+            memcached_config(
+                paused.url, healthy.url, arguments={"timeout": TIMEOUT, "connect_timeout": TIMEOUT}
+            )
+        )
+        ids = list(range(100, 140))  # enough rows that both nodes own some, whatever their ports
+        cluster = region_settings("default").astore.cluster  # type: ignore[attr-defined]
+        on_healthy = [i for i in ids if cluster.node_for(get_user.cache_key(i)) == healthy.url]
+        assert 0 < len(on_healthy) < len(ids)
+
+        async def body(sessions: Sessions) -> tuple[Any, float]:
+            async with sessions() as session:
+                session.add_all([User(id=i, name=f"user{i}") for i in ids])
+                await session.commit()
+            await read_many(sessions, ids)
+            paused.pause()
+            try:
+                cachedecor.reset_stats()
+                return await timed(read_many(sessions, ids))
+            finally:
+                paused.resume()
+
+        rows, seconds = run(db, body)
+        assert rows == [row(i) for i in ids]
+        assert seconds < TIMEOUT + CALL_MARGIN
+        assert counters()["hits"] == len(on_healthy)
+        assert counters()["errors"] == 1
+        assert health().down_nodes() == [paused.url]
+
 
 @pytest.mark.memcached
 class TestSilentServer:
@@ -788,9 +845,9 @@ class TestTheLoopNeverStalls:
 async def cancel_when_sent(call: Awaitable[Any], port: int) -> None:
     """Start ``call``, wait until its request has reached the (paused) server on ``port``,
     cancel it, and check that it was cancelled."""
-    before = unread_bytes(port)
+    before = sum(unread_bytes(port))
     task = asyncio.ensure_future(call)
-    await until(lambda: task.done() or unread_bytes(port) > before)
+    await until(lambda: task.done() or sum(unread_bytes(port)) > before)
     assert not task.done(), f"the call ended before it was cancelled: {task.result()!r}"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -232,6 +232,11 @@ class AsyncMemcachedCluster:
             except TimeoutError:
                 health.failed(node)
                 raise
+            if health.is_down(node):
+                # marked down while this call waited (the calls before it failed): it
+                # fails at once, as a call that arrives now does, not after a timeout more
+                pool.slots.release()
+                raise NodeDown(f"memcached node {node} is marked down")
         else:
             await pool.slots.acquire()  # returns at once
         try:
