@@ -163,6 +163,32 @@ class TestServerDown:
         wait_until(lambda: health.pending_count() == 0)
         assert raw_client(server.port).get(key) is None
 
+    def test_queued_invalidation_reaches_a_node_marked_down_as_soon_as_it_answers(
+        self, rows: Engine, memcached_factory: Any
+    ) -> None:
+        """Other processes may read the node meanwhile: its deletes must not wait out
+        ``dead_timeout`` (60 s here) because this process's breaker marked it down."""
+        server = memcached_factory()
+        cachedecor.configure_regions(
+            memcached_config(
+                server.url, arguments=dict(timeout=0.2, dead_timeout=60, invalidation_retry_interval=0.01)
+            )
+        )
+        once(rows, get_user, 1)
+        key = get_user.cache_key(1)
+        health = region_settings("default").store.backend.health  # type: ignore[attr-defined]
+        server.pause()
+        try:
+            once(rows, get_user, 2)  # times out: the node is marked down
+            assert health.is_down(server.url)
+            once(rows, rename_user, 1, "renamed while down")  # its delete is queued, never sent
+            assert health.pending_count() == 1
+        finally:
+            server.resume()
+        wait_until(lambda: health.pending_count() == 0)
+        assert raw_client(server.port).get(key) is None
+        assert not health.is_down(server.url)
+
     def test_invalidation_given_up_is_logged_with_its_keys(
         self, rows: Engine, memcached_factory: Any, caplog: pytest.LogCaptureFixture
     ) -> None:

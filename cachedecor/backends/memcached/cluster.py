@@ -33,8 +33,10 @@ class NodeHealth:
     seconds; the first call after that probes it again. Deletes that could not be
     delivered are kept per node (at most ``max_pending`` keys; beyond that the node
     is flushed instead) and retried every ``retry_interval`` seconds for up to
-    ``retry_for`` seconds. While a node has undelivered deletes, its keys are
-    neither read nor filled: the deletes are delivered first.
+    ``retry_for`` seconds, whether or not the breaker marks the node down (a node
+    that answers them is marked up again). While a node has undelivered deletes,
+    its keys are neither read nor filled by this process: the deletes are
+    delivered first.
 
     Both belong to one process. A process forked from this one starts with every
     node up, no queued deletes (they stay with the parent, which delivers them once)
@@ -204,11 +206,16 @@ class NodeHealth:
                 if not nodes:
                     return
                 for node in nodes:
-                    if node in client.clients and not self.is_down(node):
+                    if node in client.clients:
+                        # tried whatever the breaker says: a node marked down by a hiccup
+                        # must get its deletes as soon as it answers, not after
+                        # dead_timeout, while other processes may read it
                         try:
                             client.deliver(node)
                         except Exception:
                             pass  # requeued by deliver(); tried again next round
+                        else:
+                            self.recovered(node)
         finally:
             client.close()
 
