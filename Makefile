@@ -32,9 +32,11 @@ bench: $(STAMP) memcached
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/writes.py $(if $(findstring --quick,$(BENCH_ARGS)),--quick,)
 
-## make faults: what a caller sees (latency, result, counters) for each kind of cache failure
+## make faults: what a caller sees (latency, result, counters) for each kind of cache failure;
+##   then how long an old row is served after each writer or node fault, with and without the outbox
 faults: $(STAMP) memcached
 	$(BIN)/python benchmarks/faults.py
+	$(BIN)/python benchmarks/outbox_faults.py
 
 ## make race: readers and writers racing on PostgreSQL + memcached/Redis, naive vs cachedecor
 ##   (RACE_ARGS="--backend memcached --proxy twemproxy": memcached behind twemproxy)
