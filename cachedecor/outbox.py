@@ -141,6 +141,7 @@ class Outbox:
             _sync_url(settings.url), pool_size=1, max_overflow=1, pool_pre_ping=True
         )
         self._checked: dict[Any, bool] = {}  # engine url -> the table exists there
+        self._inserts: dict[str, Any] = {}  # dialect name -> the INSERT statement, built once
         self._done: list[int] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -237,10 +238,20 @@ class Outbox:
         if not known:
             return None
         row_id = secrets.randbits(63)
-        values: dict[str, Any] = {"id": row_id, "attempts": 0, "payload": encode_plan(keys)}
-        now = _epoch(conn.dialect)
-        values["created_at"] = now if now is not None else time.time()
-        conn.execute(self.table.insert().values(values))
+        params: dict[str, Any] = {"id": row_id, "payload": encode_plan(keys)}
+        insert = self._inserts.get(conn.dialect.name)
+        if insert is None:
+            now = _epoch(conn.dialect)
+            clock = now if now is not None else sqlalchemy.bindparam("created_at", type_=Float)
+            insert = self._inserts[conn.dialect.name] = self.table.insert().values(
+                id=sqlalchemy.bindparam("id"),
+                created_at=clock,
+                attempts=0,
+                payload=sqlalchemy.bindparam("payload"),
+            )
+        if _epoch(conn.dialect) is None:
+            params["created_at"] = time.time()
+        conn.execute(insert, params)
         self.written += 1
         return row_id
 
