@@ -143,6 +143,7 @@ class Window:
         self.stale = 0
         self.last_stale: float | None = None
         self.reads = 0
+        self.stats: dict[str, int] = {}  # the reader's counters at the end
 
     @property
     def seconds(self) -> float:
@@ -155,7 +156,9 @@ def watch(reader: App, want: str, since: float, *, quiet: float = 0.5, deadline:
     fresh_since: float | None = None
     end = time.monotonic() + deadline
     while time.monotonic() < end:
-        owner = reader("read", id=1)["row"]["owner"]
+        answer = reader("read", id=1)
+        owner = answer["row"]["owner"]
+        window.stats = answer["stats"]
         now = time.monotonic()
         window.reads += 1
         if owner == want:
@@ -192,6 +195,8 @@ class TestFaults:
         assert seen_by_web.seconds <= BOUND + SLACK
         assert seen_by_fresh.stale == 0
         assert d.pending() == 0
+        # the web process's deliverer sent the delete the writer could not
+        assert seen_by_web.stats["invalidations"] >= 1
 
     def test_without_the_outbox_the_same_fault_leaves_the_row_stale(self, deployment: Any) -> None:
         """The same fault without ``outbox_url``: the entry stays stale (until it expires)."""
@@ -219,6 +224,7 @@ class TestFaults:
         window = watch(web, "new", died)
         assert window.seconds <= BOUND + SLACK
         assert d.pending() == 0
+        assert window.stats["invalidations"] >= 1  # delivered by the web process
 
     def test_writer_killed_right_after_commit_with_a_paused_node(self, deployment: Any) -> None:
         """(c) SIGKILL right after the commit returns, its delete still owed to a paused node."""
@@ -234,6 +240,7 @@ class TestFaults:
         window = watch(web, "new", resumed)
         assert window.seconds <= BOUND + SLACK
         assert d.pending() == 0
+        assert window.stats["invalidations"] >= 1
 
     def test_outbox_database_unreachable_for_the_deliverer(self, deployment: Any, database: Engine) -> None:
         """(d) The deliverer cannot reach the database for a while (its role may not log in)."""
@@ -269,6 +276,7 @@ class TestFaults:
             window = watch(web, "new", back)
             assert window.seconds <= BOUND + SLACK
             assert d.pending() == 0
+            assert window.stats["invalidations"] >= 1
         finally:
             with database.begin() as conn:
                 conn.exec_driver_sql(
@@ -351,6 +359,34 @@ class TestWritePath:
         with pytest.raises(cachedecor.ConfigError, match="cachedecor outbox create"):
             cachedecor.configure_regions(config)
         assert outbox.current() is None
+
+    def test_a_missing_table_found_at_the_first_write_keeps_the_commit(
+        self, pg_engine: Engine, memcached: Memcached, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The database could not be reached at configuration time (the outbox's role may
+        not log in): the missing table is found at the first write, logged, and the
+        commit goes through with the in-process way."""
+        role = f"cd_nologin_{os.getpid()}"
+        with pg_engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP ROLE IF EXISTS {role}")
+            conn.exec_driver_sql(f"CREATE ROLE {role} NOLOGIN")
+            conn.execute(User.__table__.insert(), [{"id": 1, "name": "user1", "version": 0, "bio": ""}])
+        try:
+            config = memcached_config(memcached.url)
+            config["outbox_url"] = _url(pg_engine, role)
+            cachedecor.configure_regions(config)  # cannot check: a warning, no error
+            with Session(pg_engine) as s:
+                assert get_user(s, 1).name == "user1"  # type: ignore[union-attr]
+            with caplog.at_level("ERROR", logger="cachedecor"), Session(pg_engine) as s:
+                rename(s, 1, "Ada")
+            assert any("cachedecor outbox create" in r.getMessage() for r in caplog.records)
+            with Session(pg_engine) as s:
+                assert get_user(s, 1).name == "Ada"  # type: ignore[union-attr]
+            assert outbox.current().written == 0  # type: ignore[union-attr]
+        finally:
+            cachedecor.reset()
+            with pg_engine.begin() as conn:
+                conn.exec_driver_sql(f"DROP ROLE IF EXISTS {role}")
 
     def test_a_session_on_another_database_keeps_the_in_process_queue(
         self, durable: Engine, sqlite_engine: Engine
