@@ -117,9 +117,12 @@ class AsyncMemcachedCluster:
     :class:`~cachedecor.backends.memcached.cluster.MemcachedCluster`; pass its
     ``health`` to share the circuit breaker and the deletes owed to a node. While a
     node is down, calls for its keys raise :class:`NodeDown` at once. A connect
-    that takes longer than ``connect_timeout``, or an exchange (or the wait for a
-    free connection) longer than ``timeout``, raises :class:`TimeoutError` and
-    counts as a failure of the node.
+    that takes longer than ``connect_timeout``, or an exchange longer than
+    ``timeout``, raises :class:`TimeoutError` and counts as a failure of the node.
+    A call that finds every connection of its loop busy waits for one: a read or a
+    fill at most ``timeout`` (then :class:`TimeoutError`), a delete until one is
+    free. That wait says something about the loop, not the node, and never counts
+    as a failure of the node.
     """
 
     def __init__(
@@ -211,11 +214,22 @@ class AsyncMemcachedCluster:
         return parser.replies
 
     async def _run(
-        self, node: str, payload: bytes, count: int, *, classic: bool = False, owed: bool = True
+        self,
+        node: str,
+        payload: bytes,
+        count: int,
+        *,
+        classic: bool = False,
+        owed: bool = True,
+        patient: bool = False,
     ) -> list[Reply]:
         """Send ``payload`` (``count`` commands) to ``node`` and return its replies.
 
         What the node is owed is delivered first (``owed=False``: this is that delivery).
+        When every connection of this loop to the node is busy, the call waits for one:
+        at most ``timeout``, or (``patient``, for deletes) as long as the calls holding
+        them take, each bounded by the timeout. Either wait is the loop's business, not
+        the node's: it never counts as a failure of the node.
         """
         health = self.health
         if health.is_down(node):
@@ -224,14 +238,13 @@ class AsyncMemcachedCluster:
         pool = self._pool(loop, node)
         if owed and (pool.delivery is not None or health.owes(node)):
             await self._settle(loop, pool, node)
-        if pool.slots.locked():  # every connection busy: wait for one, within the timeout
-            try:
+        if pool.slots.locked():  # every connection busy: wait for one
+            if patient:
+                await pool.slots.acquire()
+            else:
                 await _within(
                     pool.slots.acquire(), self.timeout, f"memcached node {node} (no free connection)"
                 )
-            except TimeoutError:
-                health.failed(node)
-                raise
             if health.is_down(node):
                 # marked down while this call waited (the calls before it failed): it
                 # fails at once, as a call that arrives now does, not after a timeout more
@@ -316,9 +329,11 @@ class AsyncMemcachedCluster:
                 delivery.add_done_callback(functools.partial(_delivered, pool))
             await asyncio.shield(delivery)
 
-    async def _classic(self, node: str, payload: bytes, count: int = 1, *, owed: bool = True) -> list[Reply]:
+    async def _classic(
+        self, node: str, payload: bytes, count: int = 1, *, owed: bool = True, patient: bool = False
+    ) -> list[Reply]:
         """Classic commands: error lines raise :class:`ErrorReply` (the connection is fine)."""
-        replies = await self._run(node, payload, count, classic=True, owed=owed)
+        replies = await self._run(node, payload, count, classic=True, owed=owed, patient=patient)
         for code, tokens, _ in replies:
             if code in (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR"):
                 raise ErrorReply(b" ".join([code, *tokens]).decode("ascii", "replace"))
@@ -331,7 +346,7 @@ class AsyncMemcachedCluster:
             return
         payload = b"flush_all\r\n" if flush else b"".join(_classic_delete(k) for k in pending)
         try:
-            await self._classic(node, payload, 1 if flush else len(pending), owed=False)
+            await self._classic(node, payload, 1 if flush else len(pending), owed=False, patient=True)
         except Exception:
             self.health.give_back(node, flush, pending)
             self.health.failed(node)
@@ -453,7 +468,7 @@ class AsyncMemcachedCluster:
         with :class:`UndeliveredInvalidation`."""
         groups = self._by_node(keys)
         results = await _each(
-            self._classic(node, b"".join(_classic_delete(k) for k in group), len(group))
+            self._classic(node, b"".join(_classic_delete(k) for k in group), len(group), patient=True)
             for node, group in groups.items()
         )
         error: BaseException | None = None
