@@ -23,16 +23,21 @@ A message holds the keys by region, as JSON; one larger than PostgreSQL's 8000-b
 
 from __future__ import annotations
 
+import atexit
+import importlib
 import json
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 from typing import Any
 
+from cachedecor import near
 from cachedecor.backends.base import register_fork_aware
 from cachedecor.invalidation import Plan, decode_plan, encode_plan
-from cachedecor.near import evict_everywhere, set_listening
+from cachedecor.near import HEARD_FOR, evict_everywhere, heard, set_listening
 from cachedecor.stats import log_failure
 
 __all__ = ["Broadcast", "activate", "current"]
@@ -44,6 +49,8 @@ CHANNEL = "cachedecor_invalidations"
 _PG_LIMIT = 7900
 #: seconds between two attempts to reconnect the listener
 _RETRY = 0.2
+#: seconds between two keep-alives of the listener (well within near.HEARD_FOR)
+_KEEPALIVE = HEARD_FOR / 3
 
 
 def _message(keys: Plan) -> str:
@@ -70,10 +77,14 @@ class Broadcast:
         self.url = url
         self.channel = channel
         self.kind = "redis" if url.get_backend_name() in ("redis", "rediss") else "postgresql"
+        # imported now: the publisher may have to connect while the interpreter exits,
+        # when imports no longer work
+        self._client_module: Any = importlib.import_module("redis" if self.kind == "redis" else "psycopg")
         self._outgoing: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.connected = threading.Event()
+        self._cut: Any = None  # shuts the listener's socket down (from another thread)
         self.received = 0
         self.sent = 0
         self.lost = 0
@@ -90,12 +101,14 @@ class Broadcast:
         for thread in self._threads:
             thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 5.0) -> None:
+        """Stop listening; send what is queued first (for up to ``wait`` seconds)."""
         self._stop.set()
         self._outgoing.put(None)
+        deadline = time.monotonic() + wait
         for thread in self._threads:
             if thread is not threading.current_thread():
-                thread.join(5)
+                thread.join(max(0.0, deadline - time.monotonic()))
         self._threads = []
         self.connected.clear()
         set_listening(False)
@@ -137,8 +150,12 @@ class Broadcast:
 
     def _publish_loop(self) -> None:
         conn: Any = None
-        while not self._stop.is_set():
-            text = self._outgoing.get()
+        while True:  # until the sentinel of stop(): what was queued before it is sent
+            try:
+                text = self._outgoing.get(timeout=_KEEPALIVE)
+            except queue.Empty:
+                self._watch()
+                continue
             if text is None:
                 break
             try:
@@ -151,6 +168,16 @@ class Broadcast:
                 conn = self._close(conn)
         self._close(conn)
 
+    def _watch(self) -> None:
+        """A listener whose server stopped answering (its hearing lapsed) is cut off: the
+        process is deaf at once, and the listener reconnects."""
+        if self.connected.is_set() and not near.hearing():
+            self.connected.clear()
+            set_listening(False)
+            cut = self._cut
+            if cut is not None:
+                cut()
+
     def _send(self, conn: Any, text: str) -> None:
         if self.kind == "redis":
             conn.publish(self.channel, text)
@@ -161,17 +188,13 @@ class Broadcast:
 
     def _connect(self) -> Any:
         if self.kind == "redis":
-            import redis
-
-            return redis.Redis.from_url(
+            return self._client_module.Redis.from_url(
                 self.url.render_as_string(hide_password=False),
                 socket_connect_timeout=1,
                 socket_timeout=2,
                 health_check_interval=1,
             )
-        import psycopg
-
-        return psycopg.connect(_libpq_url(self.url), autocommit=True, connect_timeout=2)
+        return self._client_module.connect(_libpq_url(self.url), autocommit=True, connect_timeout=2)
 
     @staticmethod
     def _close(conn: Any) -> None:
@@ -196,6 +219,7 @@ class Broadcast:
                     self.lost += 1
                     log_failure("broadcast", "listening for invalidations (near caches bypassed)", exc)
             finally:
+                self._cut = None
                 self.connected.clear()
                 set_listening(False)
                 self._close(conn)
@@ -206,17 +230,24 @@ class Broadcast:
         self.connected.set()
 
     def _listen_pg(self, conn: Any) -> None:
+        self._cut = _cutter(conn.pgconn.socket)
         conn.execute(f'LISTEN "{self.channel}"')
         self._up()
         while not self._stop.is_set():
-            for notify in conn.notifies(timeout=0.5, stop_after=1000):
+            for notify in conn.notifies(timeout=_KEEPALIVE, stop_after=1000):
                 self.received += 1
                 _receive(notify.payload)
-            conn.execute("SELECT 1")  # a connection that died quietly raises here
+            # the server's answer renews the process's hearing; a connection that died
+            # raises here, and one whose server stopped answering blocks here, letting
+            # the hearing lapse (near.HEARD_FOR) until it answers again
+            conn.execute("SELECT 1")
+            heard()
 
     def _listen_redis(self, client: Any) -> None:
         pubsub = client.pubsub()
         pubsub.subscribe(self.channel)
+        sock = getattr(pubsub.connection, "_sock", None)
+        self._cut = _cutter(sock.fileno()) if sock is not None else None
         # the subscription is confirmed before anything it should hear is sent
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline:
@@ -226,15 +257,37 @@ class Broadcast:
         else:
             raise TimeoutError("no subscription confirmation from Redis")
         self._up()
+        pinged = time.monotonic()
         while not self._stop.is_set():
-            message = pubsub.get_message(timeout=0.5)
-            if message is None:
-                pubsub.ping()
-                continue
-            if message["type"] == "message":
-                self.received += 1
-                data = message["data"]
-                _receive(data.decode() if isinstance(data, bytes) else data)
+            message = pubsub.get_message(timeout=_KEEPALIVE)
+            now = time.monotonic()
+            if message is not None:
+                heard()  # the server answered: a message, or the answer to a keep-alive
+                if message["type"] == "message":
+                    self.received += 1
+                    data = message["data"]
+                    _receive(data.decode() if isinstance(data, bytes) else data)
+            if now - pinged >= _KEEPALIVE:
+                pubsub.ping()  # answered by a "pong" message, which renews the hearing
+                pinged = now
+
+
+def _cutter(fd: int) -> Any:
+    """A function that shuts down the socket ``fd`` (a blocked read then returns)."""
+
+    def cut() -> None:
+        try:
+            dup = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            return
+        try:
+            dup.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            dup.close()
+
+    return cut
 
 
 def _libpq_url(url: Any) -> str:
@@ -249,6 +302,16 @@ _current: Broadcast | None = None
 
 def current() -> Broadcast | None:
     return _current
+
+
+def _drain_at_exit() -> None:
+    """Send what is queued before the interpreter exits (a script, a command, a worker
+    that invalidates and exits at once), within a few seconds."""
+    if _current is not None:
+        _current.stop(wait=2.0)
+
+
+atexit.register(_drain_at_exit)
 
 
 def activate(new: Broadcast | None) -> None:

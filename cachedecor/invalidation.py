@@ -157,6 +157,7 @@ def deliver(
         try:
             settings, items = steps.send(answer) if error is None else steps.throw(error)
         except StopIteration as done:
+            evict_here(keys)  # again: another thread may have refilled it from the old entry
             broadcast_after(keys)
             return bool(done.value)
         answer = error = None
@@ -182,6 +183,7 @@ async def adeliver(
         try:
             settings, items = steps.send(answer) if error is None else steps.throw(error)
         except StopIteration as done:
+            evict_here(keys)  # again: another thread may have refilled it from the old entry
             broadcast_after(keys)
             return bool(done.value)
         answer = error = None

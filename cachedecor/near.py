@@ -33,7 +33,7 @@ from typing import Any
 
 from cachedecor.backends.base import register_fork_aware
 
-__all__ = ["NearCache", "active", "evict_everywhere", "flush_everywhere", "set_listening"]
+__all__ = ["NearCache", "active", "evict_everywhere", "flush_everywhere", "heard", "hearing", "set_listening"]
 
 #: A rough per-entry overhead (the key, the list, the dict slot), added to an entry's
 #: stored size when counting bytes.
@@ -86,7 +86,7 @@ class NearCache:
 
     def get(self, key: str) -> tuple[Any, float] | None:
         """``(payload copy, written_at)`` of a live entry, or ``None``. Not while deaf."""
-        if not _listening:
+        if not _listening or time.monotonic() >= _heard_until:
             return None
         entry = self._entries.get(key)
         if entry is None:
@@ -116,7 +116,7 @@ class NearCache:
         sequence when the read that produced the payload started), or when the
         eviction that would have told is forgotten.
         """
-        if not _listening or type(payload) is not list:
+        if not _listening or type(payload) is not list or time.monotonic() >= _heard_until:
             return False
         size += OVERHEAD
         if size > self.max_bytes:
@@ -189,6 +189,12 @@ def _fresh(payload: list[Any]) -> list[Any]:
 _caches: weakref.WeakSet[NearCache] = weakref.WeakSet()
 #: whether invalidations reach this process (the broadcast listener is connected)
 _listening = False
+#: and until when, at least: the listener renews this each time it hears from the
+#: server (a message, or the answer to its keep-alive); a server that stops
+#: answering without closing the connection makes the process deaf when it passes
+_heard_until = 0.0
+#: how long one answer of the server vouches for the connection
+HEARD_FOR = 1.5
 
 
 def active() -> bool:
@@ -198,13 +204,29 @@ def active() -> bool:
 
 def set_listening(on: bool) -> None:
     """The broadcast connection is up (``True``) or lost (``False``: flush, then bypass)."""
-    global _listening
+    global _listening, _heard_until
     if not on:
         _listening = False
         flush_everywhere()
     else:
         flush_everywhere()  # what was missed while deaf is unknown
+        _heard_until = time.monotonic() + HEARD_FOR
         _listening = True
+
+
+def hearing() -> bool:
+    """Whether invalidations are reaching this process now."""
+    return _listening and time.monotonic() < _heard_until
+
+
+def heard() -> None:
+    """The listener heard from the server just now. After a silence long enough to have
+    made the process deaf, the near caches are flushed first (what was missed is unknown)."""
+    global _heard_until
+    now = time.monotonic()
+    if now >= _heard_until:
+        flush_everywhere()
+    _heard_until = now + HEARD_FOR
 
 
 def evict_everywhere(keys_by_region: dict[str, tuple[list[str], list[Any]]]) -> None:

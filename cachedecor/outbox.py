@@ -388,6 +388,7 @@ def deliver_now(keys: Plan) -> bool:
             counters.errors += 1
             log_failure(name, "outbox delivery (kept in the outbox, retried)", exc)
             ok = False
+    evict_here(keys)  # again: another thread may have refilled it from the old entry
     broadcast_after(keys)
     return ok
 

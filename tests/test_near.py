@@ -516,12 +516,6 @@ def test_an_invalidation_too_large_to_name_its_keys_flushes_every_process(
     assert other("status")["received"] > heard
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the broadcast after the remote deletes is queued for a daemon publisher thread: a "
-    "process that exits right after invalidating (the command line, a script) exits before it is "
-    "sent, and other processes serve their near copy until local_ttl",
-)
 def test_an_invalidation_from_the_command_line_evicts_in_every_process(
     transport: Transport, memcached: Memcached, users: Engine, launch: Any
 ) -> None:
@@ -559,12 +553,6 @@ def test_the_writers_next_read_returns_its_write(
         assert read(users, user_id) == "renamed"  # the very next read: no polling
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a commit evicts its process's near entries before its remote deletes only: another "
-    "thread that reads the old entry from the remote cache between the two puts it near, and the "
-    "writer's next read returns it (until its own broadcast comes back, if it does)",
-)
 def test_the_writers_next_read_returns_its_write_when_another_thread_refilled_it(
     transport: Transport, memcached: Memcached, users: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -725,11 +713,6 @@ def stalled_listener(request: pytest.FixtureRequest, memcached: Memcached) -> It
         server.wait()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the listener has no read deadline: a server that stops answering leaves it "
-    "'connected', and the near cache in use, indefinitely",
-)
 @pytest.mark.parametrize("stalled_listener", ["postgresql", "redis"], indirect=True)
 def test_a_stalled_broadcast_connection_is_noticed(stalled_listener: str) -> None:
     """The process must notice, and stop using its near cache, well within ``local_ttl``."""
