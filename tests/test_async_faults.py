@@ -4,8 +4,8 @@ Every test runs its coroutines with ``asyncio.run`` (one event loop per run, as 
 application has) against real servers: memcached processes of the test's own that
 it kills, pauses (SIGSTOP) and restarts, a ``redis-server`` of its own that it
 pauses, and the rows in SQLite (aiosqlite) or PostgreSQL (asyncpg, a schema of its
-own). The one fake, a server that accepts connections and never answers, is said
-so where it is used.
+own). The fakes, a server that accepts connections and never answers and one that
+answers every request late, are said so where they are used.
 
 "The loop never stalls" is measured by a ticker: a task that sleeps 5 ms in a loop
 and records the longest gap between two of its wake-ups (less the time the thread
