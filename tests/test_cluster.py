@@ -175,3 +175,34 @@ def test_many_with_one_node_down_serves_the_others_and_reads_the_rest_through(
     assert [u.id for u in once(pg_engine, get_users, ids)] == ids
     on_live_nodes = sum(node_of(get_users.cache_key(i)) != nodes[0].url for i in ids)
     assert cachedecor.stats("default")["default"]["hits"] == on_live_nodes
+
+
+def test_no_thread_reads_a_node_while_its_owed_deletes_are_on_their_way(memcached_factory: Any) -> None:
+    """The deletes leave the queue when one thread starts delivering them: the other
+    threads must wait for them to land, not read the node beside them."""
+    from tests.servers import Memcached
+
+    node: Memcached = memcached_factory(threads=4)
+    cachedecor.configure_regions(memcached_config(node.url, arguments=dict(invalidation_retry_interval=60)))
+    store = region_settings("default").store
+    health = store.backend.health  # type: ignore[attr-defined]
+    raw = Client(("127.0.0.1", node.port), no_delay=True)
+    stale = 0
+    for _ in range(150):
+        raw.set("owed", b"stale")
+        health.queue(node.url, ["owed"])
+        barrier = threading.Barrier(6)
+        seen: list[Any] = []
+
+        def read(barrier: threading.Barrier = barrier, seen: list[Any] = seen) -> None:
+            barrier.wait()
+            seen.append(store.client.get("owed"))  # type: ignore[attr-defined]
+
+        threads = [threading.Thread(target=read) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        stale += sum(1 for value in seen if value is not None)
+    raw.close()
+    assert stale == 0

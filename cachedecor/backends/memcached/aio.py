@@ -38,6 +38,7 @@ import asyncio
 import functools
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -340,17 +341,32 @@ class AsyncMemcachedCluster:
         return replies
 
     async def deliver(self, node: str) -> None:
-        """Deliver the deletes (or flush) ``node`` is owed; on failure requeue and raise."""
-        flush, pending = self.health.take(node)
+        """Deliver the deletes (or flush) ``node`` is owed; on failure requeue and raise.
+
+        When another thread (the sync retry thread, a sync caller) has taken them and
+        they are on their way, wait for them to land (up to ``timeout``).
+        """
+        health = self.health
+        flush, pending = health.take(node)
         if not flush and not pending:
+            if health.in_flight(node):
+                deadline = time.monotonic() + (self.timeout or 1.0)
+                while health.in_flight(node):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"deletes owed to memcached node {node} are still on their way")
+                    await asyncio.sleep(0.001)
             return
         payload = b"flush_all\r\n" if flush else b"".join(_classic_delete(k) for k in pending)
         try:
             await self._classic(node, payload, 1 if flush else len(pending), owed=False, patient=True)
         except Exception:
-            self.health.give_back(node, flush, pending)
-            self.health.failed(node)
+            health.give_back(node, flush, pending)
+            health.failed(node)
             raise
+        except BaseException:  # cancelled: back in the queue, the node is not at fault
+            health.give_back(node, flush, pending)
+            raise
+        health.landed(node)
 
     async def aclose(self) -> None:
         """Close the running event loop's idle connections; the next call opens new ones.

@@ -63,6 +63,7 @@ class NodeHealth:
         self._failed: dict[str, int] = {}
         self._pending: dict[str, dict[str, float]] = {}
         self._flush: dict[str, float] = {}
+        self._in_flight: dict[str, int] = {}  # deliveries taken from the queue, not yet landed
         self._lock = threading.Lock()
         self._retrier: threading.Thread | None = None
         self._wake = threading.Event()
@@ -73,6 +74,7 @@ class NodeHealth:
         self._failed = {}
         self._pending = {}
         self._flush = {}
+        self._in_flight = {}
         self._lock = threading.Lock()
         self._retrier = None
         self._wake = threading.Event()
@@ -117,8 +119,25 @@ class NodeHealth:
     # -- undelivered invalidations -----------------------------------------------------
 
     def owes(self, node: str) -> bool:
-        """Whether ``node`` has deletes (or a flush) that must be delivered before use."""
-        return node in self._pending or node in self._flush
+        """Whether ``node`` has deletes (or a flush) that must be delivered before use,
+        queued or on their way (taken by a delivery that has not landed yet)."""
+        return node in self._pending or node in self._flush or bool(self._in_flight.get(node))
+
+    def in_flight(self, node: str) -> bool:
+        """Whether a delivery to ``node`` (by any thread or event loop) is on its way."""
+        return bool(self._in_flight.get(node))
+
+    def landed(self, node: str) -> None:
+        """A delivery that :meth:`take` started has reached ``node``."""
+        with self._lock:
+            self._land(node)
+
+    def _land(self, node: str) -> None:
+        n = self._in_flight.get(node, 0) - 1
+        if n > 0:
+            self._in_flight[node] = n
+        else:
+            self._in_flight.pop(node, None)
 
     def queue(self, node: str, keys: Iterable[str]) -> None:
         now = time.monotonic()
@@ -135,10 +154,13 @@ class NodeHealth:
         self._start_retrier()
 
     def take(self, node: str) -> tuple[bool, dict[str, float]]:
-        """(flush needed, pending keys) of ``node``, removed from the queue."""
+        """(flush needed, pending keys) of ``node``, removed from the queue and counted as
+        on their way until :meth:`landed` (or :meth:`give_back`)."""
         with self._lock:
             flush = self._flush.pop(node, None)
             pending = self._pending.pop(node, {})
+            if flush is not None or pending:
+                self._in_flight[node] = self._in_flight.get(node, 0) + 1
         if flush is not None:
             return True, {"": flush}
         return False, pending
@@ -151,6 +173,7 @@ class NodeHealth:
         now = time.monotonic()
         expired = [k for k, since in pending.items() if now - since > self.retry_for]
         with self._lock:
+            self._land(node)  # not landed: back in the queue
             if flush:
                 if not expired:
                     self._flush.setdefault(node, pending[""])
@@ -272,9 +295,21 @@ class MemcachedCluster:
         return node
 
     def deliver(self, node: str) -> None:
-        """Deliver the deletes (or flush) ``node`` is owed; on failure requeue and raise."""
-        flush, pending = self.health.take(node)
+        """Deliver the deletes (or flush) ``node`` is owed; on failure requeue and raise.
+
+        When another thread (or event loop) has taken them and they are on their way,
+        wait for them to land (up to the client's timeout), so that the caller never
+        reads the node before its deletes.
+        """
+        health = self.health
+        flush, pending = health.take(node)
         if not flush and not pending:
+            if health.in_flight(node):
+                deadline = time.monotonic() + (self.clients[node].timeout or 1.0)
+                while health.in_flight(node):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"deletes owed to memcached node {node} are still on their way")
+                    time.sleep(0.001)
             return
         client = self.clients[node]
         try:
@@ -284,10 +319,11 @@ class MemcachedCluster:
                 client.delete_many(list(pending), noreply=False)
         except Exception:
             client.close()
-            self.health.give_back(node, flush, pending)
-            self.health.failed(node)
+            health.give_back(node, flush, pending)
+            health.failed(node)
             raise
-        self.health.succeeded(node)
+        health.landed(node)
+        health.succeeded(node)
 
     def _call(self, node: str, name: str, *args: Any, **kwargs: Any) -> Any:
         return self._run(node, lambda client: getattr(client, name)(*args, **kwargs))
