@@ -13,9 +13,10 @@ What is sent, and when:
   PostgreSQL delivers it only if the transaction commits, at the commit and in
   commit order, so other processes evict as early as the database allows.
 * **After the remote deletes** (both transports, every invalidation): the keys
-  again, from a background publisher thread, so that a process that refilled its
-  near cache from the remote cache between the commit and the remote delete
-  (which follows the commit) evicts that copy too.
+  again, sent by the committing thread before its commit returns (asyncio callers
+  hand them to a publisher thread), so that a process that refilled its near cache
+  from the remote cache between the commit and the remote delete (which follows
+  the commit) evicts that copy too.
 
 A message holds the keys by region, as JSON; one larger than PostgreSQL's 8000-byte
 ``NOTIFY`` limit is sent as "flush these regions".
@@ -85,6 +86,8 @@ class Broadcast:
         self._threads: list[threading.Thread] = []
         self.connected = threading.Event()
         self._cut: Any = None  # shuts the listener's socket down (from another thread)
+        self._inline = threading.Lock()  # the connection threads publish on themselves
+        self._inline_conn: Any = None
         self.received = 0
         self.sent = 0
         self.lost = 0
@@ -112,8 +115,12 @@ class Broadcast:
         self._threads = []
         self.connected.clear()
         set_listening(False)
+        with self._inline:
+            self._inline_conn = self._close(self._inline_conn)
 
     def _after_fork_in_child(self) -> None:
+        self._inline = threading.Lock()
+        self._inline_conn = None  # the parent's: never written to from here
         self._outgoing = queue.SimpleQueue()
         self._stop = threading.Event()
         self.connected = threading.Event()
@@ -144,9 +151,32 @@ class Broadcast:
         return True
 
     def publish(self, keys: Plan) -> None:
-        """Send ``keys`` to every process, from the publisher thread (never blocks)."""
-        if keys:
-            self._outgoing.put(_message(keys))
+        """Send ``keys`` to every process.
+
+        A thread sends them itself, before its commit returns, on a connection shared
+        by the process's threads (one round trip; the publisher thread would add its
+        own scheduling delay, which under load was the longest part of the window
+        other processes may be stale). When that connection is busy or failing, and
+        for asyncio callers (whose loop must not block), the publisher thread sends.
+        """
+        if not keys:
+            return
+        text = _message(keys)
+        from cachedecor.invalidation import _in_async_greenlet
+
+        if not _in_async_greenlet() and self._inline.acquire(blocking=False):
+            try:
+                if self._inline_conn is None:
+                    self._inline_conn = self._connect()
+                self._send(self._inline_conn, text)
+                self.sent += 1
+                return
+            except Exception as exc:
+                log_failure("broadcast", "publishing an invalidation (handed to the publisher thread)", exc)
+                self._inline_conn = self._close(self._inline_conn)
+            finally:
+                self._inline.release()
+        self._outgoing.put(text)
 
     def _publish_loop(self) -> None:
         conn: Any = None
