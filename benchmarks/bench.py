@@ -12,18 +12,25 @@ alternating the compared calls so that each comparison sees the same machine:
 * ``session.get`` on a fresh session (what every hit saves);
 * ``many=True`` with 1, 10, 100 and 1000 keys against single hits and ``SELECT IN``;
 * the miss path (lease + query + fill) against a plain miss-and-set;
-* bytes stored per row.
+* bytes stored per row;
+* async, on one event loop: a raw meta get on cachedecor's asyncio transport plus
+  decoding (the async floor), aiocache's ``@cached`` (memcached through aiomcache,
+  pickled instance) plus ``await session.merge(obj, load=False)``, ``@cached_by_pk``
+  on an ``async def`` (AsyncSession on asyncpg, and detached), ``await
+  session.get`` on a fresh AsyncSession, and hits per second with 100 concurrent
+  tasks.
 
 Prints a table of medians (µs per operation, and per key for batches) with ratios
 to the floor and to the dogpile baseline, and writes the same as JSON under
 benchmarks/results/.
 
-    python benchmarks/bench.py [--quick]
+    python benchmarks/bench.py [--quick] [--pin]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import decimal
 import enum
@@ -31,11 +38,12 @@ import json
 import os
 import pickle
 import platform
+import random
 import statistics
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,9 +53,11 @@ from dogpile.cache import make_region
 from pymemcache.client.base import Client
 from sqlalchemy import JSON, Numeric, String, Text, Uuid, select
 from sqlalchemy import Enum as SAEnum
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import cachedecor
+from cachedecor.backends import AsyncMemcachedStore
 from cachedecor.config import region_settings
 from tests.servers import PG_URL, Memcached
 
@@ -99,6 +109,11 @@ def get_account(session: Session, account_id: int) -> Account | None:
 @cachedecor.cached_by_pk(Document, region="bench")
 def get_document(session: Session, document_id: int) -> Document | None:
     return session.get(Document, document_id)
+
+
+@cachedecor.cached_by_pk(Account, region="bench")
+async def aget_account(session: AsyncSession, account_id: int) -> Account | None:
+    return await session.get(Account, account_id)
 
 
 @cachedecor.cached_by_pk(Account, region="bench", many=True)
@@ -163,6 +178,64 @@ def compare(
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+async def acompare(
+    variants: dict[str, Callable[[], Awaitable[Any]]], rounds: int, setup: Callable[[], Any] | None = None
+) -> dict[str, float]:
+    """:func:`compare` for coroutine functions, awaited one at a time on the running loop.
+
+    The order of the calls is shuffled each round: in a fixed order the call after
+    the database read (whose server is still at work when it has answered) pays
+    for part of it; with the floor always after the database read, the detached
+    hit, which does all the floor does and more, measured 0.86x the floor.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    clock = time.perf_counter
+    order = list(variants.items())
+    shuffle = random.Random(1).shuffle
+    for _ in range(max(20, rounds // 20)):  # warm-up
+        for fn in variants.values():
+            if setup:
+                setup()
+            await fn()
+    for _ in range(rounds):
+        shuffle(order)
+        for name, fn in order:
+            if setup:
+                setup()
+            start = clock()
+            await fn()
+            samples[name].append(clock() - start)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+#: a task of the throughput test: its number -> a coroutine function doing one hit
+Worker = Callable[[int], Callable[[], Awaitable[Any]]]
+
+
+async def athroughput(variants: dict[str, Worker], tasks: int, hits: int, rounds: int) -> dict[str, float]:
+    """Median hits per second of each variant, ``tasks`` concurrent tasks each doing
+    ``hits`` hits in a loop; variants alternated, in an order shuffled each round."""
+
+    async def loop(hit: Callable[[], Awaitable[Any]]) -> None:
+        for _ in range(hits):
+            await hit()
+
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants.items())
+    shuffle = random.Random(2).shuffle
+    for n in range(rounds + 1):  # the first round warms up (connections, caches)
+        if n:
+            shuffle(order)
+        for name, worker in order:
+            calls = [worker(i) for i in range(tasks)]
+            start = time.perf_counter()
+            await asyncio.gather(*(loop(call) for call in calls))
+            elapsed = time.perf_counter() - start
+            if n:
+                samples[name].append(tasks * hits / elapsed)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 class Bench:
     def __init__(self, quick: bool, pin: bool) -> None:
         self.rounds = 300 if quick else 2000
@@ -174,7 +247,10 @@ class Bench:
             cpu = min(os.sched_getaffinity(0))
             os.sched_setaffinity(0, {cpu})
             assert self.server.proc is not None
-            os.sched_setaffinity(self.server.proc.pid, {cpu})
+            # every thread of memcached: pinning its pid pins only its main thread, and
+            # the worker thread that serves the connections would stay free to move
+            for thread in os.listdir(f"/proc/{self.server.proc.pid}/task"):
+                os.sched_setaffinity(int(thread), {cpu})
         self.db_note = ""
         try:
             engine = sqlalchemy.create_engine(PG_URL)
@@ -183,6 +259,12 @@ class Bench:
             self.db_note = f"PostgreSQL not reachable ({type(exc).__name__}); using SQLite"
             engine = sqlalchemy.create_engine("sqlite:///" + os.path.join(RESULTS, "bench.sqlite"))
         self.engine = engine
+        self.async_url = (
+            engine.url.set(drivername="postgresql+asyncpg")
+            if engine.dialect.name == "postgresql"
+            else engine.url.set(drivername="sqlite+aiosqlite")
+        )
+        self.quick = quick
         make_rows(engine)
         cachedecor.configure_regions(
             {
@@ -359,6 +441,163 @@ class Bench:
         rtt = compare({"round trip (get of an absent key)": one_get}, self.rounds)
         self.results["misses"] = {k: v * 1e6 for k, v in {**medians, **rtt}.items()}
 
+    # -- async ------------------------------------------------------------------------
+
+    def run_async(self) -> None:
+        asyncio.run(self.async_rows())
+
+    async def async_rows(self) -> None:
+        engine = create_async_engine(self.async_url)
+        try:
+            await self._async_single(engine)
+        finally:
+            await self.region.astore.aclose()
+            await engine.dispose()
+
+    async def _async_single(self, engine: AsyncEngine) -> None:
+        from aiocache import Cache, cached
+        from aiocache.serializers import PickleSerializer
+
+        pk = 5
+        settings = self.region
+        astore = settings.astore
+        assert isinstance(astore, AsyncMemcachedStore)
+        cluster = astore.cluster  # the asyncio transport cachedecor's hits use
+        lease_ttl = settings.lease_timeout
+        codec = settings.codec
+        session = AsyncSession(engine)
+        async with AsyncSession(engine) as s:
+            await aget_account(s, pk)  # fill
+        key = aget_account.cache_key(pk)
+
+        @cachedecor.cached_by_pk(Account, region="bench")
+        async def no_session(pk: int) -> Any:
+            async with AsyncSession(engine) as s:
+                return await s.get(Account, pk)
+
+        # what users write today: aiocache's decorator (memcached through aiomcache, its
+        # defaults: a pool of 2 connections, a 5 s timeout per call) caching the pickled
+        # instance, then merged into the caller's session
+        @cached(
+            cache=Cache.MEMCACHED,
+            endpoint="127.0.0.1",
+            port=self.server.port,
+            serializer=PickleSerializer(),
+            namespace="bench-aiocache",
+            ttl=3600,
+        )
+        async def load(pk: int) -> Any:
+            async with AsyncSession(engine) as s:
+                return await s.get(Account, pk)
+
+        async def floor() -> Any:
+            entry, _ = await cluster.lookup(key, lease_ttl)
+            return codec.decode_timed(key, entry)
+
+        async def aiocache_only() -> Any:
+            return await load(pk)
+
+        async def aiocache_merge() -> Any:
+            return await session.merge(await load(pk), load=False)
+
+        async def hit_session() -> Any:
+            return await aget_account(session, pk)
+
+        async def hit_detached() -> Any:
+            return await no_session(pk)
+
+        async def db_get() -> Any:
+            async with AsyncSession(engine) as s:
+                return await s.get(Account, pk)
+
+        for fn in (floor, aiocache_only, hit_detached):  # fill, and check what each returns
+            await fn()
+        hit = await hit_session()
+        assert hit is not None and hit in session.sync_session and hit.email == f"holder{pk}@example.org"
+        merged = await aiocache_merge()
+        assert merged in session.sync_session and merged.email == hit.email
+        assert (await hit_detached()).email == hit.email
+        assert (await floor())[0] is not None
+        medians = await acompare(
+            {
+                "async floor: meta get + decode": floor,
+                "aiocache @cached hit (pickle)": aiocache_only,
+                "aiocache hit + await session.merge(load=False)": aiocache_merge,
+                "@cached_by_pk async hit, attached to an AsyncSession": hit_session,
+                "@cached_by_pk async hit, no session (detached)": hit_detached,
+                "await session.get on a fresh AsyncSession (database)": db_get,
+            },
+            self.rounds,
+            setup=session.expunge_all,
+        )
+
+        # throughput: 100 tasks on this loop, each with its own row (filled first) and,
+        # where a session is used, its own AsyncSession emptied before each hit
+        tasks = 100
+        for i in range(tasks):
+            async with AsyncSession(engine) as s:
+                await aget_account(s, i)
+            await load(i)
+            await no_session(i)
+        sessions = [AsyncSession(engine) for _ in range(tasks)]
+
+        def floor_worker(i: int) -> Callable[[], Awaitable[Any]]:
+            k = aget_account.cache_key(i)
+
+            async def hit() -> Any:
+                entry, _ = await cluster.lookup(k, lease_ttl)
+                return codec.decode_timed(k, entry)
+
+            return hit
+
+        def cachedecor_worker(i: int) -> Callable[[], Awaitable[Any]]:
+            s = sessions[i]
+
+            async def hit() -> Any:
+                s.expunge_all()
+                return await aget_account(s, i)
+
+            return hit
+
+        def detached_worker(i: int) -> Callable[[], Awaitable[Any]]:
+            async def hit() -> Any:
+                return await no_session(i)
+
+            return hit
+
+        def aiocache_worker(i: int) -> Callable[[], Awaitable[Any]]:
+            s = sessions[i]
+
+            async def hit() -> Any:
+                s.expunge_all()
+                return await s.merge(await load(i), load=False)
+
+            return hit
+
+        per_sec = await athroughput(
+            {
+                "async floor: meta get + decode": floor_worker,
+                "aiocache hit + await session.merge(load=False)": aiocache_worker,
+                "@cached_by_pk async hit, attached to an AsyncSession": cachedecor_worker,
+                "@cached_by_pk async hit, no session (detached)": detached_worker,
+            },
+            tasks,
+            hits=20 if self.quick else 50,
+            rounds=3 if self.quick else 11,
+        )
+        for s in [session, *sessions]:
+            await s.close()
+        await load.cache.close()
+        self.results["async"] = {
+            "medians_us": {k: v * 1e6 for k, v in medians.items()},
+            "throughput_per_s": per_sec,
+            "throughput_tasks": tasks,
+            "connections": {
+                "cachedecor (per node, per loop)": cluster.max_connections,
+                "aiocache (aiomcache pool_size)": load.cache.pool_size,
+            },
+        }
+
     def close(self) -> None:
         self.session.close()
         self.engine.dispose()
@@ -413,7 +652,34 @@ def report(results: dict[str, Any]) -> str:
     rtt = mis["round trip (get of an absent key)"]
     extra = mis["@cached_by_pk miss (lease + query + fill)"] - mis["plain miss-and-set (get + query + set)"]
     lines.append(f"  lease cost over a plain miss-and-set: {extra:.1f} us = {extra / rtt:.1f} round trips")
+    if "async" in results:
+        lines.extend(report_async(results["async"]))
     return "\n".join(lines)
+
+
+def report_async(res: dict[str, Any]) -> list[str]:
+    med = res["medians_us"]
+    floor = med["async floor: meta get + decode"]
+    alternative = med["aiocache hit + await session.merge(load=False)"]
+    hit = med["@cached_by_pk async hit, attached to an AsyncSession"]
+    db = med["await session.get on a fresh AsyncSession (database)"]
+    lines = ["\nasync, Account (12 columns), one event loop: median us per call (x floor, x aiocache+merge)"]
+    for name, us in med.items():
+        lines.append(f"  {name:<54} {us:8.1f} us  {us / floor:5.2f}x  {us / alternative:5.2f}x")
+    per_sec = res["throughput_per_s"]
+    floor_rate = per_sec["async floor: meta get + decode"]
+    lines.append(f"  hits per second, {res['throughput_tasks']} concurrent tasks (x floor):")
+    for name, rate in per_sec.items():
+        lines.append(f"    {name:<52} {rate:8.0f} /s  {rate / floor_rate:5.2f}x")
+    lines.append(f"  connections: {res['connections']}")
+    targets = [
+        ("async hit within 1.3x of the async floor", hit / floor, hit <= 1.3 * floor),
+        ("async hit 1.5x faster than aiocache + merge", alternative / hit, alternative >= 1.5 * hit),
+        ("async hit 5x faster than await session.get", db / hit, db >= 5 * hit),
+    ]
+    for what, ratio, met in targets:
+        lines.append(f"  target: {what:<46} {ratio:5.2f}  {'met' if met else 'MISSED'}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.single("Document (5 KB text)", Document, get_document, 5)
         bench.many()
         bench.misses()
+        bench.run_async()
     finally:
         bench.close()
     results = bench.results
