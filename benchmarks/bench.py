@@ -3,7 +3,8 @@
 Starts its own memcached (one worker thread, so that two connections are not
 served by different threads at different speeds), uses PostgreSQL at
 127.0.0.1:5432 (SQLite, with a note, when it is absent), and measures in one run,
-alternating the compared calls so that each comparison sees the same machine:
+alternating the compared calls (in an order shuffled each round) so that each
+comparison sees the same machine:
 
 * the floor: raw pymemcache ``get`` of cachedecor's stored bytes plus decoding;
 * plain dogpile.cache ``cache_on_arguments`` returning a pickled instance, plus
@@ -18,7 +19,10 @@ alternating the compared calls so that each comparison sees the same machine:
   pickled instance) plus ``await session.merge(obj, load=False)``, ``@cached_by_pk``
   on an ``async def`` (AsyncSession on asyncpg, and detached), ``await
   session.get`` on a fresh AsyncSession, and hits per second with 100 concurrent
-  tasks.
+  tasks;
+* the near cache (a region with ``local_entries``, broadcast over PostgreSQL
+  LISTEN/NOTIFY) against the remote hit, the floor and the database, single rows
+  and ``many=True``, and its bytes per row, as counted and as measured.
 
 Prints a table of medians (µs per operation, and per key for batches) with ratios
 to the floor and to the dogpile baseline, and writes the same as JSON under
@@ -34,6 +38,7 @@ import asyncio
 import datetime
 import decimal
 import enum
+import gc
 import json
 import os
 import pickle
@@ -42,6 +47,7 @@ import random
 import statistics
 import sys
 import time
+import tracemalloc
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -57,6 +63,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import cachedecor
+import cachedecor.broadcast
 from cachedecor.backends import AsyncMemcachedStore
 from cachedecor.config import region_settings
 from tests.servers import PG_URL, Memcached
@@ -121,32 +128,45 @@ def get_accounts(session: Session, account_ids: list[int]) -> list[Account]:
     return list(session.scalars(select(Account).where(Account.id.in_(account_ids))))
 
 
+@cachedecor.cached_by_pk(Account, region="near")
+def near_account(session: Session, account_id: int) -> Account | None:
+    return session.get(Account, account_id)
+
+
+@cachedecor.cached_by_pk(Account, region="near", many=True)
+def near_accounts(session: Session, account_ids: list[int]) -> list[Account]:
+    return list(session.scalars(select(Account).where(Account.id.in_(account_ids))))
+
+
 ROWS = 1200
+#: Account rows in the near cache when its memory is measured
+NEAR_ROWS = 10_000
+
+
+def make_account(i: int) -> Account:
+    now = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.timezone.utc)
+    return Account(
+        id=i,
+        name=f"Account holder {i}",
+        email=f"holder{i}@example.org",
+        age=20 + i % 50,
+        score=i * 1.5,
+        active=i % 3 != 0,
+        created=now - datetime.timedelta(days=i),
+        birthday=datetime.date(1980 + i % 30, 1 + i % 12, 1 + i % 28),
+        balance=decimal.Decimal(f"{i}.{i % 100:02d}"),
+        ref=uuid.UUID(int=i),
+        status=Status.ACTIVE if i % 5 else Status.BLOCKED,
+        tags=["a", "b", i % 7],
+    )
 
 
 def make_rows(engine: sqlalchemy.engine.Engine) -> None:
     Base.metadata.drop_all(engine)
     Base.metadata.create_all(engine)
-    now = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.timezone.utc)
     paragraph = "The quick brown fox jumps over the lazy dog and keeps running. "
     with Session(engine) as s:
-        s.add_all(
-            Account(
-                id=i,
-                name=f"Account holder {i}",
-                email=f"holder{i}@example.org",
-                age=20 + i % 50,
-                score=i * 1.5,
-                active=i % 3 != 0,
-                created=now - datetime.timedelta(days=i),
-                birthday=datetime.date(1980 + i % 30, 1 + i % 12, 1 + i % 28),
-                balance=decimal.Decimal(f"{i}.{i % 100:02d}"),
-                ref=uuid.UUID(int=i),
-                status=Status.ACTIVE if i % 5 else Status.BLOCKED,
-                tags=["a", "b", i % 7],
-            )
-            for i in range(ROWS)
-        )
+        s.add_all(make_account(i) for i in range(ROWS))
         s.add_all(
             Document(id=i, title=f"Document {i}", body=(paragraph * 80)[:5000] + str(i), words=900)
             for i in range(ROWS)
@@ -163,15 +183,23 @@ def timed(fn: Callable[[], Any]) -> float:
 def compare(
     variants: dict[str, Callable[[], Any]], rounds: int, setup: Callable[[], Any] | None = None
 ) -> dict[str, float]:
-    """Median seconds per call of each variant, calls alternated round by round."""
+    """Median seconds per call of each variant, calls alternated round by round.
+
+    The order of the calls is shuffled each round (seeded, so that two runs take
+    the same orders): in a fixed order the call after the database read pays for
+    part of it, the database server being still at work when it has answered.
+    """
     samples: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants.items())
+    shuffle = random.Random(3).shuffle
     for _ in range(max(20, rounds // 20)):  # warm-up
         for fn in variants.values():
             if setup:
                 setup()
             fn()
     for _ in range(rounds):
-        for name, fn in variants.items():
+        shuffle(order)
+        for name, fn in order:
             if setup:
                 setup()
             samples[name].append(timed(fn))
@@ -266,17 +294,7 @@ class Bench:
         )
         self.quick = quick
         make_rows(engine)
-        cachedecor.configure_regions(
-            {
-                "regions": {
-                    "bench": {
-                        "backend": "cachedecor.pymemcache",
-                        "expiration_time": 3600,
-                        "arguments": {"url": [self.server.url]},
-                    }
-                }
-            }
-        )
+        cachedecor.configure_regions({"regions": {"bench": self.remote_region()}})
         self.region = region_settings("bench")
         self.dogpile = make_region().configure(
             "dogpile.cache.pymemcache",
@@ -286,6 +304,14 @@ class Bench:
         self.raw = Client(("127.0.0.1", self.server.port), no_delay=True)
         self.session = Session(engine)
         self.results: dict[str, Any] = {"rows": {}, "notes": [self.db_note] if self.db_note else []}
+
+    def remote_region(self, **options: Any) -> dict[str, Any]:
+        return {
+            "backend": "cachedecor.pymemcache",
+            "expiration_time": 3600,
+            "arguments": {"url": [self.server.url]},
+            **options,
+        }
 
     def dogpile_loader(self, model: type) -> Callable[[int], Any]:
         engine = self.engine
@@ -598,7 +624,148 @@ class Bench:
             },
         }
 
+    # -- near cache ---------------------------------------------------------------------
+
+    def near(self) -> None:
+        """Region ``near`` (a near cache in front of the same memcached) against ``bench``."""
+        engine = self.engine
+        if engine.dialect.name != "postgresql":
+            self.results["notes"].append("near cache not measured: it needs PostgreSQL (LISTEN/NOTIFY)")
+            return
+        with Session(engine) as s:
+            s.add_all(make_account(i) for i in range(ROWS, NEAR_ROWS))
+            s.commit()
+        cachedecor.configure_regions(
+            {
+                "broadcast_url": engine.url.set(drivername="postgresql").render_as_string(
+                    hide_password=False
+                ),
+                "broadcast_channel": "cachedecor_bench",
+                "regions": {
+                    "bench": self.remote_region(),
+                    # local_ttl longer than the run: every measured near read is a near hit
+                    "near": self.remote_region(local_entries=100_000, local_ttl=3600),
+                },
+            }
+        )
+        listening = cachedecor.broadcast.current()
+        assert listening is not None and listening.connected.wait(5), "the broadcast listener did not connect"
+        self.region = region_settings("bench")
+        near = region_settings("near").near
+        assert near is not None
+        session = self.session
+        pk = 5
+        for fill in (near_account, get_account):
+            with Session(engine) as s:
+                fill(s, pk)
+        key = get_account.cache_key(pk)
+        codec = self.region.codec
+        raw = self.raw
+
+        @cachedecor.cached_by_pk(Account, region="near")
+        def near_detached(pk: int) -> Any:
+            with Session(engine) as s:
+                return s.get(Account, pk)
+
+        @cachedecor.cached_by_pk(Account, region="bench")
+        def remote_detached(pk: int) -> Any:
+            with Session(engine) as s:
+                return s.get(Account, pk)
+
+        near_detached(pk)
+        remote_detached(pk)
+
+        def floor() -> Any:
+            return codec.decode(key, raw.get(key))
+
+        def db_get() -> Any:
+            with Session(engine) as s:
+                return s.get(Account, pk)
+
+        hits_before = cachedecor.stats()["near"]["local_hits"]
+        rounds = self.rounds
+        medians = compare(
+            {
+                "near-cache hit, attached to a session": lambda: near_account(session, pk),
+                "near-cache hit, no session (detached)": lambda: near_detached(pk),
+                "remote hit, attached to a session": lambda: get_account(session, pk),
+                "remote hit, no session (detached)": lambda: remote_detached(pk),
+                "floor: pymemcache get + decode": floor,
+                "session.get on a fresh session (database)": db_get,
+            },
+            rounds,
+            setup=self.fresh_session,
+        )
+        near_hits = cachedecor.stats()["near"]["local_hits"] - hits_before
+        warm_up = max(20, rounds // 20)
+        assert near_hits == 2 * (rounds + warm_up), f"near reads not all near hits: {near_hits}"
+
+        many: dict[str, Any] = {}
+        for n in (100, 1000):
+            ids = list(range(n))
+            for fill_many in (near_accounts, get_accounts):
+                with Session(engine) as s:
+                    fill_many(s, ids)
+
+            def near_batch(ids: list[int] = ids) -> Any:
+                return near_accounts(session, ids)
+
+            def remote_batch(ids: list[int] = ids) -> Any:
+                return get_accounts(session, ids)
+
+            def select_in(ids: list[int] = ids) -> Any:
+                with Session(engine) as s:
+                    return list(s.scalars(select(Account).where(Account.id.in_(ids))))
+
+            medians_many = compare(
+                {
+                    "near-cache many=True": near_batch,
+                    "remote many=True": remote_batch,
+                    "SELECT ... IN": select_in,
+                },
+                max(30, rounds // max(1, n // 10)),
+                setup=self.fresh_session,
+            )
+            many[str(n)] = {k: v * 1e6 for k, v in medians_many.items()}
+
+        self.results["near"] = {
+            "medians_us": {k: v * 1e6 for k, v in medians.items()},
+            "many_us": many,
+            "memory": self.near_memory(near),
+            "broadcast": "PostgreSQL LISTEN/NOTIFY",
+        }
+
+    def near_memory(self, near: Any) -> dict[str, Any]:
+        """Bytes per row of ``NEAR_ROWS`` rows in the near cache, counted and measured."""
+        engine = self.engine
+        chunks = [list(range(i, min(i + 1000, NEAR_ROWS))) for i in range(0, NEAR_ROWS, 1000)]
+        for chunk in chunks:  # fill the remote cache (and the statement cache of each size)
+            with Session(engine) as s:
+                near_accounts(s, chunk)
+        self.session.expunge_all()
+        near.flush()
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for chunk in chunks:  # remote hits, each kept near
+            with Session(engine) as s:
+                near_accounts(s, chunk)
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        rows = len(near)
+        assert rows == NEAR_ROWS, f"{rows} rows near, expected {NEAR_ROWS}"
+        return {
+            "rows": rows,
+            "counted bytes (near.bytes)": near.bytes,
+            "counted bytes per row": near.bytes / rows,
+            "measured bytes (tracemalloc)": after - before,
+            "measured bytes per row": (after - before) / rows,
+            "stored entry bytes": len(self.raw.get(near_account.cache_key(5))),
+        }
+
     def close(self) -> None:
+        cachedecor.reset()
         self.session.close()
         self.engine.dispose()
         self.server.stop()
@@ -654,6 +821,8 @@ def report(results: dict[str, Any]) -> str:
     lines.append(f"  lease cost over a plain miss-and-set: {extra:.1f} us = {extra / rtt:.1f} round trips")
     if "async" in results:
         lines.extend(report_async(results["async"]))
+    if "near" in results:
+        lines.extend(report_near(results["near"]))
     return "\n".join(lines)
 
 
@@ -682,6 +851,37 @@ def report_async(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def report_near(res: dict[str, Any]) -> list[str]:
+    med = res["medians_us"]
+    floor = med["floor: pymemcache get + decode"]
+    remote = med["remote hit, attached to a session"]
+    lines = [f"\nnear cache, Account (12 columns), broadcast over {res['broadcast']}: median us per call"]
+    lines.append("  (x floor, x remote hit attached)")
+    for name, us in med.items():
+        lines.append(f"  {name:<44} {us:8.1f} us  {us / floor:5.2f}x  {us / remote:5.2f}x")
+    near = med["near-cache hit, attached to a session"]
+    detached = med["remote hit, no session (detached)"] / med["near-cache hit, no session (detached)"]
+    lines.append(f"  remote hit / near-cache hit: attached {remote / near:.1f}x, detached {detached:.1f}x")
+    targets = [("near-cache hit 10x faster than the remote hit", remote / near, remote >= 10 * near)]
+    lines.append("  many=True: median us per row (total us)")
+    for n, row in res["many_us"].items():
+        k = int(n)
+        cells = "  ".join(f"{name} {us / k:6.1f} ({us:8.1f})" for name, us in row.items())
+        lines.append(f"  {n:>5} keys: {cells}")
+        ratio = row["SELECT ... IN"] / row["near-cache many=True"]
+        targets.append((f"near-cache bulk ({n}) 5x faster than SELECT IN", ratio, ratio >= 5))
+    for what, ratio, met in targets:
+        lines.append(f"  target: {what:<52} {ratio:5.2f}  {'met' if met else 'MISSED'}")
+    mem = res["memory"]
+    lines.append(
+        f"  memory, {mem['rows']} rows near: counted {mem['counted bytes per row']:.0f} bytes per row, "
+        f"measured (tracemalloc) {mem['measured bytes per row']:.0f} bytes per row "
+        f"({mem['measured bytes per row'] / mem['counted bytes per row']:.1f}x); "
+        f"stored entry {mem['stored entry bytes']} bytes"
+    )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -702,6 +902,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.many()
         bench.misses()
         bench.run_async()
+        bench.near()
     finally:
         bench.close()
     results = bench.results
