@@ -113,7 +113,8 @@ class TestPrometheus:
             assert family.type == "counter"
             for region in ("default", "users"):
                 assert sample(families, f"cachedecor_{field}_total", region) == expected(region)[field]
-        assert families["cachedecor_hits"].documentation == "Entries served from the cache (the near cache's included)."
+        hits_help = "Entries served from the cache (the near cache's included)."
+        assert families["cachedecor_hits"].documentation == hits_help
         assert families["cachedecor_misses"].documentation.startswith(
             "Keys not found (or found unusable). Each call counts once: a hit or a miss."
         )
@@ -208,7 +209,8 @@ class TestOpenTelemetry:
             assert metric.data.aggregation_temporality == AggregationTemporality.CUMULATIVE
             for region in ("default", "users"):
                 assert point(found, f"cachedecor.{field}", region) == expected(region)[field]
-        assert found["cachedecor.hits"].description == "Entries served from the cache (the near cache's included)."
+        hits_help = "Entries served from the cache (the near cache's included)."
+        assert found["cachedecor.hits"].description == hits_help
 
     def test_each_collection_reads_the_counters_again(
         self, traffic: Engine, reader: InMemoryMetricReader
