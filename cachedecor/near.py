@@ -1,7 +1,10 @@
 """The near cache: decoded rows kept in each process, in front of the remote cache.
 
-A region with ``local_entries = N`` keeps up to N decoded entries (and at most
-``local_max_bytes`` of them, counted as their stored size) in a per-process LRU.
+A region with ``local_entries = N`` keeps up to N entries, as the bytes the remote
+cache stored (at most ``local_max_bytes`` of them, plus a fixed overhead each), in
+a per-process LRU. A hit decodes them as a remote hit does, without the round trip:
+every hit gets values of its own (JSON documents included), and the memory held
+is what the remote cache holds.
 A hit there costs no round trip. Coherence across processes comes from the
 commits themselves (:mod:`cachedecor.broadcast`): every invalidation is also
 broadcast, and each process evicts the keys it receives. Rules:
@@ -22,7 +25,6 @@ broadcast, and each process evicts the keys it receives. Rules:
 
 from __future__ import annotations
 
-import copy
 import os
 import threading
 import time
@@ -65,7 +67,7 @@ class NearCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.ttl = ttl
-        self._entries: OrderedDict[str, tuple[Any, float, float, int]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # key -> (data, expires)
         self._lock = threading.Lock()
         self._seq = 0  # eviction sequence: +1 per eviction batch
         self._evicted: OrderedDict[str, int] = OrderedDict()  # key -> seq of its last eviction
@@ -84,14 +86,14 @@ class NearCache:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def get(self, key: str) -> tuple[Any, float] | None:
-        """``(payload copy, written_at)`` of a live entry, or ``None``. Not while deaf."""
+    def get(self, key: str) -> bytes | None:
+        """The stored bytes of a live entry, or ``None``. Not while deaf."""
         if not _listening or time.monotonic() >= _heard_until:
             return None
         entry = self._entries.get(key)
         if entry is None:
             return None
-        payload, written_at, expires, _ = entry
+        data, expires = entry
         if time.monotonic() >= expires:
             with self._lock:
                 self._drop(key)
@@ -101,7 +103,7 @@ class NearCache:
         except KeyError:  # evicted by another thread meanwhile: still a consistent copy
             pass
         self.hits += 1
-        return _fresh(payload), written_at
+        return data
 
     def mark(self) -> int:
         """The eviction sequence now: pass it to :meth:`put` for a read starting now."""
@@ -109,16 +111,16 @@ class NearCache:
 
     # -- writes --------------------------------------------------------------------------
 
-    def put(self, key: str, payload: Any, written_at: float, size: int, since: int) -> bool:
-        """Keep ``payload`` (as read from the remote cache, before any decoding) for ``key``.
+    def put(self, key: str, data: bytes, since: int) -> bool:
+        """Keep ``data`` (an entry as the remote cache stores it) for ``key``.
 
         Refused (``False``) while deaf, when ``key`` was evicted after ``since`` (the
-        sequence when the read that produced the payload started), or when the
+        sequence when the read that produced the entry started), or when the
         eviction that would have told is forgotten.
         """
-        if not _listening or type(payload) is not list or time.monotonic() >= _heard_until:
+        if not _listening or time.monotonic() >= _heard_until:
             return False
-        size += OVERHEAD
+        size = len(data) + OVERHEAD
         if size > self.max_bytes:
             return False
         with self._lock:
@@ -127,11 +129,11 @@ class NearCache:
                 self.refused += 1
                 return False
             self._drop(key)
-            self._entries[key] = (_fresh(payload), written_at, time.monotonic() + self.ttl, size)
+            self._entries[key] = (data, time.monotonic() + self.ttl)
             self.bytes += size
             while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
-                _, (_, _, _, dropped) = self._entries.popitem(last=False)
-                self.bytes -= dropped
+                _, (dropped, _) = self._entries.popitem(last=False)
+                self.bytes -= len(dropped) + OVERHEAD
         return True
 
     def evict(self, keys: Iterable[str]) -> None:
@@ -168,19 +170,10 @@ class NearCache:
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
-            self.bytes -= entry[3]
+            self.bytes -= len(entry[0]) + OVERHEAD
 
     def __len__(self) -> int:
         return len(self._entries)
-
-
-def _fresh(payload: list[Any]) -> list[Any]:
-    """A copy of ``payload`` that a build may change (it decodes values in place) and whose
-    mutable values (JSON documents) are the caller's own."""
-    values = payload[3]
-    if type(values) is list:
-        values = [copy.deepcopy(v) if type(v) in (list, dict) else v for v in values]
-    return [payload[0], payload[1], payload[2], values]
 
 
 # --------------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ def _call_and_fill(
                 outcome = exc
             yield from _filled(r, key, lease, outcome)
             if outcome is True and since is not None:
-                r.near.put(key, payload, started, len(entry), since)
+                r.near.put(key, entry, since)
     return result
 
 
@@ -254,9 +254,10 @@ def decode(
         r.counters.errors += 1
         log_failure(r.name, "attaching a cached row", exc)
         return _KEEP, None
-    if since is not None:
-        r.near.put(key, payload, written_at, len(data), since)
-    return use(fn, r, key, payload, written_at, session, token)
+    status, value = use(fn, r, key, payload, written_at, session, token)
+    if since is not None and status is HIT:
+        r.near.put(key, data, since)
+    return status, value
 
 
 def use(
@@ -290,10 +291,10 @@ def near_hit(fn: Any, r: Any, key: str, session: Session | None, token: Any) -> 
     """The near cache's answer for ``key``: ``(HIT, value)``, or ``(None, None)`` (not there,
     or not usable: then it is evicted and the read goes on to the remote cache)."""
     near = r.near
-    got = near.get(key)
-    if got is None:
+    data = near.get(key)
+    if data is None:
         return None, None
-    status, value = use(fn, r, key, got[0], got[1], session, token)
+    status, value = decode(fn, r, key, data, session, token)
     if status is HIT:
         r.counters.hits += 1
         r.counters.local_hits += 1
@@ -551,14 +552,12 @@ def read_many(fn: Any, r: Any, args: Any, kwargs: Any, mode: int = CACHED) -> St
         if key in wanted and key not in results:
             results[key] = row
     entries: list[tuple[str, bytes, Any]] = []
-    payloads: dict[str, Any] = {}
     for key, lease in leases.items():
         yield from _load(fn, results.get(key))
         payload = _payload(fn, r, key, results.get(key), token, space)
         entry = None if payload is _SKIP else (yield from _entry(r, key, lease, payload, started))
         if entry is not None:
             entries.append((key, entry, lease))
-            payloads[key] = payload
         elif payload is _SKIP:
             yield from _release(r, key, lease)
     if entries:
@@ -570,7 +569,7 @@ def read_many(fn: Any, r: Any, args: Any, kwargs: Any, mode: int = CACHED) -> St
             outcome = outcomes.get(key, False)
             yield from _filled(r, key, lease, outcome)
             if outcome is True and since is not None:
-                near.put(key, payloads[key], started, len(entry), since)
+                near.put(key, entry, since)
     return [results[k] for k in wanted if results.get(k) is not None]
 
 

@@ -881,20 +881,20 @@ def test_a_fill_that_started_before_an_eviction_is_refused(
 ) -> None:
     configure_near(memcached, transport)
     cache = near()
-    payload = [0, 0, 0, [1, "old"]]
+    payload = b"an entry as stored"
     since = cache.mark()
     cache.evict(["k"])
-    assert cache.put("k", payload, time.time(), 10, since) is False
+    assert cache.put("k", payload, since) is False
     assert cache.get("k") is None
     assert cache.refused == 1
-    assert cache.put("k", payload, time.time(), 10, cache.mark()) is True  # a read started after it
+    assert cache.put("k", payload, cache.mark()) is True  # a read started after it
     assert cache.get("k") is not None
     since = cache.mark()
     cache.evict(["other"])
-    assert cache.put("k", payload, time.time(), 10, since) is True  # another key's eviction
+    assert cache.put("k", payload, since) is True  # another key's eviction
     since = cache.mark()
     cache.flush()
-    assert cache.put("k", payload, time.time(), 10, since) is False  # a flush refuses every fill
+    assert cache.put("k", payload, since) is False  # a flush refuses every fill
 
 
 def test_a_broadcast_between_the_remote_hit_and_the_near_fill_wins(
