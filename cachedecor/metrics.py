@@ -70,7 +70,7 @@ def metrics() -> tuple[Metric, ...]:
 
     >>> m = metrics()[0]
     >>> m.prometheus, m.opentelemetry, m.help
-    ('cachedecor_hits_total', 'cachedecor.hits', 'Entries served from the cache.')
+    ('cachedecor_hits_total', 'cachedecor.hits', "Entries served from the cache (the near cache's included).")
     """
     docs = _field_docs()
     return tuple(
