@@ -347,15 +347,23 @@ class AsyncMemcachedCluster:
         they are on their way, wait for them to land (up to ``timeout``).
         """
         health = self.health
-        flush, pending = health.take(node)
-        if not flush and not pending:
-            if health.in_flight(node):
-                deadline = time.monotonic() + (self.timeout or 1.0)
-                while health.in_flight(node):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"deletes owed to memcached node {node} are still on their way")
-                    await asyncio.sleep(0.001)
-            return
+        deadline = time.monotonic() + (self.timeout or 1.0)
+        while True:
+            flush, pending = health.take(node)
+            if flush or pending:
+                break
+            if not health.in_flight(node):
+                # a delivery that failed gives its deletes back and lands in one step:
+                # taken again here if that happened since the first look
+                flush, pending = health.take(node)
+                if flush or pending:
+                    break
+                return
+            # another thread's delivery is on its way: wait for it to land, and take
+            # the deletes again if it failed (they are then back in the queue)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"deletes owed to memcached node {node} are still on their way")
+            await asyncio.sleep(0.001)
         payload = b"flush_all\r\n" if flush else b"".join(_classic_delete(k) for k in pending)
         try:
             await self._classic(node, payload, 1 if flush else len(pending), owed=False, patient=True)

@@ -63,7 +63,8 @@ class NodeHealth:
         self._failed: dict[str, int] = {}
         self._pending: dict[str, dict[str, float]] = {}
         self._flush: dict[str, float] = {}
-        self._in_flight: dict[str, int] = {}  # deliveries taken from the queue, not yet landed
+        # deliveries taken from the queue and not yet landed: node -> their sizes (keys)
+        self._in_flight: dict[str, list[int]] = {}
         self._lock = threading.Lock()
         self._retrier: threading.Thread | None = None
         self._wake = threading.Event()
@@ -121,11 +122,11 @@ class NodeHealth:
     def owes(self, node: str) -> bool:
         """Whether ``node`` has deletes (or a flush) that must be delivered before use,
         queued or on their way (taken by a delivery that has not landed yet)."""
-        return node in self._pending or node in self._flush or bool(self._in_flight.get(node))
+        return node in self._pending or node in self._flush or node in self._in_flight
 
     def in_flight(self, node: str) -> bool:
         """Whether a delivery to ``node`` (by any thread or event loop) is on its way."""
-        return bool(self._in_flight.get(node))
+        return node in self._in_flight
 
     def landed(self, node: str) -> None:
         """A delivery that :meth:`take` started has reached ``node``."""
@@ -133,11 +134,11 @@ class NodeHealth:
             self._land(node)
 
     def _land(self, node: str) -> None:
-        n = self._in_flight.get(node, 0) - 1
-        if n > 0:
-            self._in_flight[node] = n
-        else:
-            self._in_flight.pop(node, None)
+        sizes = self._in_flight.get(node)
+        if sizes:
+            sizes.pop()
+            if not sizes:
+                del self._in_flight[node]
 
     def queue(self, node: str, keys: Iterable[str]) -> None:
         now = time.monotonic()
@@ -160,7 +161,7 @@ class NodeHealth:
             flush = self._flush.pop(node, None)
             pending = self._pending.pop(node, {})
             if flush is not None or pending:
-                self._in_flight[node] = self._in_flight.get(node, 0) + 1
+                self._in_flight.setdefault(node, []).append(1 if flush is not None else len(pending))
         if flush is not None:
             return True, {"": flush}
         return False, pending
@@ -203,8 +204,10 @@ class NodeHealth:
         self._start_retrier()
 
     def pending_count(self) -> int:
+        """Deletes owed: queued, or on their way (a flush counts as one)."""
         with self._lock:
-            return sum(len(p) for p in self._pending.values()) + len(self._flush)
+            on_their_way = sum(sum(sizes) for sizes in self._in_flight.values())
+            return sum(len(p) for p in self._pending.values()) + len(self._flush) + on_their_way
 
     def _start_retrier(self) -> None:
         if self.client_factory is None:
@@ -302,15 +305,23 @@ class MemcachedCluster:
         reads the node before its deletes.
         """
         health = self.health
-        flush, pending = health.take(node)
-        if not flush and not pending:
-            if health.in_flight(node):
-                deadline = time.monotonic() + (self.clients[node].timeout or 1.0)
-                while health.in_flight(node):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"deletes owed to memcached node {node} are still on their way")
-                    time.sleep(0.001)
-            return
+        deadline = time.monotonic() + (self.clients[node].timeout or 1.0)
+        while True:
+            flush, pending = health.take(node)
+            if flush or pending:
+                break
+            if not health.in_flight(node):
+                # a delivery that failed gives its deletes back and lands in one step:
+                # taken again here if that happened since the first look
+                flush, pending = health.take(node)
+                if flush or pending:
+                    break
+                return
+            # another thread's delivery is on its way: wait for it to land, and take
+            # the deletes again if it failed (they are then back in the queue)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"deletes owed to memcached node {node} are still on their way")
+            time.sleep(0.001)
         client = self.clients[node]
         try:
             if flush:
