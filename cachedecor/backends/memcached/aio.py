@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from cachedecor.backends.base import PartialResult, UndeliveredInvalidation, register_fork_aware
-from cachedecor.backends.memcached.cluster import NodeDown, NodeHealth
+from cachedecor.backends.memcached.cluster import ON_THEIR_WAY, NodeDown, NodeHealth
 from cachedecor.backends.memcached.protocol import (
     PROBE,
     ConnectionClosed,
@@ -348,22 +348,13 @@ class AsyncMemcachedCluster:
         """
         health = self.health
         deadline = time.monotonic() + (self.timeout or 1.0)
-        while True:
-            flush, pending = health.take(node)
-            if flush or pending:
-                break
-            if not health.in_flight(node):
-                # a delivery that failed gives its deletes back and lands in one step:
-                # taken again here if that happened since the first look
-                flush, pending = health.take(node)
-                if flush or pending:
-                    break
-                return
-            # another thread's delivery is on its way: wait for it to land, and take
-            # the deletes again if it failed (they are then back in the queue)
+        while (claimed := health.claim(node)) is ON_THEIR_WAY:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"deletes owed to memcached node {node} are still on their way")
             await asyncio.sleep(0.001)
+        if claimed is None:
+            return
+        flush, pending = claimed
         payload = b"flush_all\r\n" if flush else b"".join(_classic_delete(k) for k in pending)
         try:
             await self._classic(node, payload, 1 if flush else len(pending), owed=False, patient=True)

@@ -22,6 +22,10 @@ from cachedecor.backends.memcached.protocol import (
 __all__ = ["MemcachedCluster", "NodeDown", "NodeHealth"]
 
 
+#: :meth:`NodeHealth.claim`: the deletes owed to a node are being delivered by another caller
+ON_THEIR_WAY: Any = object()
+
+
 class NodeDown(Exception):
     """The memcached node that owns a key is marked down; the call was not attempted."""
 
@@ -166,6 +170,20 @@ class NodeHealth:
             return True, {"": flush}
         return False, pending
 
+    def claim(self, node: str) -> Any:
+        """What a caller must deliver to ``node`` before using it: ``(flush, pending)``
+        to send (taken, as :meth:`take`), ``None`` (nothing owed), or :data:`ON_THEIR_WAY`
+        (another thread or loop is delivering them: look again shortly)."""
+        flush, pending = self.take(node)
+        if flush or pending:
+            return flush, pending
+        if self.in_flight(node):
+            return ON_THEIR_WAY
+        # a delivery that failed gives its deletes back and lands in one step: taken
+        # again here if that happened since the first look
+        flush, pending = self.take(node)
+        return (flush, pending) if flush or pending else None
+
     def give_back(self, node: str, flush: bool, pending: dict[str, float]) -> None:
         """Requeue what :meth:`take` returned after a failed delivery; expire old entries."""
         from cachedecor.stats import counters as region_counters
@@ -306,22 +324,13 @@ class MemcachedCluster:
         """
         health = self.health
         deadline = time.monotonic() + (self.clients[node].timeout or 1.0)
-        while True:
-            flush, pending = health.take(node)
-            if flush or pending:
-                break
-            if not health.in_flight(node):
-                # a delivery that failed gives its deletes back and lands in one step:
-                # taken again here if that happened since the first look
-                flush, pending = health.take(node)
-                if flush or pending:
-                    break
-                return
-            # another thread's delivery is on its way: wait for it to land, and take
-            # the deletes again if it failed (they are then back in the queue)
+        while (claimed := health.claim(node)) is ON_THEIR_WAY:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"deletes owed to memcached node {node} are still on their way")
             time.sleep(0.001)
+        if claimed is None:
+            return
+        flush, pending = claimed
         client = self.clients[node]
         try:
             if flush:
