@@ -189,7 +189,7 @@ def test_no_thread_reads_a_node_while_its_owed_deletes_are_on_their_way(memcache
     raw = Client(("127.0.0.1", node.port), no_delay=True)
     stale = 0
     for _ in range(150):
-        raw.set("owed", b"stale")
+        raw.set("owed", b"stale", noreply=False)  # stored before the readers start
         health.queue(node.url, ["owed"])
         barrier = threading.Barrier(6)
         seen: list[Any] = []

@@ -162,10 +162,14 @@ class NodeHealth:
         """(flush needed, pending keys) of ``node``, removed from the queue and counted as
         on their way until :meth:`landed` (or :meth:`give_back`)."""
         with self._lock:
-            flush = self._flush.pop(node, None)
-            pending = self._pending.pop(node, {})
+            # owes() reads without the lock: the deletes are marked on their way before
+            # they leave the queue, so that it never sees them in neither
+            flush = self._flush.get(node)
+            pending = self._pending.get(node, {})
             if flush is not None or pending:
                 self._in_flight.setdefault(node, []).append(1 if flush is not None else len(pending))
+            self._flush.pop(node, None)
+            self._pending.pop(node, None)
         if flush is not None:
             return True, {"": flush}
         return False, pending
@@ -192,7 +196,6 @@ class NodeHealth:
         now = time.monotonic()
         expired = [k for k, since in pending.items() if now - since > self.retry_for]
         with self._lock:
-            self._land(node)  # not landed: back in the queue
             if flush:
                 if not expired:
                     self._flush.setdefault(node, pending[""])
@@ -203,6 +206,7 @@ class NodeHealth:
                         target.setdefault(key, since)
                 if not target:
                     del self._pending[node]
+            self._land(node)  # back in the queue first (owes() reads without the lock)
         if expired:
             region_counters(self.region).invalidations_lost += len(expired) if not flush else 1
             log.error(
