@@ -26,7 +26,6 @@ import os
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +35,15 @@ import sqlalchemy
 
 from cachedecor.outbox import outbox_table
 from tests.apps import accounts_v2
-from tests.servers import PG_URL, Memcached
+from tests.conftest import _drop_pg, _pg_engine
+from tests.servers import Memcached
 from tests.test_outbox import _TERMINATE, Deployment, _url, watch
 
 WATCH = 5.0
 
 
 def _schema() -> sqlalchemy.Engine:
-    schema = f"outbox_faults_{uuid.uuid4().hex[:8]}"
-    admin = sqlalchemy.create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    admin.dispose()
-    engine = sqlalchemy.create_engine(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
-    engine.info = {"schema": schema}  # type: ignore[attr-defined]
+    engine = _pg_engine()  # a schema of its own
     accounts_v2.Base.metadata.create_all(engine)
     outbox_table().create(engine)
     return engine
@@ -165,12 +159,7 @@ def main() -> int:
                         node.kill()
                 rows.append((name, results[True], results.get(False, "(needs the outbox)")))
     finally:
-        schema = engine.info["schema"]  # type: ignore[attr-defined]
-        engine.dispose()
-        admin = sqlalchemy.create_engine(PG_URL)
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+        _drop_pg(engine)
     width = max(len(r[0]) for r in rows)
     print("\nstale window after each fault: from its end to the last read of the old row")
     print(f"{'fault':<{width}}  {'with the outbox':<36}  without")

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,7 +39,7 @@ import cachedecor
 from cachedecor.backends import NodeDown, NodeHealth
 from cachedecor.backends.memcached.aio import AsyncMemcachedCluster
 from cachedecor.config import configured_regions, region_settings
-from tests.conftest import SQLCounter, memcached_config
+from tests.conftest import SQLCounter, _drop_pg, _pg_engine, memcached_config
 from tests.models import Base, User
 from tests.servers import PG_URL, Memcached, fake_server, free_port, unavailable, wait_for_port
 
@@ -114,22 +112,10 @@ def sqlite_db(tmp_path: Path) -> Iterator[Database]:
 
 @pytest.fixture(scope="module")
 def pg_schema() -> Iterator[tuple[str, sqlalchemy.engine.Engine]]:
-    schema = f"cd_afaults_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = sqlalchemy.create_engine(PG_URL)
-    try:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    except Exception as exc:
-        admin.dispose()
-        unavailable(f"PostgreSQL is not reachable at {PG_URL}: {exc}")
-    sync_engine = sqlalchemy.create_engine(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
+    sync_engine = _pg_engine()  # a schema of its own, as the suite's PostgreSQL fixtures
     Base.metadata.create_all(sync_engine)
-    yield schema, sync_engine
-    sync_engine.dispose()
-    with admin.begin() as conn:
-        conn.exec_driver_sql("SET LOCAL lock_timeout = '10s'")
-        conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-    admin.dispose()
+    yield sync_engine.info["schema"], sync_engine  # type: ignore[attr-defined]
+    _drop_pg(sync_engine)
 
 
 @pytest.fixture
