@@ -11,7 +11,8 @@ comparison sees the same machine:
   ``session.merge(obj, load=False)`` (what users write today);
 * ``@cached_by_pk`` hits, with a session (attached instance) and without;
 * ``session.get`` on a fresh session (what every hit saves);
-* ``many=True`` with 1, 10, 100 and 1000 keys against single hits and ``SELECT IN``;
+* ``many=True`` with 1, 10, 100 and 1000 keys against its floor (a raw ``get_many``
+  plus decoding each entry), single hits and ``SELECT IN``;
 * the miss path (lease + query + fill) against a plain miss-and-set;
 * bytes stored per row;
 * async, on one event loop: a raw meta get on cachedecor's asyncio transport plus
@@ -399,6 +400,8 @@ class Bench:
     def many(self) -> None:
         engine = self.engine
         session = self.session
+        raw = self.raw
+        decode = self.region.codec.decode
         out: dict[str, Any] = {}
         for n in (1, 10, 100, 1000):
             ids = list(range(n))
@@ -414,9 +417,21 @@ class Bench:
                 with Session(engine) as s:
                     return list(s.scalars(select(Account).where(Account.id.in_(ids))))
 
+            keys = [get_accounts.cache_key(i) for i in ids]
+
+            def floor(keys: list[str] = keys) -> Any:
+                found = raw.get_many(keys)
+                return [decode(k, found[k]) for k in keys]
+
+            assert len(floor()) == n
             rounds = max(30, self.rounds // max(1, n // 10))
             medians = compare(
-                {"many=True": batch, "single hits": singles, "SELECT ... IN": select_in},
+                {
+                    "many=True": batch,
+                    "floor: get_many + decode": floor,
+                    "single hits": singles,
+                    "SELECT ... IN": select_in,
+                },
                 rounds,
                 setup=self.fresh_session,
             )
@@ -806,12 +821,25 @@ def report(results: dict[str, Any]) -> str:
     single_hit = results["rows"]["Account (12 columns)"]["medians_us"][
         "@cached_by_pk hit, attached to a session"
     ]
+    many_targets = []
     for n, med in results["many"].items():
         k = int(n)
         cells = "  ".join(f"{name} {us / k:7.1f} ({us:8.1f})" for name, us in med.items())
         lines.append(
             f"  {n:>5} keys: {cells}  | per key / single hit: {med['many=True'] / k / single_hit:.3f}"
         )
+        if k >= 100:
+            ratio = med["many=True"] / med["floor: get_many + decode"]
+            many_targets.append((f"many=True ({n}) within 2x the get_many + decode floor", ratio, ratio <= 2))
+    per_row = {n: med["many=True"] / int(n) for n, med in results["many"].items()}
+    if "100" in per_row and "1000" in per_row:
+        growth = per_row["1000"] / per_row["100"]
+        many_targets.append(("many=True flat: per row at 1000 / at 100 keys", growth, growth <= 1.1))
+    account = results["rows"]["Account (12 columns)"]["medians_us"]
+    over = account["@cached_by_pk hit, attached to a session"] - account["floor: pymemcache get + decode"]
+    many_targets.insert(0, ("hit's own work over the floor, attached (us)", over, over <= 8))
+    for what, ratio, met in many_targets:
+        lines.append(f"  target: {what:<56} {ratio:5.2f}  {'met' if met else 'MISSED'}")
     lines.append("\nmiss path (Account): median us per call")
     mis = results["misses"]
     for name, us in mis.items():

@@ -1,13 +1,13 @@
 """The near cache: decoded rows kept in each process, in front of the remote cache.
 
-A region with ``local_entries = N`` keeps up to N entries, as the bytes the remote
-cache stored (at most ``local_max_bytes`` of them, plus a fixed overhead each), in
-a per-process LRU. A hit decodes them as a remote hit does, without the round trip:
-every hit gets values of its own (JSON documents included), and the memory held
-is what the remote cache holds.
-A hit there costs no round trip. Coherence across processes comes from the
-commits themselves (:mod:`cachedecor.broadcast`): every invalidation is also
-broadcast, and each process evicts the keys it receives. Rules:
+A region with ``local_entries = N`` keeps up to N rows, checked and decoded
+(:class:`~cachedecor.rows.Row`, at most ``local_max_bytes`` of them as counted by
+:attr:`Row.size <cachedecor.rows.Row.size>`), in a per-process LRU. A hit builds
+an instance from the row without a round trip and without decoding; every hit gets
+copies of the row's mutable values (JSON documents), never the row's own.
+Coherence across processes comes from the commits themselves
+(:mod:`cachedecor.broadcast`): every invalidation is also broadcast, and each
+process evicts the keys it receives. Rules:
 
 * Filled only from what the remote cache returned (a remote hit) or from a fill
   this process won with the lease and stored; never from a transaction that wrote.
@@ -31,15 +31,15 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cachedecor.backends.base import register_fork_aware
 
+if TYPE_CHECKING:
+    from cachedecor.rows import Row
+
 __all__ = ["NearCache", "active", "evict_everywhere", "flush_everywhere", "heard", "hearing", "set_listening"]
 
-#: A rough per-entry overhead (the key, the list, the dict slot), added to an entry's
-#: stored size when counting bytes.
-OVERHEAD = 200
 #: How many recent evictions are remembered to refuse fills that started before them.
 _REMEMBERED = 50_000
 
@@ -67,7 +67,7 @@ class NearCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.ttl = ttl
-        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # key -> (data, expires)
+        self._entries: OrderedDict[str, tuple[Row, float]] = OrderedDict()  # key -> (row, expires)
         self._lock = threading.Lock()
         self._seq = 0  # eviction sequence: +1 per eviction batch
         self._evicted: OrderedDict[str, int] = OrderedDict()  # key -> seq of its last eviction
@@ -86,24 +86,23 @@ class NearCache:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def get(self, key: str) -> bytes | None:
-        """The stored bytes of a live entry, or ``None``. Not while deaf."""
-        if not _listening or time.monotonic() >= _heard_until:
-            return None
+    def get(self, key: str) -> Row | None:
+        """The row of a live entry, or ``None``. Not while deaf."""
         entry = self._entries.get(key)
         if entry is None:
             return None
-        data, expires = entry
-        if time.monotonic() >= expires:
-            with self._lock:
-                self._drop(key)
+        now = time.monotonic()
+        if now >= entry[1] or now >= _heard_until or not _listening:
+            if now >= entry[1]:
+                with self._lock:
+                    self._drop(key)
             return None
         try:
             self._entries.move_to_end(key)
         except KeyError:  # evicted by another thread meanwhile: still a consistent copy
             pass
         self.hits += 1
-        return data
+        return entry[0]
 
     def mark(self) -> int:
         """The eviction sequence now: pass it to :meth:`put` for a read starting now."""
@@ -111,8 +110,8 @@ class NearCache:
 
     # -- writes --------------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes, since: int) -> bool:
-        """Keep ``data`` (an entry as the remote cache stores it) for ``key``.
+    def put(self, key: str, row: Row, since: int) -> bool:
+        """Keep ``row`` (shared: :meth:`Row.share <cachedecor.rows.Row.share>`) for ``key``.
 
         Refused (``False``) while deaf, when ``key`` was evicted after ``since`` (the
         sequence when the read that produced the entry started), or when the
@@ -120,7 +119,7 @@ class NearCache:
         """
         if not _listening or time.monotonic() >= _heard_until:
             return False
-        size = len(data) + OVERHEAD
+        size = row.size
         if size > self.max_bytes:
             return False
         with self._lock:
@@ -129,11 +128,11 @@ class NearCache:
                 self.refused += 1
                 return False
             self._drop(key)
-            self._entries[key] = (data, time.monotonic() + self.ttl)
+            self._entries[key] = (row, time.monotonic() + self.ttl)
             self.bytes += size
             while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
                 _, (dropped, _) = self._entries.popitem(last=False)
-                self.bytes -= len(dropped) + OVERHEAD
+                self.bytes -= dropped.size
         return True
 
     def evict(self, keys: Iterable[str]) -> None:
@@ -170,7 +169,7 @@ class NearCache:
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
-            self.bytes -= len(entry[0]) + OVERHEAD
+            self.bytes -= entry[0].size
 
     def __len__(self) -> int:
         return len(self._entries)

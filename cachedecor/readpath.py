@@ -27,7 +27,7 @@ from cachedecor.backends import PartialResult, ValueRefused, is_lease
 from cachedecor.codec import BadEntry, UnencodableValue
 from cachedecor.errors import UsageError
 from cachedecor.keys import Space
-from cachedecor.rows import EntryMismatch, OtherClass
+from cachedecor.rows import EntryMismatch, OtherClass, Row
 from cachedecor.stats import log_failure
 from cachedecor.tracking import may_fill, reads_old_snapshot, session_tracker
 
@@ -213,7 +213,7 @@ def _call_and_fill(
                 outcome = exc
             yield from _filled(r, key, lease, outcome)
             if outcome is True and since is not None:
-                r.near.put(key, entry, since)
+                keep_near(fn, r, key, entry, token, since)
     return result
 
 
@@ -246,58 +246,74 @@ def decode(
     region's near cache."""
     try:
         payload, written_at = r.codec.decode_timed(key, data)
-    except BadEntry as exc:
-        r.counters.bad_entries += 1
-        log_failure(r.name, "decoding an entry", f"{key}: {exc}")
-        return _DROP, None
+        row = fn._plan.prepare(payload, key, token, written_at)
     except Exception as exc:
-        r.counters.errors += 1
-        log_failure(r.name, "attaching a cached row", exc)
-        return _KEEP, None
-    status, value = use(fn, r, key, payload, written_at, session, token)
+        return _refused(r, key, exc), None
+    if since is not None:
+        row.share()  # before the first instance: it gets copies of the row's documents
+    status, value = use(fn, r, key, row, session, token)
     if since is not None and status is HIT:
-        r.near.put(key, data, since)
+        r.near.put(key, row, since)
     return status, value
 
 
-def use(
-    fn: Any, r: Any, key: str, payload: Any, written_at: float, session: Session | None, token: Any
-) -> tuple[Any, Any]:
+def use(fn: Any, r: Any, key: str, row: Row, session: Session | None, token: Any) -> tuple[Any, Any]:
     """:func:`decode` of an entry already decoded (from the near cache, or by :func:`decode`)."""
-    counters = r.counters
     try:
         invalidator = r.region.region_invalidator
+        written_at = row.written_at
         if getattr(invalidator, "_invalidated", True) is not None and invalidator.is_invalidated(written_at):
             return _DROP, None
-        return HIT, fn._plan.build(payload, session, key, token)
+        return HIT, fn._plan.instantiate(row, session, token)
     except OtherClass:
         return _OTHER, None
-    except EntryMismatch as exc:
+    except Exception as exc:
+        return _refused(r, key, exc), None
+
+
+def _refused(r: Any, key: str, exc: Exception) -> Any:
+    """Count and log why an entry was not used: ``_DROP`` (delete it) for an entry that
+    is wrong, ``_KEEP`` for a failure of ours (the entry may be fine)."""
+    counters = r.counters
+    if isinstance(exc, EntryMismatch):
         counters.mismatches += 1
         # another deployed version's entry is routine during a rolling deploy
         level = logging.INFO if exc.other_mapping else logging.WARNING
         log_failure(r.name, "verifying an entry", f"{key}: {exc}", level)
-    except BadEntry as exc:
+    elif isinstance(exc, BadEntry):
         counters.bad_entries += 1
         log_failure(r.name, "decoding an entry", f"{key}: {exc}")
-    except Exception as exc:
+    else:
         counters.errors += 1
         log_failure(r.name, "attaching a cached row", exc)
-        return _KEEP, None
-    return _DROP, None
+        return _KEEP
+    return _DROP
+
+
+def keep_near(fn: Any, r: Any, key: str, data: bytes, token: Any, since: int) -> None:
+    """Keep an entry this process has just stored in the region's near cache."""
+    try:
+        payload, written_at = r.codec.decode_timed(key, data)
+        row = fn._plan.prepare(payload, key, token, written_at)
+    except Exception as exc:  # our own entry: only a bug of ours gets here
+        r.counters.errors += 1
+        log_failure(r.name, "keeping a filled entry near", exc)
+        return
+    r.near.put(key, row.share(), since)
 
 
 def near_hit(fn: Any, r: Any, key: str, session: Session | None, token: Any) -> tuple[Any, Any]:
     """The near cache's answer for ``key``: ``(HIT, value)``, or ``(None, None)`` (not there,
     or not usable: then it is evicted and the read goes on to the remote cache)."""
     near = r.near
-    data = near.get(key)
-    if data is None:
+    row = near.get(key)
+    if row is None:
         return None, None
-    status, value = decode(fn, r, key, data, session, token)
+    status, value = use(fn, r, key, row, session, token)
     if status is HIT:
-        r.counters.hits += 1
-        r.counters.local_hits += 1
+        counters = r.counters
+        counters.hits += 1
+        counters.local_hits += 1
         return HIT, value
     near.evict((key,))
     return None, None
@@ -569,7 +585,7 @@ def read_many(fn: Any, r: Any, args: Any, kwargs: Any, mode: int = CACHED) -> St
             outcome = outcomes.get(key, False)
             yield from _filled(r, key, lease, outcome)
             if outcome is True and since is not None:
-                near.put(key, entry, since)
+                keep_near(fn, r, key, entry, token, since)
     return [results[k] for k in wanted if results.get(k) is not None]
 
 

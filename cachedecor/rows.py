@@ -22,7 +22,11 @@ Everything that touches SQLAlchemy's instance state lives in this module.
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import enum
+import sys
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +38,15 @@ from sqlalchemy.orm.attributes import instance_state
 
 from cachedecor.codec import ABSENT, BadEntry
 
-__all__ = ["EntryMismatch", "ModelPlan", "OtherClass", "class_tag", "mapping_fingerprint", "model_plan"]
+__all__ = [
+    "EntryMismatch",
+    "ModelPlan",
+    "OtherClass",
+    "Row",
+    "class_tag",
+    "mapping_fingerprint",
+    "model_plan",
+]
 
 
 def _enum_class(col: Any) -> type[enum.Enum] | None:
@@ -120,14 +132,21 @@ class ClassPlan:
         "eager",
         "encoders",
         "fingerprint",
+        "immutable",
         "keys",
         "manager",
+        "owner",
         "pk_positions",
+        "readable",
         "tag",
     )
 
-    def __init__(self, mapper: Mapper[Any]) -> None:
+    def __init__(self, mapper: Mapper[Any], owner: ModelPlan) -> None:
         self.cls = mapper.class_
+        #: the model plan this class plan belongs to
+        self.owner = owner
+        #: whether the owner's model reads rows of this class (not a sibling subclass)
+        self.readable = issubclass(self.cls, owner.model)
         self.manager = mapper.class_manager
         self.tag = class_tag(mapper)
         self.fingerprint = mapping_fingerprint(mapper)
@@ -142,13 +161,17 @@ class ClassPlan:
         )
         encoders: list[tuple[int, Callable[[Any], Any]]] = []
         decoders: list[tuple[int, Callable[[Any], Any]]] = []
+        immutable = set(_IMMUTABLE)
         for i, prop in enumerate(props):
             enum_cls = _enum_class(prop.columns[0])
             if enum_cls is not None:
                 encoders.append((i, _enum_encoder))
                 decoders.append((i, _enum_decoder(enum_cls)))
+                immutable.add(enum_cls)
         self.encoders = tuple(encoders)
         self.decoders = tuple(decoders)
+        #: the types of the values that instances of a shared row may share
+        self.immutable = frozenset(immutable)
 
 
 def _enum_encoder(value: Any) -> Any:
@@ -174,7 +197,7 @@ class ModelPlan:
         mapper: Mapper[Any] = sqlalchemy.inspect(model)
         self.model = mapper.class_
         self.mapper = mapper
-        plans = [ClassPlan(m) for m in mapper.base_mapper.self_and_descendants]
+        plans = [ClassPlan(m, self) for m in mapper.base_mapper.self_and_descendants]
         self.by_class = {p.cls: p for p in plans}
         self.by_tag: dict[Any, ClassPlan] = {}
         for p in plans:
@@ -233,14 +256,12 @@ class ModelPlan:
 
     # -- payload -> instance ------------------------------------------------------------
 
-    def build(self, payload: Any, session: Session | None, key: str, token: Any = None) -> Any:
-        """Rebuild an instance from a payload read under ``key`` and attach it to ``session``.
+    def prepare(self, payload: Any, key: str, token: Any = None, written_at: float = 0.0) -> Row:
+        """Check a payload read under ``key`` and turn it into a :class:`Row`.
 
-        An instance already in the session's identity map is returned instead (its
-        pending changes untouched; attributes that had been expired are filled from
-        the payload). Raises :class:`EntryMismatch` for an entry of another row or
-        mapping, :class:`OtherClass` for a row outside the model (a sibling
-        subclass) and :class:`BadEntry` for a malformed payload.
+        Raises :class:`EntryMismatch` for an entry of another row or mapping and
+        :class:`BadEntry` for a malformed payload. The row may be of a class outside
+        this model (a sibling subclass): :meth:`instantiate` tells.
         """
         if type(payload) is not list or len(payload) != 4:
             raise BadEntry("payload is not [key, class, fingerprint, values]")
@@ -248,7 +269,7 @@ class ModelPlan:
         if entry_key != key:
             raise EntryMismatch(f"the entry under {key!r} holds the row of {entry_key!r}")
         if tag is None and values is None:
-            return None  # a row that does not exist (cache_none=True)
+            return Row(None, None, _NO_VALUES, (), written_at)  # a row that does not exist (cache_none=True)
         try:
             plan = self.by_tag.get(tag)
         except TypeError:  # an unhashable tag
@@ -257,31 +278,54 @@ class ModelPlan:
             raise OtherMapping(f"the entry under {key!r} was written under another mapping")
         if type(values) is not list or len(values) != len(plan.keys):
             raise BadEntry("payload does not match the mapped columns")
-        if not issubclass(plan.cls, self.model):
-            raise OtherClass(plan.cls.__name__)
         for i, dec in plan.decoders:
             values[i] = dec(values[i])
         ident = (self.identity_class, tuple([values[i] for i in plan.pk_positions]), token)
+        values_by_key = dict(zip(plan.keys, values, strict=True))
+        expire = plan.derived
+        for value in values:
+            if value is ABSENT:
+                absent = [k for k, v in values_by_key.items() if v is ABSENT]
+                for k in absent:
+                    del values_by_key[k]
+                # a deferred column loads on access by itself; any other column that
+                # was not loaded is expired, so that it loads like an expired attribute
+                expire = tuple(k for k in absent if k in plan.eager) + plan.derived
+                break
+        return Row(plan, ident, values_by_key, expire, written_at)
+
+    def instantiate(self, row: Row, session: Session | None, token: Any = None) -> Any:
+        """The instance of ``row``, attached to ``session``.
+
+        An instance already in the session's identity map is returned instead (its
+        pending changes untouched; attributes that had been expired are filled from
+        the row). Raises :class:`OtherClass` for a row outside this model (a sibling
+        subclass). A row shared by several reads (:meth:`Row.share`) gives each its
+        own copies of its mutable values (JSON documents).
+        """
+        plan = row.plan
+        if plan is None:
+            return None
+        if plan.owner is not self:
+            plan = self._adopt(plan)
+        if not plan.readable:
+            raise OtherClass(plan.cls.__name__)
+        ident = row.ident
+        if token is not ident[2]:
+            ident = (ident[0], ident[1], token)
         if session is not None:
             existing = session.identity_map.get(ident)
             if existing is not None:
-                _refresh_expired(existing, plan, values)
+                _refresh_expired(existing, plan, row)
                 return existing
         obj = plan.manager.new_instance()
         state = instance_state(obj)
         d = state.dict
-        d.update(zip(plan.keys, values, strict=True))
-        if ABSENT in values:
-            absent = [k for k, v in zip(plan.keys, values, strict=True) if v is ABSENT]
-            for k in absent:
-                del d[k]
-            # a deferred column loads on access by itself; any other column that was
-            # not loaded is expired, so that it loads like an expired attribute
-            eager = [k for k in absent if k in plan.eager]
-            if eager:
-                state._expire_attributes(d, eager)
-        if plan.derived:
-            state._expire_attributes(d, plan.derived)
+        d.update(row.values)
+        for k in row.copies:
+            d[k] = _copy_tree(d[k])
+        if row.expire:
+            state._expire_attributes(d, row.expire)
         # what the ORM's loader does for a row it has just read: the instance is
         # persistent with this identity and all its values are committed
         state.key = ident
@@ -290,6 +334,107 @@ class ModelPlan:
         if session is not None:
             _attach(session, state, obj)
         return obj
+
+    def build(self, payload: Any, session: Session | None, key: str, token: Any = None) -> Any:
+        """:meth:`prepare` then :meth:`instantiate`: the instance of a payload read under ``key``."""
+        return self.instantiate(self.prepare(payload, key, token), session, token)
+
+    def _adopt(self, plan: ClassPlan) -> ClassPlan:
+        """This model's plan for a row another model of the hierarchy prepared."""
+        mine = self.by_class.get(plan.cls)
+        if mine is None or mine.fingerprint != plan.fingerprint:
+            raise OtherMapping(f"a row of {plan.cls.__name__} prepared under another mapping")
+        return mine
+
+
+class Row:
+    """A checked, decoded entry, ready to become instances (:meth:`ModelPlan.instantiate`).
+
+    What the near cache keeps: its values are never handed out themselves once it is
+    shared (:meth:`share`): mutable ones (lists and dicts of JSON columns) are copied
+    for each instance, so that changing one instance's document changes no other.
+    """
+
+    __slots__ = ("copies", "expire", "ident", "plan", "size", "values", "written_at")
+
+    def __init__(
+        self,
+        plan: ClassPlan | None,
+        ident: Any,
+        values: dict[str, Any],
+        expire: tuple[str, ...],
+        written_at: float,
+    ) -> None:
+        self.plan = plan
+        self.ident = ident
+        #: the loaded columns' values by attribute name
+        self.values = values
+        #: attributes to expire on each instance (unloaded columns, derived columns)
+        self.expire = expire
+        #: the entry's write time (``0.0`` if unknown), for ``region.invalidate()``
+        self.written_at = written_at
+        #: attributes whose values each instance gets a copy of (set by :meth:`share`)
+        self.copies: tuple[str, ...] = ()
+        #: an estimate of the memory the row holds, in bytes (set by :meth:`share`)
+        self.size = 0
+
+    def share(self) -> Row:
+        """Make the row fit to be kept and instantiated many times (mutable values are
+        copied per instance), and count its size. Returns the row."""
+        plan = self.plan
+        if plan is None:
+            self.size = _ROW_SIZE
+            return self
+        immutable = plan.immutable
+        self.copies = tuple(k for k, v in self.values.items() if type(v) not in immutable)
+        size = _ROW_SIZE + sys.getsizeof(self.values) + sys.getsizeof(self.ident[1])
+        for v in self.values.values():
+            size += _deep_size(v)
+        self.size = size
+        return self
+
+
+_NO_VALUES: dict[str, Any] = {}
+#: the row object, its identity tuple and the near cache's slot for it
+_ROW_SIZE = 200
+#: types whose values several instances may share: nothing can change them in place
+_IMMUTABLE = frozenset(
+    {
+        type(None),
+        bool,
+        int,
+        float,
+        complex,
+        str,
+        bytes,
+        decimal.Decimal,
+        datetime.datetime,
+        datetime.date,
+        datetime.time,
+        datetime.timedelta,
+        uuid.UUID,
+    }
+)
+
+
+def _deep_size(value: Any) -> int:
+    size = sys.getsizeof(value)
+    if type(value) is list:
+        for item in value:
+            size += _deep_size(item)
+    elif type(value) is dict:
+        for k, item in value.items():
+            size += sys.getsizeof(k) + _deep_size(item)
+    return size
+
+
+def _copy_tree(value: Any) -> Any:
+    """A copy of a value decoded from an entry: lists and dicts are copied all the way down."""
+    if type(value) is list:
+        return [_copy_tree(v) for v in value]
+    if type(value) is dict:
+        return {k: _copy_tree(v) for k, v in value.items()}
+    return value
 
 
 _AMBIGUOUS: Any = object()
@@ -313,7 +458,7 @@ def _attach_loaded(session: Session, state: Any, obj: Any) -> None:
 _attach = _attach_loaded if hasattr(sqlalchemy.orm.identity.IdentityMap, "_add_unpresent") else _attach_public
 
 
-def _refresh_expired(obj: Any, plan: ClassPlan, values: list[Any]) -> None:
+def _refresh_expired(obj: Any, plan: ClassPlan, row: Row) -> None:
     """Fill expired, unmodified attributes of an identity-map instance from the cache."""
     state = instance_state(obj)
     expired = state.expired_attributes
@@ -321,9 +466,9 @@ def _refresh_expired(obj: Any, plan: ClassPlan, values: list[Any]) -> None:
         return
     d = state.dict
     filled = []
-    for key, value in zip(plan.keys, values, strict=True):
-        if key in expired and value is not ABSENT and key not in d:
-            d[key] = value
+    for key, value in row.values.items():
+        if key in expired and key not in d:
+            d[key] = _copy_tree(value) if key in row.copies else value
             filled.append(key)
     if filled:
         state._commit(d, filled)

@@ -16,6 +16,8 @@ INI file, and children made with ``os.fork()``.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import decimal
 import json
 import os
 import select
@@ -44,8 +46,9 @@ from cachedecor import ConfigError, broadcast, cached_by_pk, invalidates
 from cachedecor import near as near_module
 from cachedecor.config import region_settings
 from cachedecor.near import NearCache
+from cachedecor.rows import Row
 from tests.conftest import memcached_config, wait_until
-from tests.models import Everything, Post, User
+from tests.models import Color, Everything, Post, User
 from tests.servers import PG_URL, REDIS_URL, Memcached, free_port, unavailable, wait_for_port
 from tests.test_deploy import App
 
@@ -881,7 +884,7 @@ def test_a_fill_that_started_before_an_eviction_is_refused(
 ) -> None:
     configure_near(memcached, transport)
     cache = near()
-    payload = b"an entry as stored"
+    payload = Row(None, None, {}, (), 0.0).share()  # the row of an absent key (cache_none)
     since = cache.mark()
     cache.evict(["k"])
     assert cache.put("k", payload, since) is False
@@ -1009,17 +1012,20 @@ def test_local_max_bytes_bounds_the_near_cache_in_lru_order(
     transport: Transport, memcached: Memcached, pg_engine: Engine
 ) -> None:
     things(pg_engine, {i: str(i) * 1000 for i in range(1, 5)})
-    configure_near(memcached, transport, local_max_bytes=4096, compress_threshold=1_000_000)
+    configure_near(memcached, transport, compress_threshold=1_000_000)
     read_thing(pg_engine, 1)
     size = near().bytes
-    assert size > 1000  # the stored size of the entry, plus an overhead
-    assert 3 * size <= 4096 < 4 * size  # three such rows fit, four do not
+    assert size > 1000  # the row's 1000 characters of text, and the rest of it
+    bound = 3 * size + size // 2  # three such rows fit, four do not
+    configure_near(memcached, transport, local_max_bytes=bound, compress_threshold=1_000_000)
+    read_thing(pg_engine, 1)
+    assert near().bytes == size
     for i in (2, 3):
         read_thing(pg_engine, i)
     assert len(near()) == 3
     read_thing(pg_engine, 1)  # the most recently used
     read_thing(pg_engine, 4)  # pushes out row 2
-    assert len(near()) == 3 and near().bytes <= 4096
+    assert len(near()) == 3 and near().bytes <= bound
     reads = Reads(memcached)
     for i in (1, 3, 4):
         assert read_thing(pg_engine, i) == str(i) * 1000
@@ -1032,7 +1038,12 @@ def test_an_entry_larger_than_local_max_bytes_is_not_kept(
     transport: Transport, memcached: Memcached, pg_engine: Engine
 ) -> None:
     things(pg_engine, {1: "x" * 2000, 2: "small"})
-    configure_near(memcached, transport, local_max_bytes=1024, compress_threshold=1_000_000)
+    configure_near(memcached, transport, compress_threshold=1_000_000)
+    read_thing(pg_engine, 2)
+    small = near().bytes
+    # room for row 2 and 1,000 bytes more: not for row 1's 2,000 characters
+    bound = max(1024, small + 1000)
+    configure_near(memcached, transport, local_max_bytes=bound, compress_threshold=1_000_000)
     read_thing(pg_engine, 2)
     read_thing(pg_engine, 1)
     assert len(near()) == 1  # row 2 only: row 1 did not push it out
@@ -1040,6 +1051,52 @@ def test_an_entry_larger_than_local_max_bytes_is_not_kept(
     assert read_thing(pg_engine, 1) == "x" * 2000
     assert read_thing(pg_engine, 2) == "small"
     assert (reads.local, reads.remote_hits) == (1, 1)
+
+
+def test_near_hits_give_each_instance_its_own_documents_and_every_value_exactly(
+    transport: Transport, memcached: Memcached, pg_engine: Engine
+) -> None:
+    """The near cache keeps decoded rows: a JSON document must still be each
+    instance's own, and every column type must come back as the database gave it."""
+    doc = {"tags": ["a", "b"], "nested": {"n": [1, 2, {"deep": True}]}}
+    row = Everything(
+        id=uuid.UUID(int=7),
+        at_naive=datetime.datetime(2026, 1, 2, 3, 4, 5, 6),
+        at_aware=datetime.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=datetime.timezone.utc),
+        day=datetime.date(2026, 1, 2),
+        clock=datetime.time(3, 4, 5, 6),
+        span=datetime.timedelta(days=1, seconds=2, microseconds=3),
+        amount=decimal.Decimal("12.345600"),
+        blob=b"\x00\xff",
+        color=Color.RED,
+        doc=doc,
+        ratio=0.25,
+        flag=True,
+        text="text",
+    )
+    with Session(pg_engine) as s:
+        s.add(row)
+        s.commit()
+        stored = s.get(Everything, uuid.UUID(int=7))
+        expected = {c.key: getattr(stored, c.key) for c in Everything.__table__.c}
+    configure_near(memcached, transport)
+    with Session(pg_engine) as s:
+        first = get_thing(s, uuid.UUID(int=7))  # a miss: the fill is kept near
+        assert first is not None
+        first.doc["tags"].append("changed in place")
+        first.doc["nested"]["n"][2]["deep"] = False
+    reads = Reads(memcached)
+    with Session(pg_engine) as s:
+        second = get_thing(s, uuid.UUID(int=7))
+        assert second is not None
+        assert {c: getattr(second, c) for c in expected} == expected
+        assert second.doc == doc
+        second.doc["tags"].clear()
+    with Session(pg_engine) as s:
+        third = get_thing(s, uuid.UUID(int=7))
+        assert third is not None and third.doc == doc
+        assert third.doc is not second.doc and third.doc["nested"] is not second.doc["nested"]
+    assert (reads.local, reads.remote_hits) == (2, 0)
 
 
 def test_many_reads_use_the_near_cache_for_the_keys_it_holds(
