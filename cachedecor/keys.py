@@ -199,6 +199,25 @@ class KeyMaker:
         prefix = self.prefix if space is None else self.space_prefix(space)
         return finish_key(prefix + self.encode_pk(pk))
 
+    def keys_for(self, pks: Iterable[Any], space: Space | None = None) -> dict[str, Any]:
+        """``{key: pk}`` for many primary keys, in order; a key asked for twice once
+        (with its first ``pk``). The same keys as one call per ``pk``."""
+        found: dict[str, Any] = {}
+        add = found.setdefault
+        if space is None and self.arity == 1:
+            prefix = self.prefix
+            for pk in pks:
+                if type(pk) is int and -(10**18) < pk < 10**18:
+                    key = prefix + str(pk)
+                    if len(key) <= MAX_KEY_LENGTH:
+                        add(key, pk)
+                        continue
+                add(self(pk, space), pk)
+            return found
+        for pk in pks:
+            add(self(pk, space), pk)
+        return found
+
     def space_prefix(self, space: Space) -> str:
         """The key prefix of rows read from schema ``space[0]`` with identity token ``space[1]``."""
         prefix = self._spaces.get(space)

@@ -104,6 +104,34 @@ class NearCache:
         self.hits += 1
         return entry[0]
 
+    def get_many(self, keys: Iterable[str]) -> dict[str, Row]:
+        """:meth:`get` for many keys: the rows of the live entries among ``keys``, in order."""
+        now = time.monotonic()
+        if now >= _heard_until or not _listening:
+            return {}
+        entries = self._entries
+        move = entries.move_to_end
+        found: dict[str, Row] = {}
+        expired = []
+        for key in keys:
+            entry = entries.get(key)
+            if entry is None:
+                continue
+            if now >= entry[1]:
+                expired.append(key)
+                continue
+            try:
+                move(key)
+            except KeyError:  # evicted by another thread meanwhile: still a consistent copy
+                pass
+            found[key] = entry[0]
+        if expired:
+            with self._lock:
+                for key in expired:
+                    self._drop(key)
+        self.hits += len(found)
+        return found
+
     def mark(self) -> int:
         """The eviction sequence now: pass it to :meth:`put` for a read starting now."""
         return self._seq

@@ -260,7 +260,11 @@ class CachedFunction(Generic[R]):
         """
         try:
             pk = self.binding.pk(args, kwargs)
-            token, space = self._space(session, args, kwargs)
+            if self._token is None:
+                token = None
+                space = None if session is None else session_space(session, self.model)
+            else:
+                token, space = self._space(session, args, kwargs)
             key = r.maker(pk, space)
             if session is not None:
                 tracker = session_tracker(session)

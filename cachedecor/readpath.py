@@ -17,7 +17,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Sized
 from typing import Any, cast
 
 import sqlalchemy
@@ -309,14 +309,49 @@ def near_hit(fn: Any, r: Any, key: str, session: Session | None, token: Any) -> 
     row = near.get(key)
     if row is None:
         return None, None
-    status, value = use(fn, r, key, row, session, token)
-    if status is HIT:
-        counters = r.counters
-        counters.hits += 1
-        counters.local_hits += 1
-        return HIT, value
+    # what use() does, without its call: this is the hottest path there is
+    invalidator = r.region.region_invalidator
+    written_at = row.written_at
+    try:
+        if getattr(invalidator, "_invalidated", True) is None or not invalidator.is_invalidated(written_at):
+            value = fn._plan.instantiate(row, session, token)
+            counters = r.counters
+            counters.hits += 1
+            counters.local_hits += 1
+            return HIT, value
+    except OtherClass:
+        pass
+    except Exception as exc:
+        _refused(r, key, exc)
     near.evict((key,))
     return None, None
+
+
+def near_many(fn: Any, r: Any, keys: list[str], session: Session | None, token: Any) -> dict[str, Any]:
+    """:func:`near_hit` for many keys: the instances (or ``None``) of those the near cache
+    holds, by key, in the order of ``keys``. Unusable rows are evicted (their keys go
+    on to the remote cache)."""
+    near = r.near
+    rows = near.get_many(keys)
+    if not rows:
+        return {}
+    invalidator = r.region.region_invalidator
+    if getattr(invalidator, "_invalidated", True) is not None:
+        stale = [k for k, row in rows.items() if invalidator.is_invalidated(row.written_at)]
+        for key in stale:
+            del rows[key]
+        if stale:
+            near.evict(stale)
+    built, failed = fn._plan.instantiate_many(rows, session, token)
+    if failed:
+        for key, exc in failed.items():
+            if not isinstance(exc, OtherClass):
+                _refused(r, key, exc)
+        near.evict(failed)
+    counters = r.counters
+    counters.hits += len(built)
+    counters.local_hits += len(built)
+    return built
 
 
 def _drop(r: Any, key: str) -> Steps:
@@ -467,39 +502,43 @@ def read_many(fn: Any, r: Any, args: Any, kwargs: Any, mode: int = CACHED) -> St
     counters = r.counters
     wanted: dict[str, Any] = {}
     blocked: set[str] = set()
-    try:
-        token, space = fn._space(session, args, kwargs)
-        tracker = session_tracker(session) if session is not None else None
-        for pk in requested:
-            key = maker(pk, space)
-            wanted.setdefault(key, pk)
-            if tracker is not None and tracker.dirty and tracker.blocks(r.base, maker.encode_pk(pk), space):
-                blocked.add(key)
-    except (UsageError, ValueError, TypeError) as exc:
-        fn._uncacheable(r, f"no cache key for this call: {exc}")
-        return (yield (CALL, args, kwargs))
-    if not wanted:
-        return []
     results: dict[str, Any] = {}
     replies: dict[str, tuple[bytes | None, Any]] = {}
     near = r.near
     since = None
-    if mode == UNCACHED:
-        lookup = []
-    else:
-        counters.bypasses += len(blocked)
-        lookup = [k for k in wanted if k not in blocked]
-        if near is not None:
-            if mode == REFRESH:
-                near.evict(lookup)
+    lookup: list[str] = []
+    unkeyed = None
+    # no I/O from here to the lookup: making many keys and instances, with no
+    # collection pass per few hundred objects
+    with _GcPaused(len(requested) if isinstance(requested, Sized) else 100):
+        try:
+            token, space = fn._space(session, args, kwargs)
+            tracker = session_tracker(session) if session is not None else None
+            if tracker is not None and tracker.dirty:
+                for pk in requested:
+                    key = maker(pk, space)
+                    wanted.setdefault(key, pk)
+                    if tracker.blocks(r.base, maker.encode_pk(pk), space):
+                        blocked.add(key)
             else:
-                with _GcPaused(len(lookup)):
-                    for key in lookup:
-                        status, value = near_hit(fn, r, key, session, token)
-                        if status is HIT:
-                            results[key] = value
-                lookup = [k for k in lookup if k not in results]
-            since = near.mark()
+                wanted = maker.keys_for(requested, space)
+        except (UsageError, ValueError, TypeError) as exc:
+            unkeyed = exc
+        if unkeyed is None and mode != UNCACHED:
+            counters.bypasses += len(blocked)
+            lookup = [k for k in wanted if k not in blocked] if blocked else list(wanted)
+            if near is not None:
+                if mode == REFRESH:
+                    near.evict(lookup)
+                else:
+                    results = near_many(fn, r, lookup, session, token)
+                    lookup = [k for k in lookup if k not in results] if results else lookup
+                since = near.mark()
+    if unkeyed is not None:
+        fn._uncacheable(r, f"no cache key for this call: {unkeyed}")
+        return (yield (CALL, args, kwargs))
+    if len(results) == len(wanted):  # nothing asked for, or all near (in the order wanted)
+        return [v for v in results.values() if v is not None]
     if lookup and mode == REFRESH:
         try:
             yield (DELETE, lookup)

@@ -21,6 +21,7 @@ from sqlalchemy.types import TypeEngine
 
 import cachedecor
 from cachedecor import ConfigError, InvalidKeyError, key_for
+from cachedecor.errors import UsageError
 from cachedecor.keys import MAX_KEY_LENGTH, KeyMaker, mangle_key
 from cachedecor.rows import class_tag, mapping_fingerprint
 from tests.models import Employee, Engineer, Everything, Manager, Membership, Truck, User, Vehicle
@@ -93,6 +94,28 @@ def test_keys_are_stable(case: tuple[Any, Any]) -> None:
 
     assert key_for(model, pk) == key_for(model, pk)
     assert KeyMaker(model)(pk) == key_for(model, pk)
+
+
+@PROPERTY
+@given(
+    st.lists(model_and_pk, max_size=8).map(lambda cases: [pk for _, pk in cases]),
+    st.sampled_from([None, ("tenant_a", None), (None, 3)]),
+)
+@example([1, 1, 10**18, -(10**18), 10**19, True], None)
+def test_keys_for_many_are_the_keys_of_each(pks: list[Any], space: Any) -> None:
+    for model in (User, Tag, Everything, Membership):
+        maker = KeyMaker(model)
+        each: dict[str, Any] = {}
+        for pk in pks:
+            try:
+                each.setdefault(maker(pk, space), pk)
+            except (UsageError, ValueError, TypeError) as exc:
+                with pytest.raises(type(exc)):
+                    maker.keys_for(pks, space)
+                break
+        else:
+            many = maker.keys_for(pks, space)
+            assert list(many.items()) == list(each.items())
 
 
 @PROPERTY

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
@@ -110,12 +111,20 @@ def queue_wide(session: Session, model: type) -> None:
 # where a session's rows live: schema_translate_map
 
 
+#: Session.get_bind's first answer, taken here without the call when it is not overridden:
+#: a session with one bind and no per-mapper binds reads everything through it
+_BASE_GET_BIND = Session.get_bind
+_binds = operator.attrgetter("binds" if "binds" in vars(Session()) else "_Session__binds")
+
+
 def _translate_map(session: Session, mapper: Mapper[Any], token: Any = None) -> Mapping[Any, Any] | None:
-    try:
-        # a ShardedSession binds each shard (identity token) to an engine of its own
-        bind = session.get_bind(mapper) if token is None else session.get_bind(mapper, shard_id=token)
-    except Exception:
-        return None
+    bind = session.bind
+    if token is not None or bind is None or type(session).get_bind is not _BASE_GET_BIND or _binds(session):
+        try:
+            # a ShardedSession binds each shard (identity token) to an engine of its own
+            bind = session.get_bind(mapper) if token is None else session.get_bind(mapper, shard_id=token)
+        except Exception:
+            return None
     transaction = session._transaction
     while transaction is not None:
         entry = transaction._connections.get(bind)
@@ -138,7 +147,7 @@ def session_space(session: Session | None, model: Any, token: Any = None) -> Spa
     mapper, schema = found
     if session is not None:
         translate = _translate_map(session, mapper, token)
-        if translate and schema in translate:
+        if translate is not None and schema in translate:
             return (translate[schema], token)
     if token is not None:
         return (schema, token)
