@@ -26,6 +26,8 @@ _SESSION_TYPES = (Session, scoped_session, AsyncSession, async_scoped_session)
 _SESSION_NAMES = frozenset({"session", "db", "db_session", "dbsession", "sess"})
 _SELF_NAMES = frozenset({"self", "cls"})
 _EMPTY = inspect.Parameter.empty
+#: :meth:`CallBinding.session_and_pk`'s "take the key with pk()"
+NO_PK: Any = object()
 
 
 class _Param:
@@ -139,6 +141,19 @@ class CallBinding:
         self.pk_names = tuple(p.name for p in self._pk_params)
         self._params = params
         self.composite = len(self._pk_params) > 1
+        #: (session position, key position, positional arguments needed) when both are
+        #: plain positional parameters: what :meth:`session_and_pk` reads directly
+        self._positions: tuple[int, int, int] | None = None
+        if (
+            self._session_source is None
+            and session_param is not None
+            and session_param.pos is not None
+            and not self._pk_dynamic
+            and len(self._pk_params) == 1
+            and self._pk_params[0].pos is not None
+        ):
+            key_pos = self._pk_params[0].pos
+            self._positions = (session_param.pos, key_pos, max(session_param.pos, key_pos) + 1)
 
     def _source(self, session: Any, by_name: dict[str, _Param]) -> Any:
         """What ``session=`` names, resolved once: ``None``, a callable, or (param, attrs)."""
@@ -206,6 +221,17 @@ class CallBinding:
         else:
             value = source()
         return as_session(value)
+
+    def session_and_pk(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Session | None, Any]:
+        """``(self.session(...), self.pk(...))`` when both are passed positionally and the
+        session is a :class:`Session` (the common call, read without the general path);
+        else ``(self.session(...), NO_PK)``: the caller takes :meth:`pk` itself."""
+        positions = self._positions
+        if positions is not None and len(args) >= positions[2]:
+            session = args[positions[0]]
+            if isinstance(session, Session):
+                return session, args[positions[1]]
+        return self.session(args, kwargs), NO_PK
 
     def pk(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The primary key passed to this call (a tuple for several ``pk`` names)."""

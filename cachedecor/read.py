@@ -21,7 +21,7 @@ from dogpile.cache import CacheRegion
 from sqlalchemy.orm import Session
 
 from cachedecor import config as _config
-from cachedecor.binding import CallBinding
+from cachedecor.binding import NO_PK, CallBinding
 from cachedecor.drivers import drive, drive_async, lookup_async
 from cachedecor.errors import RegionNotConfigured, UsageError
 from cachedecor.keys import KeyMaker, Space, key_maker
@@ -222,8 +222,8 @@ class CachedFunction(Generic[R]):
             r = self._resolve()
         if self.many:
             return self._call_many(r, args, kwargs)  # type: ignore[no-any-return]
-        session = self.binding.session(args, kwargs)
-        target = self._target(r, session, args, kwargs)
+        session, pk = self.binding.session_and_pk(args, kwargs)
+        target = self._target(r, session, args, kwargs, pk)
         if target is None:
             return self.__wrapped__(*args, **kwargs)
         key = target[0]
@@ -250,7 +250,12 @@ class CachedFunction(Generic[R]):
         return drive(steps, r.store, self.__wrapped__)  # type: ignore[no-any-return]
 
     def _target(
-        self, r: _Resolved, session: Session | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        r: _Resolved,
+        session: Session | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        pk: Any = NO_PK,
     ) -> tuple[str, Any, Any, Space | None] | None:
         """(key, pk, identity token, space) of a call, or ``None`` when it must call through.
 
@@ -259,7 +264,8 @@ class CachedFunction(Generic[R]):
         itself decides what such an argument means (an error, ``None``, ...).
         """
         try:
-            pk = self.binding.pk(args, kwargs)
+            if pk is NO_PK:
+                pk = self.binding.pk(args, kwargs)
             if self._token is None:
                 token = None
                 space = None if session is None else session_space(session, self.model)
@@ -315,8 +321,8 @@ class AsyncCachedFunction(CachedFunction[T]):
         call: Any = self.__wrapped__
         if self.many:
             return await drive_async(read_many(self, r, args, kwargs), r.astore, call)  # type: ignore[no-any-return]
-        session = self.binding.session(args, kwargs)
-        target = self._target(r, session, args, kwargs)
+        session, pk = self.binding.session_and_pk(args, kwargs)
+        target = self._target(r, session, args, kwargs, pk)
         if target is None:
             return await call(*args, **kwargs)  # type: ignore[no-any-return]
         key = target[0]

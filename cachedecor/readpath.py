@@ -342,6 +342,8 @@ def near_many(fn: Any, r: Any, keys: list[str], session: Session | None, token: 
             del rows[key]
         if stale:
             near.evict(stale)
+    built: dict[str, Any]
+    failed: dict[str, Exception]
     built, failed = fn._plan.instantiate_many(rows, session, token)
     if failed:
         for key, exc in failed.items():

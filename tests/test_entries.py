@@ -3,6 +3,8 @@ under another mapping, is a miss (counted), never returned."""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -12,7 +14,7 @@ from cachedecor import cached_by_pk
 from cachedecor.config import region_settings
 from cachedecor.rows import model_plan
 from tests.conftest import once
-from tests.models import Employee, Engineer, Manager, User
+from tests.models import Color, Employee, Engineer, Everything, Manager, User
 
 
 @cached_by_pk(User)
@@ -38,6 +40,11 @@ def get_employee(session: Session, employee_id: int) -> Employee | None:
 @cached_by_pk(Manager, cache_none=True)
 def get_manager(session: Session, manager_id: int) -> Manager | None:
     return session.get(Manager, manager_id)
+
+
+@cached_by_pk(Everything)
+def get_thing(session: Session, thing_id: uuid.UUID) -> Everything | None:
+    return session.get(Everything, thing_id)
 
 
 @pytest.fixture
@@ -106,6 +113,31 @@ class TestIdentity:
         payload = region_settings("default").codec.decode(key, store().get(key))  # type: ignore[attr-defined]
         plan = model_plan(User).by_class[User]
         assert payload[:3] == [key, "User", plan.fingerprint]
+
+
+class TestValues:
+    @pytest.mark.parametrize("stored", ["BLUE", 3, ["RED"]])
+    def test_an_enum_value_that_names_no_member_is_a_counted_bad_entry(
+        self, engine: Engine, backend: str, stored: object
+    ) -> None:
+        thing = uuid.UUID(int=1)
+        with Session(engine) as s:
+            s.add(Everything(id=thing, color=Color.GREEN))
+            s.commit()
+        once(engine, get_thing, thing)
+        key = get_thing.cache_key(thing)
+        settings = region_settings("default")
+        payload = settings.codec.decode(key, store().get(key))  # type: ignore[attr-defined]
+        column = model_plan(Everything).by_class[Everything].keys.index("color")
+        assert payload[3][column] == "GREEN"
+        payload[3][column] = stored
+        store().delete_many([key])  # type: ignore[attr-defined]
+        token = store().lease(key, 5)  # type: ignore[attr-defined]
+        store().fill(key, settings.codec.encode(key, payload), token, 300)  # type: ignore[attr-defined]
+        assert once(engine, get_thing, thing).color is Color.GREEN  # type: ignore[union-attr]
+        assert counters()["bad_entries"] == 1 and counters()["hits"] == 0
+        assert once(engine, get_thing, thing).color is Color.GREEN  # type: ignore[union-attr]
+        assert counters()["hits"] == 1  # refilled
 
 
 class TestHierarchies:
