@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import queue
+import select
 import socket
 import threading
 import time
@@ -251,6 +252,8 @@ class Broadcast:
             finally:
                 self._cut = None
                 self.connected.clear()
+                near.set_inbox(None)
+                near.taking(False)
                 set_listening(False)
                 self._close(conn)
             self._stop.wait(_RETRY)
@@ -260,24 +263,43 @@ class Broadcast:
         self.connected.set()
 
     def _listen_pg(self, conn: Any) -> None:
-        self._cut = _cutter(conn.pgconn.socket)
+        fd = conn.pgconn.socket
+        self._cut = _cutter(fd)
         conn.execute(f'LISTEN "{self.channel}"')
+        waiting = _poller(fd)
+        near.set_inbox(fd)
         self._up()
+        pinged = time.monotonic()
         while not self._stop.is_set():
-            for notify in conn.notifies(timeout=_KEEPALIVE, stop_after=1000):
-                self.received += 1
-                _receive(notify.payload)
-            # the server's answer renews the process's hearing; a connection that died
-            # raises here, and one whose server stopped answering blocks here, letting
-            # the hearing lapse (near.HEARD_FOR) until it answers again
-            conn.execute("SELECT 1")
-            heard()
+            ready = waiting.poll(_KEEPALIVE * 1000)  # the interpreter is free meanwhile
+            near.taking(True)  # near reads go to the remote cache until this is done
+            try:
+                if ready:
+                    self._take_pg(conn)
+                if time.monotonic() - pinged >= _KEEPALIVE:
+                    # the server's answer renews the process's hearing; a connection that
+                    # died raises here, and one whose server stopped answering blocks here,
+                    # letting the hearing lapse (near.HEARD_FOR) until it answers again
+                    conn.execute("SELECT 1")
+                    heard()
+                    pinged = time.monotonic()
+                    self._take_pg(conn)  # what arrived during it
+            finally:
+                near.taking(False)
+
+    def _take_pg(self, conn: Any) -> None:
+        for notify in conn.notifies(timeout=0):
+            self.received += 1
+            _receive(notify.payload)
 
     def _listen_redis(self, client: Any) -> None:
         pubsub = client.pubsub()
         pubsub.subscribe(self.channel)
         sock = getattr(pubsub.connection, "_sock", None)
-        self._cut = _cutter(sock.fileno()) if sock is not None else None
+        if sock is None:
+            raise ConnectionError("no socket under the Redis subscription")
+        fd = sock.fileno()
+        self._cut = _cutter(fd)
         # the subscription is confirmed before anything it should hear is sent
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline:
@@ -286,20 +308,37 @@ class Broadcast:
                 break
         else:
             raise TimeoutError("no subscription confirmation from Redis")
+        waiting = _poller(fd)
+        near.set_inbox(fd)
         self._up()
         pinged = time.monotonic()
         while not self._stop.is_set():
-            message = pubsub.get_message(timeout=_KEEPALIVE)
-            now = time.monotonic()
-            if message is not None:
-                heard()  # the server answered: a message, or the answer to a keep-alive
-                if message["type"] == "message":
-                    self.received += 1
-                    data = message["data"]
-                    _receive(data.decode() if isinstance(data, bytes) else data)
-            if now - pinged >= _KEEPALIVE:
-                pubsub.ping()  # answered by a "pong" message, which renews the hearing
-                pinged = now
+            near.taking(True)  # near reads go to the remote cache until this is done
+            try:
+                # everything on the socket or in the client's buffer: messages, and
+                # answers to keep-alives
+                while pubsub.connection.can_read(timeout=0):
+                    message = pubsub.get_message(timeout=_KEEPALIVE)
+                    if message is None:
+                        continue  # the client's own health check
+                    heard()  # the server answered
+                    if message["type"] == "message":
+                        self.received += 1
+                        data = message["data"]
+                        _receive(data.decode() if isinstance(data, bytes) else data)
+                now = time.monotonic()
+                if now - pinged >= _KEEPALIVE:
+                    pubsub.ping()  # answered by a "pong" message, which renews the hearing
+                    pinged = now
+            finally:
+                near.taking(False)
+            waiting.poll(_KEEPALIVE * 1000)  # the interpreter is free meanwhile
+
+
+def _poller(fd: int) -> Any:
+    waiting = select.poll()
+    waiting.register(fd, select.POLLIN)
+    return waiting
 
 
 def _cutter(fd: int) -> Any:

@@ -26,6 +26,7 @@ process evicts the keys it receives. Rules:
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 import weakref
@@ -92,7 +93,12 @@ class NearCache:
         if entry is None:
             return None
         now = time.monotonic()
-        if now >= entry[1] or now >= _heard_until or not _listening:
+        if (
+            now >= entry[1]
+            or now >= _heard_until
+            or not _listening
+            or (now >= _next_check and not caught_up(now))
+        ):
             if now >= entry[1]:
                 with self._lock:
                     self._drop(key)
@@ -107,7 +113,7 @@ class NearCache:
     def get_many(self, keys: Iterable[str]) -> dict[str, Row]:
         """:meth:`get` for many keys: the rows of the live entries among ``keys``, in order."""
         now = time.monotonic()
-        if now >= _heard_until or not _listening:
+        if now >= _heard_until or not _listening or (now >= _next_check and not caught_up(now)):
             return {}
         entries = self._entries
         move = entries.move_to_end
@@ -217,6 +223,57 @@ _heard_until = 0.0
 HEARD_FOR = 1.5
 
 
+# --------------------------------------------------------------------------------------
+# reading what the listener has not taken yet
+#
+# The listener is a thread: while the process's other threads keep the interpreter
+# busy (serving near hits, say), an invalidation can wait on its socket for the
+# interpreter's switch interval (5 ms) and longer. So a near read first looks, at
+# most every CHECK_EVERY seconds, whether the listener's socket holds something
+# unread or the listener is handling it; if so, the read goes to the remote cache,
+# and so does every read after it until the listener has taken it (a remote read
+# waits on its socket, which lets the listener run).
+
+#: seconds between two looks at the listener's socket by the reading threads
+CHECK_EVERY = 0.001
+_next_check = 0.0
+_inbox: Any = None  # a select.poll() on the listener's socket, or None
+_taking = False  # the listener is reading or handling messages
+
+
+def set_inbox(fd: int | None) -> None:
+    """The listener's socket (``None``: no listener). Reads look at it before serving."""
+    global _inbox
+    if fd is None:
+        _inbox = None
+        return
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    _inbox = poller
+
+
+def taking(on: bool) -> None:
+    """The listener starts (``True``) or has finished (``False``) reading and handling
+    what its socket held; near reads in between go to the remote cache."""
+    global _taking
+    _taking = on
+
+
+def caught_up(now: float) -> bool:
+    """Whether this process has taken every invalidation its listener's socket holds."""
+    global _next_check
+    inbox = _inbox
+    try:
+        unread = _taking or (inbox is not None and bool(inbox.poll(0)))
+    except (OSError, ValueError):  # the socket is being closed: the listener reconnects
+        unread = True
+    if unread:
+        _next_check = 0.0  # the next read looks again
+        return False
+    _next_check = now + CHECK_EVERY
+    return True
+
+
 def active() -> bool:
     """Whether any near cache exists in this process."""
     return bool(_caches)
@@ -271,8 +328,10 @@ def flush_everywhere() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _listening
+    global _listening, _inbox, _taking
     _listening = False  # until this process's own listener has connected
+    _inbox = None  # the parent's listener's socket
+    _taking = False
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

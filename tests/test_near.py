@@ -23,6 +23,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -538,6 +539,72 @@ def test_an_invalidation_from_the_command_line_evicts_in_every_process(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     fresh_from_now_on(other, 1, "from a script", reads=10)
+
+
+# -- 2b. a listener that has not taken an invalidation yet ---------------------------
+#
+# While the process's threads keep the interpreter busy, the listener thread can be
+# kept from its socket for the interpreter's switch interval and more. A near read
+# therefore looks at the listener first. Neither state below can be produced on
+# demand with a real server and a real thread (which one runs is the interpreter's
+# choice), so each test makes it: a socket pair stands for the listener's socket
+# with a message on it, and a handler that waits stands for a listener that is
+# still handling one.
+
+
+def test_a_near_read_goes_remote_while_the_listeners_socket_holds_something_unread(
+    transport: Transport, memcached: Memcached, users: Engine
+) -> None:
+    configure_near(memcached, transport)
+    read(users, 1)
+    reads = Reads(memcached)
+    assert read(users, 1) == "user-1"
+    assert reads.local == 1
+    real_inbox = near_module._inbox
+    mine, other = socket.socketpair()
+    try:
+        near_module.set_inbox(mine.fileno())
+        near_module._next_check = 0.0  # look at once, not after CHECK_EVERY
+        other.send(b"an invalidation the listener has not read")
+        assert read(users, 1) == "user-1"
+        assert read(users, 1) == "user-1"
+        assert (reads.local, reads.remote_hits) == (1, 2)  # both went to memcached
+        mine.recv(100)  # taken
+        assert read(users, 1) == "user-1"
+        assert (reads.local, reads.remote_hits) == (2, 2)
+    finally:
+        near_module._inbox = real_inbox
+        mine.close()
+        other.close()
+
+
+def test_near_reads_go_remote_while_the_listener_handles_a_message(
+    transport: Transport, memcached: Memcached, users: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure_near(memcached, transport)
+    for user_id in (1, 2):
+        read(users, user_id)
+    handling = threading.Event()
+    release = threading.Event()
+    receive = broadcast._receive
+
+    def slow_receive(text: str) -> None:
+        handling.set()
+        release.wait(10)
+        receive(text)
+
+    monkeypatch.setattr(broadcast, "_receive", slow_receive)
+    reads = Reads(memcached)
+    try:
+        get_user.invalidate(2)  # broadcast: this process's listener receives it too
+        assert handling.wait(10), "the listener did not receive the invalidation"
+        assert read(users, 1) == "user-1"  # row 1 is near, but the listener is busy
+        assert (reads.local, reads.remote_hits) == (0, 1)
+    finally:
+        release.set()
+    wait_until(lambda: not near_module._taking)
+    assert read(users, 1) == "user-1"
+    assert (reads.local, reads.remote_hits) == (1, 1)
 
 
 # -- 3. the writer reads its own writes ------------------------------------------------
