@@ -271,26 +271,25 @@ class Broadcast:
         self._up()
         pinged = time.monotonic()
         while not self._stop.is_set():
-            ready = waiting.poll(_KEEPALIVE * 1000)  # the interpreter is free meanwhile
-            near.taking(True)  # near reads go to the remote cache until this is done
-            try:
-                if ready:
-                    self._take_pg(conn)
-                if time.monotonic() - pinged >= _KEEPALIVE:
-                    # the server's answer renews the process's hearing; a connection that
-                    # died raises here, and one whose server stopped answering blocks here,
-                    # letting the hearing lapse (near.HEARD_FOR) until it answers again
-                    conn.execute("SELECT 1")
-                    heard()
-                    pinged = time.monotonic()
-                    self._take_pg(conn)  # what arrived during it
-            finally:
-                near.taking(False)
+            if waiting.poll(_KEEPALIVE * 1000):  # the interpreter is free meanwhile
+                self._take_pg(conn)
+            if time.monotonic() - pinged >= _KEEPALIVE:
+                # the server's answer renews the process's hearing; a connection that
+                # died raises here, and one whose server stopped answering blocks here,
+                # letting the hearing lapse (near.HEARD_FOR) until it answers again
+                conn.execute("SELECT 1")
+                heard()
+                pinged = time.monotonic()
+                self._take_pg(conn)  # what arrived during it (kept aside by psycopg)
 
     def _take_pg(self, conn: Any) -> None:
-        for notify in conn.notifies(timeout=0):
-            self.received += 1
-            _receive(notify.payload)
+        near.taking(True)  # near reads go to the remote cache until this is done
+        try:
+            for notify in conn.notifies(timeout=0):
+                self.received += 1
+                _receive(notify.payload)
+        finally:
+            near.taking(False)
 
     def _listen_redis(self, client: Any) -> None:
         pubsub = client.pubsub()
@@ -313,25 +312,24 @@ class Broadcast:
         self._up()
         pinged = time.monotonic()
         while not self._stop.is_set():
-            near.taking(True)  # near reads go to the remote cache until this is done
-            try:
-                # everything on the socket or in the client's buffer: messages, and
-                # answers to keep-alives
-                while pubsub.connection.can_read(timeout=0):
+            # everything on the socket or in the client's buffer: messages, and answers
+            # to keep-alives
+            while pubsub.connection.can_read(timeout=0):
+                near.taking(True)  # near reads go to the remote cache until this is done
+                try:
                     message = pubsub.get_message(timeout=_KEEPALIVE)
-                    if message is None:
-                        continue  # the client's own health check
-                    heard()  # the server answered
-                    if message["type"] == "message":
-                        self.received += 1
-                        data = message["data"]
-                        _receive(data.decode() if isinstance(data, bytes) else data)
-                now = time.monotonic()
-                if now - pinged >= _KEEPALIVE:
-                    pubsub.ping()  # answered by a "pong" message, which renews the hearing
-                    pinged = now
-            finally:
-                near.taking(False)
+                    if message is not None:  # (None: the client's own health check)
+                        heard()  # the server answered
+                        if message["type"] == "message":
+                            self.received += 1
+                            data = message["data"]
+                            _receive(data.decode() if isinstance(data, bytes) else data)
+                finally:
+                    near.taking(False)
+            now = time.monotonic()
+            if now - pinged >= _KEEPALIVE:
+                pubsub.ping()  # answered by a "pong" message, which renews the hearing
+                pinged = now
             waiting.poll(_KEEPALIVE * 1000)  # the interpreter is free meanwhile
 
 

@@ -28,6 +28,7 @@ from cachedecor.keys import KeyMaker, Space, key_maker
 from cachedecor.readpath import (
     CACHED,
     HIT,
+    NEAR_MISS,
     REFRESH,
     UNCACHED,
     decode,
@@ -230,8 +231,8 @@ class CachedFunction(Generic[R]):
         near = r.near
         since = None
         if near is not None:
-            status, value = near_hit(self, r, key, session, target[2])
-            if status is HIT:
+            value = near_hit(self, r, key, session, target[2])
+            if value is not NEAR_MISS:
                 return value  # type: ignore[no-any-return]
             since = near.mark()
         try:
@@ -329,8 +330,8 @@ class AsyncCachedFunction(CachedFunction[T]):
         near = r.near
         since = None
         if near is not None:
-            status, value = near_hit(self, r, key, session, target[2])
-            if status is HIT:
+            value = near_hit(self, r, key, session, target[2])
+            if value is not NEAR_MISS:
                 return value  # type: ignore[no-any-return]
             since = near.mark()
         try:

@@ -302,13 +302,18 @@ def keep_near(fn: Any, r: Any, key: str, data: bytes, token: Any, since: int) ->
     r.near.put(key, row.share(), since)
 
 
-def near_hit(fn: Any, r: Any, key: str, session: Session | None, token: Any) -> tuple[Any, Any]:
-    """The near cache's answer for ``key``: ``(HIT, value)``, or ``(None, None)`` (not there,
-    or not usable: then it is evicted and the read goes on to the remote cache)."""
+#: :func:`near_hit`'s "not served from the near cache"
+NEAR_MISS: Any = object()
+
+
+def near_hit(fn: Any, r: Any, key: str, session: Session | None, token: Any) -> Any:
+    """The near cache's answer for ``key`` (an instance, or ``None`` for a cached absent
+    row), or :data:`NEAR_MISS` (not there, or not usable: then it is evicted and the
+    read goes on to the remote cache)."""
     near = r.near
     row = near.get(key)
     if row is None:
-        return None, None
+        return NEAR_MISS
     # what use() does, without its call: this is the hottest path there is
     invalidator = r.region.region_invalidator
     written_at = row.written_at
@@ -318,13 +323,13 @@ def near_hit(fn: Any, r: Any, key: str, session: Session | None, token: Any) -> 
             counters = r.counters
             counters.hits += 1
             counters.local_hits += 1
-            return HIT, value
+            return value
     except OtherClass:
         pass
     except Exception as exc:
         _refused(r, key, exc)
     near.evict((key,))
-    return None, None
+    return NEAR_MISS
 
 
 def near_many(fn: Any, r: Any, keys: list[str], session: Session | None, token: Any) -> dict[str, Any]:

@@ -319,7 +319,10 @@ class ModelPlan:
         if token is not ident[2]:
             ident = (ident[0], ident[1], token)
         if session is not None:
-            existing = session.identity_map.get(ident)
+            identity_map = session.identity_map
+            # (the dictionary first: the identity map's get() is a call the usual,
+            # absent case can do without)
+            existing = identity_map.get(ident) if ident in identity_map._dict else None
             if existing is not None:
                 _refresh_expired(existing, plan, row)
                 return existing
@@ -334,8 +337,8 @@ class ModelPlan:
             state = instance_state(obj)
             d = obj.__dict__  # what state.dict is, without the weak reference's call
             d.update(row.values)
-        for k in row.copies:
-            d[k] = _copy_tree(d[k])
+        for k, copy in row.copies:
+            d[k] = copy(d[k])
         if row.expire:
             state._expire_attributes(d, row.expire)
         # what the ORM's loader does for a row it has just read: the instance is
@@ -398,8 +401,8 @@ class ModelPlan:
                 state = instance_state(obj)
                 d = obj.__dict__  # what state.dict is, without the weak reference's call
                 d.update(row.values)
-            for k in row.copies:
-                d[k] = _copy_tree(d[k])
+            for k, copy in row.copies:
+                d[k] = copy(d[k])
             if row.expire:
                 state._expire_attributes(d, row.expire)
             state.key = ident
@@ -451,8 +454,9 @@ class Row:
         self.expire = expire
         #: the entry's write time (``0.0`` if unknown), for ``region.invalidate()``
         self.written_at = written_at
-        #: attributes whose values each instance gets a copy of (set by :meth:`share`)
-        self.copies: tuple[str, ...] = ()
+        #: (attribute, how to copy its value) for the values each instance gets a copy
+        #: of (set by :meth:`share`)
+        self.copies: tuple[tuple[str, Callable[[Any], Any]], ...] = ()
         #: an estimate of the memory the row holds, in bytes (set by :meth:`share`)
         self.size = 0
 
@@ -464,7 +468,7 @@ class Row:
             self.size = _ROW_SIZE
             return self
         immutable = plan.immutable
-        self.copies = tuple(k for k, v in self.values.items() if type(v) not in immutable)
+        self.copies = tuple((k, _copier(v)) for k, v in self.values.items() if type(v) not in immutable)
         size = _ROW_SIZE + sys.getsizeof(self.values) + sys.getsizeof(self.ident[1])
         for v in self.values.values():
             size += _deep_size(v)
@@ -504,6 +508,16 @@ def _deep_size(value: Any) -> int:
         for k, item in value.items():
             size += sys.getsizeof(k) + _deep_size(item)
     return size
+
+
+def _copier(value: Any) -> Callable[[Any], Any]:
+    """How to copy ``value`` for each instance: a shallow copy for a list or dictionary of
+    values that cannot change in place (the usual JSON document), else all the way down."""
+    if type(value) is list and all(type(v) in _IMMUTABLE for v in value):
+        return list.copy
+    if type(value) is dict and all(type(v) in _IMMUTABLE for v in value.values()):
+        return dict.copy
+    return _copy_tree
 
 
 def _copy_tree(value: Any) -> Any:
@@ -546,7 +560,7 @@ def _refresh_expired(obj: Any, plan: ClassPlan, row: Row) -> None:
     filled = []
     for key, value in row.values.items():
         if key in expired and key not in d:
-            d[key] = _copy_tree(value) if key in row.copies else value
+            d[key] = _copy_tree(value) if any(k == key for k, _ in row.copies) else value
             filled.append(key)
     if filled:
         state._commit(d, filled)
