@@ -9,7 +9,8 @@ comparison sees the same machine:
 * the floor: raw pymemcache ``get`` of cachedecor's stored bytes plus decoding;
 * plain dogpile.cache ``cache_on_arguments`` returning a pickled instance, plus
   ``session.merge(obj, load=False)`` (what users write today);
-* ``@cached_by_pk`` hits, with a session (attached instance) and without;
+* ``@cached_by_pk`` hits, with a session (attached instance) and without; and the
+  attached hit alternated with the floor alone (its own work, in CPU time);
 * ``session.get`` on a fresh session (what every hit saves);
 * ``many=True`` with 1, 10, 100 and 1000 keys against its floor (a raw ``get_many``
   plus decoding each entry), single hits and ``SELECT IN``;
@@ -409,6 +410,28 @@ class Bench:
                 "cachedecor entry, uncompressed": len(uncompressed),
                 "pickled instance (dogpile)": len(pickled),
             },
+        }
+
+    def own_work(self) -> None:
+        """The attached hit against the floor alone, alternated: what a hit adds to the
+        floor when no other work runs between the two (the table's other rows, dogpile's
+        unpickling and merge above all, leave less of the hit path in the CPU's caches)."""
+        key = get_account.cache_key(5)
+        codec = self.region.codec
+        raw = self.raw
+        session = self.session
+
+        def floor() -> Any:
+            return codec.decode(key, raw.get(key))
+
+        def hit() -> Any:
+            return get_account(session, 5)
+
+        cpu: dict[str, float] = {}
+        wall = compare({"floor": floor, "hit": hit}, 3 * self.rounds, setup=self.fresh_session, cpu=cpu)
+        self.results["own_work"] = {
+            "wall_us": {k: v * 1e6 for k, v in wall.items()},
+            "cpu_us": {k: v * 1e6 for k, v in cpu.items()},
         }
 
     # -- many=True ------------------------------------------------------------------
@@ -856,10 +879,19 @@ def report(results: dict[str, Any]) -> str:
     wall_over = account["medians_us"][hit] - account["medians_us"][floor_name]
     cpu_over = account["cpu_us"][hit] - account["cpu_us"][floor_name]
     lines.append(
-        f"  hit's own work over the floor, attached: {cpu_over:.1f} us of CPU time "
+        f"  hit's own work over the floor, attached, in the table above: {cpu_over:.1f} us of CPU time "
         f"({account['cpu_us'][hit]:.1f} - {account['cpu_us'][floor_name]:.1f}); wall clock {wall_over:.1f} us"
     )
-    many_targets.insert(0, ("hit's own work over the floor, attached (CPU us)", cpu_over, cpu_over <= 8))
+    many_targets.insert(0, ("own work over the floor, in the table (CPU us)", cpu_over, cpu_over <= 8))
+    if "own_work" in results:
+        own = results["own_work"]
+        alone = own["cpu_us"]["hit"] - own["cpu_us"]["floor"]
+        lines.append(
+            f"  the same, the hit alternated with the floor alone: {alone:.1f} us of CPU time "
+            f"({own['cpu_us']['hit']:.1f} - {own['cpu_us']['floor']:.1f}); "
+            f"wall clock {own['wall_us']['hit'] - own['wall_us']['floor']:.1f} us"
+        )
+        many_targets.insert(1, ("own work over the floor, hit and floor alone (CPU us)", alone, alone <= 8))
     for what, ratio, met in many_targets:
         lines.append(f"  target: {what:<56} {ratio:5.2f}  {'met' if met else 'MISSED'}")
     lines.append("\nmiss path (Account): median us per call")
@@ -949,6 +981,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.single("Account (12 columns)", Account, get_account, 5)
         bench.single("Document (5 KB text)", Document, get_document, 5)
+        bench.own_work()
         bench.many()
         bench.misses()
         bench.run_async()
