@@ -27,7 +27,7 @@ from cachedecor.backends import PartialResult, ValueRefused, is_lease
 from cachedecor.codec import BadEntry, UnencodableValue
 from cachedecor.errors import UsageError
 from cachedecor.keys import Space
-from cachedecor.rows import EntryMismatch, OtherClass, Row
+from cachedecor.rows import EntryMismatch, OtherClass
 from cachedecor.stats import log_failure
 from cachedecor.tracking import may_fill, reads_old_snapshot, session_tracker
 
@@ -251,24 +251,21 @@ def decode(
         return _refused(r, key, exc), None
     if since is not None:
         row.share()  # before the first instance: it gets copies of the row's documents
-    status, value = use(fn, r, key, row, session, token)
-    if since is not None and status is HIT:
-        r.near.put(key, row, since)
-    return status, value
-
-
-def use(fn: Any, r: Any, key: str, row: Row, session: Session | None, token: Any) -> tuple[Any, Any]:
-    """:func:`decode` of an entry already decoded (from the near cache, or by :func:`decode`)."""
+    # written before region.invalidate()? then build (the same steps as near_hit's, in
+    # line in both: these are the two hottest paths there are)
+    invalidator = r.region.region_invalidator
+    written_at = row.written_at
     try:
-        invalidator = r.region.region_invalidator
-        written_at = row.written_at
         if getattr(invalidator, "_invalidated", True) is not None and invalidator.is_invalidated(written_at):
             return _DROP, None
-        return HIT, fn._plan.instantiate(row, session, token)
+        value = fn._plan.instantiate(row, session, token)
     except OtherClass:
         return _OTHER, None
     except Exception as exc:
         return _refused(r, key, exc), None
+    if since is not None:
+        r.near.put(key, row, since)
+    return HIT, value
 
 
 def _refused(r: Any, key: str, exc: Exception) -> Any:
@@ -314,7 +311,7 @@ def near_hit(fn: Any, r: Any, key: str, session: Session | None, token: Any) -> 
     row = near.get(key)
     if row is None:
         return NEAR_MISS
-    # what use() does, without its call: this is the hottest path there is
+    # the same steps as decode()'s, with the near cache's outcome
     invalidator = r.region.region_invalidator
     written_at = row.written_at
     try:

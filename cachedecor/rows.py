@@ -285,7 +285,9 @@ class ModelPlan:
                 values[i] = members[values[i]]
             except (KeyError, TypeError):
                 raise BadEntry(f"{values[i]!r} is not a member of {enum_cls.__name__}") from None
-        ident = (self.identity_class, tuple([values[i] for i in plan.pk_positions]), token)
+        positions = plan.pk_positions
+        pk = (values[positions[0]],) if len(positions) == 1 else tuple([values[i] for i in positions])
+        ident = (self.identity_class, pk, token)
         values_by_key = dict(zip(plan.keys, values, strict=False))  # lengths checked above
         expire = plan.derived
         for value in values:
