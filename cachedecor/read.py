@@ -40,7 +40,8 @@ from cachedecor.readpath import (
 from cachedecor.rows import ModelPlan, model_plan
 from cachedecor.stats import counters as region_counters
 from cachedecor.stats import log_failure
-from cachedecor.tracking import session_space, session_tracker
+from cachedecor.tracking import session_space
+from cachedecor.tracking.session import _TRACKER
 from cachedecor.write import ainvalidate_many, invalidate_many
 
 __all__ = ["AsyncCachedFunction", "CachedFunction", "cached_by_pk"]
@@ -274,7 +275,7 @@ class CachedFunction(Generic[R]):
                 token, space = self._space(session, args, kwargs)
             key = r.maker(pk, space)
             if session is not None:
-                tracker = session_tracker(session)
+                tracker = session.info.get(_TRACKER)  # session_tracker(), without the call
                 if (
                     tracker is not None
                     and tracker.dirty

@@ -117,36 +117,44 @@ _BASE_GET_BIND = Session.get_bind
 _binds = operator.attrgetter("binds" if "binds" in vars(Session()) else "_Session__binds")
 
 
-def _translate_map(session: Session, mapper: Mapper[Any], token: Any = None) -> Mapping[Any, Any] | None:
-    bind = session.bind
-    if token is not None or bind is None or type(session).get_bind is not _BASE_GET_BIND or _binds(session):
-        try:
-            # a ShardedSession binds each shard (identity token) to an engine of its own
-            bind = session.get_bind(mapper) if token is None else session.get_bind(mapper, shard_id=token)
-        except Exception:
-            return None
-    transaction = session._transaction
-    while transaction is not None:
-        entry = transaction._connections.get(bind)
-        transaction = transaction._parent
-        if entry is not None:
-            return cast("Mapping[Any, Any] | None", entry[0]._execution_options.get("schema_translate_map"))
-    options = getattr(bind, "_execution_options", None)
-    return None if options is None else options.get("schema_translate_map")
-
-
 def session_space(session: Session | None, model: Any, token: Any = None) -> Space | None:
     """The space (schema, identity token) in which ``session`` reads rows of ``model``.
 
     ``None`` when neither a ``schema_translate_map`` moves the model's table nor a
     token applies: the common case, whose keys carry only the table's own schema.
+    The map is the one of the connection the session's transaction holds to the
+    model's bind, else the bind's own (read on every call: a connection's
+    ``schema_translate_map`` is set when it is taken).
     """
     found = _models.get(model)
     if found is None:
         found = _models[model] = (sqlalchemy.inspect(model), key_maker(model).schema)
     mapper, schema = found
     if session is not None:
-        translate = _translate_map(session, mapper, token)
+        translate: Mapping[Any, Any] | None = None
+        bind: Any = session.bind
+        if (
+            token is not None
+            or bind is None
+            or type(session).get_bind is not _BASE_GET_BIND
+            or _binds(session)
+        ):
+            try:
+                # a ShardedSession binds each shard (identity token) to an engine of its own
+                bind = session.get_bind(mapper) if token is None else session.get_bind(mapper, shard_id=token)
+            except Exception:
+                bind = None
+        if bind is not None:
+            transaction = session._transaction
+            while transaction is not None:
+                entry = transaction._connections.get(bind)
+                if entry is not None:
+                    translate = entry[0]._execution_options.get("schema_translate_map")
+                    break
+                transaction = transaction._parent
+            else:
+                options = getattr(bind, "_execution_options", None)
+                translate = None if options is None else options.get("schema_translate_map")
         if translate is not None and schema in translate:
             return (translate[schema], token)
     if token is not None:
