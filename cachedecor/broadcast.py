@@ -254,6 +254,7 @@ class Broadcast:
                 self.connected.clear()
                 near.set_inbox(None)
                 near.taking(False)
+                near.answer_due(False)
                 set_listening(False)
                 self._close(conn)
             self._stop.wait(_RETRY)
@@ -277,7 +278,11 @@ class Broadcast:
                 # the server's answer renews the process's hearing; a connection that
                 # died raises here, and one whose server stopped answering blocks here,
                 # letting the hearing lapse (near.HEARD_FOR) until it answers again
-                conn.execute("SELECT 1")
+                near.answer_due(True)
+                try:
+                    conn.execute("SELECT 1")
+                finally:
+                    near.answer_due(False)
                 heard()
                 pinged = time.monotonic()
                 self._take_pg(conn)  # what arrived during it (kept aside by psycopg)
@@ -320,7 +325,9 @@ class Broadcast:
                     message = pubsub.get_message(timeout=_KEEPALIVE)
                     if message is not None:  # (None: the client's own health check)
                         heard()  # the server answered
-                        if message["type"] == "message":
+                        if message["type"] == "pong":
+                            near.answer_due(False)
+                        elif message["type"] == "message":
                             self.received += 1
                             data = message["data"]
                             _receive(data.decode() if isinstance(data, bytes) else data)
@@ -328,6 +335,7 @@ class Broadcast:
                     near.taking(False)
             now = time.monotonic()
             if now - pinged >= _KEEPALIVE:
+                near.answer_due(True)
                 pubsub.ping()  # answered by a "pong" message, which renews the hearing
                 pinged = now
             waiting.poll(_KEEPALIVE * 1000)  # the interpreter is free meanwhile

@@ -239,6 +239,7 @@ CHECK_EVERY = 0.001
 _next_check = 0.0
 _inbox: Any = None  # a select.poll() on the listener's socket, or None
 _taking = False  # the listener is reading or handling messages
+_answer_due = False  # the listener awaits the answer to its keep-alive
 
 
 def set_inbox(fd: int | None) -> None:
@@ -259,12 +260,21 @@ def taking(on: bool) -> None:
     _taking = on
 
 
+def answer_due(on: bool) -> None:
+    """The listener has asked its server for a keep-alive answer (``True``), or has had
+    it (``False``): meanwhile what arrives on its socket is most likely that answer,
+    and reads do not wait for it (a message that comes with it waits for the listener,
+    as every message did before reads looked at the socket)."""
+    global _answer_due
+    _answer_due = on
+
+
 def caught_up(now: float) -> bool:
     """Whether this process has taken every invalidation its listener's socket holds."""
     global _next_check
     inbox = _inbox
     try:
-        unread = _taking or (inbox is not None and bool(inbox.poll(0)))
+        unread = _taking or (not _answer_due and inbox is not None and bool(inbox.poll(0)))
     except (OSError, ValueError):  # the socket is being closed: the listener reconnects
         unread = True
     if unread:
@@ -328,10 +338,11 @@ def flush_everywhere() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _listening, _inbox, _taking
+    global _listening, _inbox, _taking, _answer_due
     _listening = False  # until this process's own listener has connected
     _inbox = None  # the parent's listener's socket
     _taking = False
+    _answer_due = False
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
