@@ -57,7 +57,6 @@ class NearCache:
         "_seq",
         "bytes",
         "evictions",
-        "hits",
         "max_bytes",
         "max_entries",
         "refused",
@@ -74,7 +73,6 @@ class NearCache:
         self._evicted: OrderedDict[str, int] = OrderedDict()  # key -> seq of its last eviction
         self._floor = 0  # evictions at or below this seq are forgotten
         self.bytes = 0
-        self.hits = 0
         self.evictions = 0
         self.refused = 0
         _caches.add(self)
@@ -107,7 +105,6 @@ class NearCache:
             self._entries.move_to_end(key)
         except KeyError:  # evicted by another thread meanwhile: still a consistent copy
             pass
-        self.hits += 1
         return entry[0]
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Row]:
@@ -135,7 +132,6 @@ class NearCache:
             with self._lock:
                 for key in expired:
                     self._drop(key)
-        self.hits += len(found)
         return found
 
     def mark(self) -> int:
