@@ -87,6 +87,7 @@ class Broadcast:
         self._threads: list[threading.Thread] = []
         self.connected = threading.Event()
         self._cut: Any = None  # shuts the listener's socket down (from another thread)
+        self._heard_at = 0.0  # when the listener last heard from its server (PostgreSQL)
         self._inline = threading.Lock()  # the connection threads publish on themselves
         self._inline_conn: Any = None
         self.received = 0
@@ -270,21 +271,23 @@ class Broadcast:
         waiting = _poller(fd)
         near.set_inbox(fd)
         self._up()
-        pinged = time.monotonic()
+        self._heard_at = time.monotonic()
         while not self._stop.is_set():
             if waiting.poll(_KEEPALIVE * 1000):  # the interpreter is free meanwhile
                 self._take_pg(conn)
-            if time.monotonic() - pinged >= _KEEPALIVE:
-                # the server's answer renews the process's hearing; a connection that
-                # died raises here, and one whose server stopped answering blocks here,
-                # letting the hearing lapse (near.HEARD_FOR) until it answers again
+            if time.monotonic() - self._heard_at >= _KEEPALIVE:
+                # nothing heard for a while: ask. The server's answer renews the process's
+                # hearing; a connection that died raises here, and one whose server stopped
+                # answering blocks here, letting the hearing lapse (near.HEARD_FOR) until it
+                # answers again. (While notifications keep coming, they are the answer: no
+                # query then, whose round trip would hide what arrives during it.)
                 near.answer_due(True)
                 try:
                     conn.execute("SELECT 1")
                 finally:
                     near.answer_due(False)
                 heard()
-                pinged = time.monotonic()
+                self._heard_at = time.monotonic()
                 self._take_pg(conn)  # what arrived during it (kept aside by psycopg)
 
     def _take_pg(self, conn: Any) -> None:
@@ -293,6 +296,8 @@ class Broadcast:
             for notify in conn.notifies(timeout=0):
                 self.received += 1
                 _receive(notify.payload)
+                self._heard_at = time.monotonic()
+                heard()  # the server is delivering
         finally:
             near.taking(False)
 
