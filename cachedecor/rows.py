@@ -374,6 +374,7 @@ class ModelPlan:
         if session is not None:
             identity_map = session.identity_map
             present = identity_map.get
+            held = identity_map._dict  # looked in first, as instantiate() does
             add = identity_map._add_unpresent
             hash_key = session.hash_key
             loaded = session.dispatch.loaded_as_persistent
@@ -385,7 +386,7 @@ class ModelPlan:
                 or plan.owner is not self
                 or not plan.readable
                 or ident[2] is not token
-                or (session is not None and (not attached or present(ident) is not None))
+                or (session is not None and (not attached or (ident in held and present(ident) is not None)))
             ):
                 try:
                     built[key] = self.instantiate(row, session, token)
