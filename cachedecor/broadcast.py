@@ -1,10 +1,12 @@
 """Invalidations broadcast to every process, which evicts them from its near cache.
 
 ``broadcast_url`` names the transport: a ``postgresql://`` URL (``LISTEN``/``NOTIFY``
-on the application's database) or a ``redis://`` URL (pub/sub). Each process runs a
-listener thread on a connection of its own; what it receives is evicted from its
-near caches (:mod:`cachedecor.near`). While that connection is down, or not yet
-up, the near caches are emptied and bypassed.
+on the application's database), a ``redis://`` URL (pub/sub), or one of each. Each
+process runs a listener thread per transport, on a connection of its own; what it
+receives is evicted from its near caches (:mod:`cachedecor.near`). While no
+listener is connected (none yet, or every one lost), the near caches are emptied
+and bypassed. With both transports every message is sent on both, so either
+alone keeps the process hearing.
 
 What is sent, and when:
 
@@ -12,7 +14,7 @@ What is sent, and when:
   holds a connection to the broadcast database): ``pg_notify`` on that connection.
   PostgreSQL delivers it only if the transaction commits, at the commit and in
   commit order, so other processes evict as early as the database allows.
-* **After the remote deletes** (both transports, every invalidation): the keys
+* **After the remote deletes** (every transport, every invalidation): the keys
   again, sent by the committing thread before its commit returns (asyncio callers
   hand them to a publisher thread), so that a process that refilled its near cache
   from the remote cache between the commit and the remote delete (which follows
@@ -39,7 +41,7 @@ from typing import Any
 from cachedecor import near
 from cachedecor.backends.base import register_fork_aware
 from cachedecor.invalidation import Plan, decode_plan, encode_plan
-from cachedecor.near import HEARD_FOR, evict_everywhere, heard, set_listening
+from cachedecor.near import HEARD_FOR, evict_everywhere
 from cachedecor.stats import log_failure
 
 __all__ = ["Broadcast", "activate", "current"]
@@ -72,8 +74,9 @@ def _receive(text: str) -> None:
     evict_everywhere(decode_plan(text))
 
 
-class Broadcast:
-    """This process's broadcast: a listener thread and a publisher thread."""
+class Link:
+    """One transport of this process's broadcast: a listener thread and a publisher
+    thread, each on a connection of its own."""
 
     def __init__(self, url: Any, channel: str = CHANNEL) -> None:
         self.url = url
@@ -90,15 +93,17 @@ class Broadcast:
         self._heard_at = 0.0  # when the listener last heard from its server (PostgreSQL)
         self._inline = threading.Lock()  # the connection threads publish on themselves
         self._inline_conn: Any = None
+        self.ear = near.Ear()  # what this listener tells the near reads
+        self.changed: Any = lambda: None  # called when it connects or loses its connection
         self.received = 0
         self.sent = 0
         self.lost = 0
-        register_fork_aware(self)
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
         self._stop.clear()
+        self.ear.attach()
         self._threads = [
             threading.Thread(target=self._listen, name="cachedecor-broadcast-listener", daemon=True),
             threading.Thread(target=self._publish_loop, name="cachedecor-broadcast-publisher", daemon=True),
@@ -116,19 +121,19 @@ class Broadcast:
                 thread.join(max(0.0, deadline - time.monotonic()))
         self._threads = []
         self.connected.clear()
-        set_listening(False)
+        self.ear.detach()
+        self.changed()
         with self._inline:
             self._inline_conn = self._close(self._inline_conn)
 
-    def _after_fork_in_child(self) -> None:
+    def after_fork_in_child(self) -> None:
+        """Forget the parent's connections, threads and queue (not this process's)."""
         self._inline = threading.Lock()
         self._inline_conn = None  # the parent's: never written to from here
         self._outgoing = queue.SimpleQueue()
         self._stop = threading.Event()
         self.connected = threading.Event()
         self._threads = []
-        if _current is self:
-            self.start()
 
     # -- sending -------------------------------------------------------------------------
 
@@ -203,9 +208,10 @@ class Broadcast:
     def _watch(self) -> None:
         """A listener whose server stopped answering (its hearing lapsed) is cut off: the
         process is deaf at once, and the listener reconnects."""
-        if self.connected.is_set() and not near.hearing():
+        if self.connected.is_set() and not self.ear.hearing():
             self.connected.clear()
-            set_listening(False)
+            self.ear.down()
+            self.changed()
             cut = self._cut
             if cut is not None:
                 cut()
@@ -253,24 +259,23 @@ class Broadcast:
             finally:
                 self._cut = None
                 self.connected.clear()
-                near.set_inbox(None)
-                near.taking(False)
-                near.answer_due(False)
-                set_listening(False)
+                self.ear.down()
+                self.changed()
                 self._close(conn)
             self._stop.wait(_RETRY)
 
-    def _up(self) -> None:
-        set_listening(True)
+    def _up(self, fd: int) -> None:
+        self.ear.up(fd)
         self.connected.set()
+        self.changed()
 
     def _listen_pg(self, conn: Any) -> None:
         fd = conn.pgconn.socket
         self._cut = _cutter(fd)
         conn.execute(f'LISTEN "{self.channel}"')
         waiting = _poller(fd)
-        near.set_inbox(fd)
-        self._up()
+        ear = self.ear
+        self._up(fd)
         self._heard_at = time.monotonic()
         while not self._stop.is_set():
             if waiting.poll(_KEEPALIVE * 1000):  # the interpreter is free meanwhile
@@ -281,25 +286,26 @@ class Broadcast:
                 # answering blocks here, letting the hearing lapse (near.HEARD_FOR) until it
                 # answers again. (While notifications keep coming, they are the answer: no
                 # query then, whose round trip would hide what arrives during it.)
-                near.answer_due(True)
+                ear.answer_due = True
                 try:
                     conn.execute("SELECT 1")
                 finally:
-                    near.answer_due(False)
-                heard()
+                    ear.answer_due = False
+                ear.heard()
                 self._heard_at = time.monotonic()
                 self._take_pg(conn)  # what arrived during it (kept aside by psycopg)
 
     def _take_pg(self, conn: Any) -> None:
-        near.taking(True)  # near reads go to the remote cache until this is done
+        ear = self.ear
+        ear.taking = True  # near reads go to the remote cache until this is done
         try:
             for notify in conn.notifies(timeout=0):
                 self.received += 1
                 _receive(notify.payload)
                 self._heard_at = time.monotonic()
-                heard()  # the server is delivering
+                ear.heard()  # the server is delivering
         finally:
-            near.taking(False)
+            ear.taking = False
 
     def _listen_redis(self, client: Any) -> None:
         pubsub = client.pubsub()
@@ -318,32 +324,108 @@ class Broadcast:
         else:
             raise TimeoutError("no subscription confirmation from Redis")
         waiting = _poller(fd)
-        near.set_inbox(fd)
-        self._up()
+        ear = self.ear
+        self._up(fd)
         pinged = time.monotonic()
         while not self._stop.is_set():
             # everything on the socket or in the client's buffer: messages, and answers
             # to keep-alives
             while pubsub.connection.can_read(timeout=0):
-                near.taking(True)  # near reads go to the remote cache until this is done
+                ear.taking = True  # near reads go to the remote cache until this is done
                 try:
                     message = pubsub.get_message(timeout=_KEEPALIVE)
                     if message is not None:  # (None: the client's own health check)
-                        heard()  # the server answered
+                        ear.heard()  # the server answered
                         if message["type"] == "pong":
-                            near.answer_due(False)
+                            ear.answer_due = False
                         elif message["type"] == "message":
                             self.received += 1
                             data = message["data"]
                             _receive(data.decode() if isinstance(data, bytes) else data)
                 finally:
-                    near.taking(False)
+                    ear.taking = False
             now = time.monotonic()
             if now - pinged >= _KEEPALIVE:
-                near.answer_due(True)
+                ear.answer_due = True
                 pubsub.ping()  # answered by a "pong" message, which renews the hearing
                 pinged = now
             waiting.poll(_KEEPALIVE * 1000)  # the interpreter is free meanwhile
+
+
+class Broadcast:
+    """This process's broadcast: a :class:`Link` per transport of ``broadcast_url``.
+
+    Every message goes out on every link; the process hears while any link's
+    listener is connected (:attr:`connected`).
+    """
+
+    def __init__(self, urls: Any, channel: str = CHANNEL) -> None:
+        if not isinstance(urls, (list, tuple)):
+            urls = [urls]
+        self.channel = channel
+        self.links = [Link(url, channel) for url in urls]
+        #: set while at least one listener is connected
+        self.connected = threading.Event()
+        self._lock = threading.Lock()
+        for link in self.links:
+            link.changed = self._changed
+        register_fork_aware(self)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The transports, ``"postgresql"`` and/or ``"redis"``."""
+        return tuple(link.kind for link in self.links)
+
+    @property
+    def received(self) -> int:
+        """Messages received, over every link (a message sent on two links counts twice)."""
+        return sum(link.received for link in self.links)
+
+    @property
+    def sent(self) -> int:
+        """Messages sent by the publisher threads, over every link."""
+        return sum(link.sent for link in self.links)
+
+    @property
+    def lost(self) -> int:
+        """Listener connections lost, over every link."""
+        return sum(link.lost for link in self.links)
+
+    def _changed(self) -> None:
+        with self._lock:
+            if any(link.connected.is_set() for link in self.links):
+                self.connected.set()
+            else:
+                self.connected.clear()
+
+    def start(self) -> None:
+        for link in self.links:
+            link.start()
+
+    def stop(self, wait: float = 5.0) -> None:
+        """Stop listening; send what is queued first (for up to ``wait`` seconds in all)."""
+        deadline = time.monotonic() + wait
+        for link in self.links:
+            link.stop(max(0.0, deadline - time.monotonic()))
+
+    def _after_fork_in_child(self) -> None:
+        near.after_fork()  # before a listener of this process can connect
+        self._lock = threading.Lock()
+        self.connected = threading.Event()
+        for link in self.links:
+            link.after_fork_in_child()
+        if _current is self:
+            self.start()
+
+    def notify_in_transaction(self, conn: Any, keys: Plan) -> bool:
+        """``pg_notify`` of ``keys`` on ``conn`` (a writing transaction's), if a link is
+        PostgreSQL on that database; whether it was sent."""
+        return any(link.notify_in_transaction(conn, keys) for link in self.links)
+
+    def publish(self, keys: Plan) -> None:
+        """Send ``keys`` to every process, on every link (see :meth:`Link.publish`)."""
+        for link in self.links:
+            link.publish(keys)
 
 
 def _poller(fd: int) -> Any:

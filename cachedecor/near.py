@@ -39,7 +39,7 @@ from cachedecor.backends.base import register_fork_aware
 if TYPE_CHECKING:
     from cachedecor.rows import Row
 
-__all__ = ["NearCache", "active", "evict_everywhere", "flush_everywhere", "heard", "hearing", "set_listening"]
+__all__ = ["Ear", "NearCache", "active", "evict_everywhere", "flush_everywhere", "hearing"]
 
 #: How many recent evictions are remembered to refuse fills that started before them.
 _REMEMBERED = 50_000
@@ -206,72 +206,138 @@ class NearCache:
 
 
 # --------------------------------------------------------------------------------------
-# every near cache of this process
+# every near cache of this process, and what its listeners hear
 
 _caches: weakref.WeakSet[NearCache] = weakref.WeakSet()
-#: whether invalidations reach this process (the broadcast listener is connected)
+#: whether invalidations reach this process (a broadcast listener is connected)
 _listening = False
-#: and until when, at least: the listener renews this each time it hears from the
+#: and until when, at least: a listener renews this each time it hears from its
 #: server (a message, or the answer to its keep-alive); a server that stops
 #: answering without closing the connection makes the process deaf when it passes
 _heard_until = 0.0
-#: how long one answer of the server vouches for the connection
+#: how long one answer of a server vouches for its connection
 HEARD_FOR = 1.5
 
-
 # --------------------------------------------------------------------------------------
-# reading what the listener has not taken yet
+# reading what a listener has not taken yet
 #
-# The listener is a thread: while the process's other threads keep the interpreter
+# A listener is a thread: while the process's other threads keep the interpreter
 # busy (serving near hits, say), an invalidation can wait on its socket for the
 # interpreter's switch interval (5 ms) and longer. So a near read first looks, at
-# most every CHECK_EVERY seconds, whether the listener's socket holds something
+# most every CHECK_EVERY seconds, whether a listener's socket holds something
 # unread or the listener is handling it; if so, the read goes to the remote cache,
 # and so does every read after it until the listener has taken it (a remote read
 # waits on its socket, which lets the listener run).
 
-#: seconds between two looks at the listener's socket by the reading threads
+#: seconds between two looks at the listeners' sockets by the reading threads
 CHECK_EVERY = 0.001
 _next_check = 0.0
-_inbox: Any = None  # a select.poll() on the listener's socket, or None
-_taking = False  # the listener is reading or handling messages
-_answer_due = False  # the listener awaits the answer to its keep-alive
 
 
-def set_inbox(fd: int | None) -> None:
-    """The listener's socket (``None``: no listener). Reads look at it before serving."""
-    global _inbox
-    if fd is None:
-        _inbox = None
-        return
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    _inbox = poller
+class Ear:
+    """One broadcast listener, as this process's near reads see it.
+
+    The listener keeps it current: its socket (:attr:`fd`), whether it is reading or
+    handling messages (:attr:`taking`), whether what arrives is the answer to its
+    keep-alive (:attr:`answer_due`), and when it last heard from its server. The
+    process hears while at least one attached ear does: with two transports, every
+    invalidation is sent on both, so either alone is enough.
+    """
+
+    __slots__ = ("answer_due", "fd", "heard_until", "listening", "taking")
+
+    def __init__(self) -> None:
+        self.fd: int | None = None  #: the listener's socket; ``None``: not connected
+        self.taking = False  #: reading or handling what its socket held
+        #: asked its server for a keep-alive answer: what arrives meanwhile is most
+        #: likely that answer, and reads do not wait for it (a message that comes with
+        #: it waits for the listener, as every message did before reads looked)
+        self.answer_due = False
+        self.listening = False
+        self.heard_until = 0.0
+
+    def attach(self) -> None:
+        """Count this ear among the process's (a listener starts)."""
+        with _ears_lock:
+            if self not in _ears:
+                _ears.append(self)
+
+    def detach(self) -> None:
+        """Stop counting it (its listener stopped for good)."""
+        self.down()
+        with _ears_lock:
+            if self in _ears:
+                _ears.remove(self)
+            _recount()
+
+    def up(self, fd: int | None) -> None:
+        """The listener is connected and subscribed, on socket ``fd``. A process that was
+        deaf flushes first: what it missed meanwhile is unknown."""
+        with _ears_lock:
+            deaf = not hearing()
+            self.fd = fd
+            self.listening = True
+            self.heard_until = time.monotonic() + HEARD_FOR
+            if deaf:
+                flush_everywhere()
+            _recount()
+
+    def down(self) -> None:
+        """The listener lost its connection. A process no longer hearing on any ear
+        flushes, and bypasses its near caches until one is up again."""
+        with _ears_lock:
+            self.fd = None
+            self.taking = False
+            self.answer_due = False
+            self.listening = False
+            _recount()
+            if not _listening:
+                flush_everywhere()
+
+    def heard(self) -> None:
+        """The listener heard from its server just now. After a silence long enough to
+        have made the process deaf, the near caches are flushed first."""
+        with _ears_lock:
+            now = time.monotonic()
+            if now >= _heard_until:
+                flush_everywhere()
+            self.heard_until = now + HEARD_FOR
+            _recount()
+
+    def hearing(self) -> bool:
+        """Whether this listener's server answered recently."""
+        return self.listening and time.monotonic() < self.heard_until
 
 
-def taking(on: bool) -> None:
-    """The listener starts (``True``) or has finished (``False``) reading and handling
-    what its socket held; near reads in between go to the remote cache."""
-    global _taking
-    _taking = on
+_ears: list[Ear] = []
+_ears_lock = threading.RLock()
 
 
-def answer_due(on: bool) -> None:
-    """The listener has asked its server for a keep-alive answer (``True``), or has had
-    it (``False``): meanwhile what arrives on its socket is most likely that answer,
-    and reads do not wait for it (a message that comes with it waits for the listener,
-    as every message did before reads looked at the socket)."""
-    global _answer_due
-    _answer_due = on
+def _recount() -> None:
+    """The process's hearing from its ears' (under ``_ears_lock``)."""
+    global _listening, _heard_until
+    live = [ear.heard_until for ear in _ears if ear.listening]
+    _heard_until = max(live, default=0.0)
+    _listening = bool(live)
 
 
 def caught_up(now: float) -> bool:
-    """Whether this process has taken every invalidation its listener's socket holds."""
+    """Whether this process has taken every invalidation its listeners' sockets hold."""
     global _next_check
-    inbox = _inbox
+    # a poll object of this call's own: one poll object must not be polled by two
+    # threads at once (CPython raises), and reading threads look concurrently
+    looking = select.poll()
     try:
-        unread = _taking or (not _answer_due and inbox is not None and bool(inbox.poll(0)))
-    except (OSError, ValueError):  # the socket is being closed: the listener reconnects
+        for ear in _ears:
+            if ear.taking:
+                unread = True
+                break
+            fd = ear.fd
+            if fd is not None and not ear.answer_due:
+                looking.register(fd, select.POLLIN)
+        else:
+            unread = bool(looking.poll(0))
+    except (OSError, ValueError):  # a socket is being closed: its listener reconnects
         unread = True
     if unread:
         _next_check = 0.0  # the next read looks again
@@ -285,31 +351,9 @@ def active() -> bool:
     return bool(_caches)
 
 
-def set_listening(on: bool) -> None:
-    """The broadcast connection is up (``True``) or lost (``False``: flush, then bypass)."""
-    global _listening, _heard_until
-    if not on:
-        _listening = False
-        flush_everywhere()
-    else:
-        flush_everywhere()  # what was missed while deaf is unknown
-        _heard_until = time.monotonic() + HEARD_FOR
-        _listening = True
-
-
 def hearing() -> bool:
     """Whether invalidations are reaching this process now."""
     return _listening and time.monotonic() < _heard_until
-
-
-def heard() -> None:
-    """The listener heard from the server just now. After a silence long enough to have
-    made the process deaf, the near caches are flushed first (what was missed is unknown)."""
-    global _heard_until
-    now = time.monotonic()
-    if now >= _heard_until:
-        flush_everywhere()
-    _heard_until = now + HEARD_FOR
 
 
 def evict_everywhere(keys_by_region: dict[str, tuple[list[str], list[Any]]]) -> None:
@@ -333,12 +377,24 @@ def flush_everywhere() -> None:
         near.flush()
 
 
-def _after_fork_in_child() -> None:
-    global _listening, _inbox, _taking, _answer_due
-    _listening = False  # until this process's own listener has connected
-    _inbox = None  # the parent's listener's socket
-    _taking = False
-    _answer_due = False
+_pid = os.getpid()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def after_fork() -> None:
+    """In a forked child, once (whoever calls first: a listener restarting in the
+    child calls it before it starts): the parent's listeners are not this process's,
+    which is deaf until one of its own has connected."""
+    global _ears_lock, _pid
+    if _pid == os.getpid():
+        return
+    _pid = os.getpid()
+    _ears_lock = threading.RLock()
+    for ear in _ears:
+        ear.fd = None
+        ear.taking = False
+        ear.answer_due = False
+        ear.listening = False
+    _recount()
+
+
+os.register_at_fork(after_in_child=after_fork)

@@ -100,6 +100,7 @@ class Transport:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
+        self.kinds: tuple[str, ...] = (kind,)
         tag = f"{os.getpid()}_{uuid.uuid4().hex[:8]}"
         self.channel = f"cd_near_{tag}"
         self.login = f"cdnear_{tag}"
@@ -179,10 +180,40 @@ class Transport:
             self._redis("ACL", "DELUSER", self.login)
 
 
-@pytest.fixture(params=["postgresql", "redis"])
+class Both(Transport):
+    """Both transports at once (``broadcast_url`` names one of each, on one channel
+    name), each with its login; what the test does to the logins it does to both."""
+
+    def __init__(self) -> None:
+        self.parts = [Transport("postgresql"), Transport("redis")]
+        self.kind = "both"
+        self.kinds = ("postgresql", "redis")
+        self.channel = self.parts[1].channel = self.parts[0].channel
+        self.login = self.parts[0].login
+        self.url = ", ".join(part.url for part in self.parts)
+        self.private_url = ", ".join(part.private_url for part in self.parts)
+
+    def refuse_logins(self) -> None:
+        for part in self.parts:
+            part.refuse_logins()
+
+    def allow_logins(self) -> None:
+        for part in self.parts:
+            part.allow_logins()
+
+    def kill_listeners(self) -> int:
+        return sum(part.kill_listeners() for part in self.parts)
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.close()
+
+
+@pytest.fixture(params=["postgresql", "redis", "both"])
 def transport(request: pytest.FixtureRequest) -> Iterator[Transport]:
-    """Each test that takes ``transport`` runs on PostgreSQL LISTEN/NOTIFY and on Redis pub/sub."""
-    made = Transport(request.param)
+    """Each test that takes ``transport`` runs on PostgreSQL LISTEN/NOTIFY, on Redis pub/sub,
+    and on both at once."""
+    made = Both() if request.param == "both" else Transport(request.param)
     yield made
     cachedecor.reset()  # this process's listener and publisher leave before their login does
     made.close()
@@ -457,7 +488,7 @@ def test_a_refill_between_the_commit_and_the_remote_delete_is_evicted(
 
     def delete_many(keys: Any) -> None:
         if not window:
-            if transport.kind == "postgresql":  # the transaction's NOTIFY arrives with the commit
+            if "postgresql" in transport.kinds:  # the transaction's NOTIFY arrives with the commit
                 wait_until(lambda: other("status")["received"] > heard)
             window.append(other("read", id=3)["row"])  # the old entry, still in memcached
             window.append(other("read", id=3)["stats"]["local_hits"])
@@ -560,10 +591,11 @@ def test_a_near_read_goes_remote_while_the_listeners_socket_holds_something_unre
     reads = Reads(memcached)
     assert read(users, 1) == "user-1"
     assert reads.local == 1
-    real_inbox = near_module._inbox
     mine, other = socket.socketpair()
+    stand_in = near_module.Ear()  # a listener whose socket is ``mine``
+    stand_in.fd = mine.fileno()
+    stand_in.attach()
     try:
-        near_module.set_inbox(mine.fileno())
         near_module._next_check = 0.0  # look at once, not after CHECK_EVERY
         other.send(b"an invalidation the listener has not read")
         assert read(users, 1) == "user-1"
@@ -573,7 +605,7 @@ def test_a_near_read_goes_remote_while_the_listeners_socket_holds_something_unre
         assert read(users, 1) == "user-1"
         assert (reads.local, reads.remote_hits) == (2, 2)
     finally:
-        near_module._inbox = real_inbox
+        stand_in.detach()
         mine.close()
         other.close()
 
@@ -602,9 +634,42 @@ def test_near_reads_go_remote_while_the_listener_handles_a_message(
         assert (reads.local, reads.remote_hits) == (0, 1)
     finally:
         release.set()
-    wait_until(lambda: not near_module._taking)
+    wait_until(lambda: not any(ear.taking for ear in near_module._ears))
     assert read(users, 1) == "user-1"
     assert (reads.local, reads.remote_hits) == (1, 1)
+
+
+@pytest.mark.parametrize("transport", ["redis"], indirect=True)
+def test_threads_look_at_the_listeners_socket_at_the_same_time(
+    transport: Transport, memcached: Memcached, users: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading threads look at the listener's socket concurrently (here on every read:
+    ``CHECK_EVERY`` is 0), and a look never fails a read."""
+    configure_near(memcached, transport)
+    read(users, 1)
+    monkeypatch.setattr(near_module, "CHECK_EVERY", 0.0)
+    failures: list[str] = []
+    names: list[str | None] = []
+    start = threading.Barrier(6)
+
+    def reader() -> None:
+        with Session(users) as s:
+            start.wait()
+            try:
+                for _ in range(3000):
+                    user = get_user(s, 1)
+                    names.append(None if user is None else user.name)
+            except Exception:
+                failures.append(traceback.format_exc())
+
+    threads = [threading.Thread(target=reader) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert names == ["user-1"] * 18000
+    assert counter("local_hits") > 0
 
 
 # -- 3. the writer reads its own writes ------------------------------------------------
@@ -819,6 +884,38 @@ def test_a_reconnected_process_hears_invalidations_again(
     writer("rename", id=7, name="renamed")
     wait_until(lambda: read(users, 7) == "renamed")
     assert listener().received > heard
+
+
+@pytest.mark.parametrize("transport", ["both"], indirect=True)
+@pytest.mark.parametrize("lost", ["postgresql", "redis"])
+def test_with_both_transports_losing_one_keeps_the_process_hearing(
+    transport: Transport, memcached: Memcached, users: Engine, launch: Any, lost: str
+) -> None:
+    """Every invalidation goes out on both transports: while one listener is cut off the
+    near cache stays in use, and what the other processes commit still evicts."""
+    assert isinstance(transport, Both)
+    configure_near(memcached, transport, private=True)
+    writer = launch()
+    cut, kept = (0, 1) if lost == "postgresql" else (1, 0)
+    sender = listener()
+    assert sender.kinds == ("postgresql", "redis")
+    for user_id in (1, 2):
+        read(users, user_id)
+    assert len(near()) == 2
+    transport.parts[cut].deafen()
+    wait_until(lambda: not sender.links[cut].connected.is_set())
+    assert sender.connected.is_set() and sender.links[kept].connected.is_set()
+    assert len(near()) == 2  # not flushed: nothing can have been missed
+    reads = Reads(memcached)
+    assert read(users, 1) == "user-1"
+    assert reads.local == 1
+    heard = sender.links[kept].received
+    writer("rename", id=2, name="renamed")
+    wait_until(lambda: sender.links[kept].received > heard)
+    assert read(users, 2) == "renamed"
+    transport.parts[cut].allow_logins()
+    assert sender.links[cut].connected.wait(10), "the cut listener did not reconnect"
+    assert len(near()) == 2  # the process never went deaf: nothing was flushed
 
 
 # -- 5. a forked child -----------------------------------------------------------------
@@ -1338,6 +1435,30 @@ def test_a_broadcast_url_is_postgresql_or_redis(memcached: Memcached, url: str) 
     assert broadcast.current() is None
 
 
+@pytest.mark.parametrize(
+    "urls",
+    [
+        "redis://127.0.0.1:6379/6, redis://127.0.0.1:6379/7",
+        ["postgresql://postgres@127.0.0.1/test", "postgresql+psycopg://postgres@127.0.0.1/other"],
+    ],
+)
+def test_a_broadcast_names_one_url_per_transport(memcached: Memcached, urls: Any) -> None:
+    config = memcached_config(memcached.url, local_entries=100)
+    config["broadcast_url"] = urls
+    with pytest.raises(ConfigError, match=r"broadcast_url: at most one URL per transport"):
+        cachedecor.configure_regions(config)
+    assert broadcast.current() is None
+
+
+@pytest.mark.parametrize("urls", [",", [], [42], 42])
+def test_a_broadcast_url_list_holds_urls(memcached: Memcached, urls: Any) -> None:
+    config = memcached_config(memcached.url, local_entries=100)
+    config["broadcast_url"] = urls
+    with pytest.raises(ConfigError, match=r"broadcast_url: expected a"):
+        cachedecor.configure_regions(config)
+    assert broadcast.current() is None
+
+
 @pytest.mark.parametrize("channel", ["", "with space", "dash-ed", "1starts_with_a_digit", "x" * 64, 'q"uote'])
 def test_a_bad_channel_name_is_refused(memcached: Memcached, channel: str) -> None:
     config = memcached_config(memcached.url, local_entries=100)
@@ -1385,7 +1506,7 @@ def test_options_from_an_ini_file(memcached: Memcached, transport: Transport, tm
     cache = near()
     assert (cache.max_entries, cache.ttl, cache.max_bytes) == (7, 1.5, 4096)
     assert listener().channel == transport.channel
-    assert listener().kind == transport.kind
+    assert listener().kinds == transport.kinds
     assert listener().connected.wait(10)
 
 

@@ -352,8 +352,11 @@ def outbox_settings(options: dict[str, Any], prefix: str) -> OutboxSettings | No
 # top-level options of the near cache's broadcast (see cachedecor.broadcast)
 
 
-def broadcast_settings(options: dict[str, Any], prefix: str) -> tuple[Any, str] | None:
-    """``(url, channel)`` of ``broadcast_url``/``broadcast_channel``; ``None`` without a URL."""
+def broadcast_settings(options: dict[str, Any], prefix: str) -> tuple[list[Any], str] | None:
+    """``(urls, channel)`` of ``broadcast_url``/``broadcast_channel``; ``None`` without a URL.
+
+    ``broadcast_url`` is one URL, or two (a comma list, or a list): one of each transport.
+    """
     import re
 
     import sqlalchemy
@@ -362,16 +365,38 @@ def broadcast_settings(options: dict[str, Any], prefix: str) -> tuple[Any, str] 
         if "broadcast_channel" in options:
             raise ConfigError(f"{prefix}broadcast_channel: set {prefix}broadcast_url too")
         return None
-    text = _coerce(options["broadcast_url"], str, f"{prefix}broadcast_url")
-    try:
-        url = sqlalchemy.make_url(text)
-    except Exception:
-        url = None
-    if url is None or url.get_backend_name() not in ("postgresql", "redis", "rediss"):
+    value = options["broadcast_url"]
+    if isinstance(value, str):
+        texts = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, (list, tuple)) and all(isinstance(part, str) for part in value):
+        texts = [part.strip() for part in value]
+    else:
         raise ConfigError(
-            f"{prefix}broadcast_url: expected a postgresql:// URL (LISTEN/NOTIFY) or a redis:// URL "
-            f"(pub/sub), got {text!r}"
+            f"{prefix}broadcast_url: expected a URL, or a list of two (one postgresql://, one redis://), "
+            f"got {value!r}"
         )
+    if not texts:
+        raise ConfigError(f"{prefix}broadcast_url: expected a postgresql:// or a redis:// URL, got {value!r}")
+    urls = []
+    kinds: dict[str, str] = {}
+    for text in texts:
+        try:
+            url = sqlalchemy.make_url(text)
+        except Exception:
+            url = None
+        if url is None or url.get_backend_name() not in ("postgresql", "redis", "rediss"):
+            raise ConfigError(
+                f"{prefix}broadcast_url: expected a postgresql:// URL (LISTEN/NOTIFY) or a redis:// URL "
+                f"(pub/sub), got {text!r}"
+            )
+        kind = "postgresql" if url.get_backend_name() == "postgresql" else "redis"
+        if kind in kinds:
+            raise ConfigError(
+                f"{prefix}broadcast_url: at most one URL per transport (one postgresql://, one redis://), "
+                f"got {kinds[kind]!r} and {text!r}"
+            )
+        kinds[kind] = text
+        urls.append(url)
     channel = _coerce(
         options.get("broadcast_channel", "cachedecor_invalidations"), str, f"{prefix}broadcast_channel"
     )
@@ -379,4 +404,4 @@ def broadcast_settings(options: dict[str, Any], prefix: str) -> tuple[Any, str] 
         raise ConfigError(
             f"{prefix}broadcast_channel: expected letters, digits and '_' (at most 63), got {channel!r}"
         )
-    return url, channel
+    return urls, channel

@@ -75,7 +75,7 @@ def _before_commit(session: Session) -> None:
     With a PostgreSQL broadcast: notify them, in the transaction (sent at its commit)."""
     box = outbox.current()
     sender = broadcast.current()
-    if box is None and (sender is None or sender.kind != "postgresql"):
+    if box is None and (sender is None or "postgresql" not in sender.kinds):
         return
     transaction = session.get_transaction()
     if transaction is None or transaction.nested:
