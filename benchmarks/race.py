@@ -13,10 +13,11 @@ variant (all of them unless --variants names some):
   version 1 of the model, half with version 2 (one more column, another module);
   entries of one version are misses for the other. Its ``hit%`` against the
   ``cachedecor`` run is what a mixed-version window costs;
-* ``near-pg`` and ``near-redis``: ``cachedecor`` with a near cache in every process
-  (``local_entries``, ``local_ttl`` from --local-ttl), its invalidations broadcast by
-  PostgreSQL ``NOTIFY`` (on --database) or by Redis pub/sub (on --redis), on a
-  channel of the run's own. Readers start reading once their listener is connected;
+* ``near-pg``, ``near-redis`` and ``near-both``: ``cachedecor`` with a near cache in
+  every process (``local_entries``, ``local_ttl`` from --local-ttl), its invalidations
+  broadcast by PostgreSQL ``NOTIFY`` (on --database), by Redis pub/sub (on --redis),
+  or by both at once, on a channel of the run's own (the idle listener of
+  ``near-both`` listens on Redis). Readers start reading once their listener is connected;
 * ``naive-async`` and ``cachedecor-async``: the same two patterns in asyncio
   programs. Each of --async-processes processes runs one event loop with
   --tasks READERS,WRITERS concurrent tasks, on ``AsyncSession`` and asyncpg: the
@@ -52,7 +53,7 @@ reader's listener thread was late, not the message).
 
     python benchmarks/race.py --backend memcached --seconds 20
     python benchmarks/race.py --backend redis --variants naive-async,cachedecor-async
-    python benchmarks/race.py --backend memcached --variants near-pg,near-redis
+    python benchmarks/race.py --backend memcached --variants near-pg,near-redis,near-both
     python benchmarks/race.py --backend memcached --proxy twemproxy
 
 With ``--proxy twemproxy`` the memcached runs go through twemproxy (``nutcracker``):
@@ -144,6 +145,7 @@ VARIANTS = (
     "mixed",
     "near-pg",
     "near-redis",
+    "near-both",
     "naive-async",
     "cachedecor-async",
 )
@@ -151,7 +153,7 @@ ASYNC_VARIANTS = ("naive-async", "cachedecor-async")
 #: the baselines: their stale entries and reads are expected, and not checked for wrong rows
 BASELINES = ("naive", "naive-async")
 #: near cache, by broadcast transport
-NEAR_VARIANTS = ("near-pg", "near-redis")
+NEAR_VARIANTS = ("near-pg", "near-redis", "near-both")
 #: a row outside the storm's: its last write tells the near variants' readers that every
 #: broadcast sent before it has been received (see :func:`quiet_check`)
 MARKER = -1
@@ -424,7 +426,11 @@ def region_config(opts: Options, variant: str = "") -> dict[str, Any]:
     if variant in NEAR_VARIANTS:
         options["local_entries"] = opts.rows + 1  # every row and the marker
         options["local_ttl"] = opts.local_ttl
-        config["broadcast_url"] = opts.broadcast_pg if variant == "near-pg" else opts.broadcast_redis
+        config["broadcast_url"] = {
+            "near-pg": opts.broadcast_pg,
+            "near-redis": opts.broadcast_redis,
+            "near-both": [opts.broadcast_pg, opts.broadcast_redis],
+        }[variant]
         config["broadcast_channel"] = f"{opts.tag}_near"
     return config
 

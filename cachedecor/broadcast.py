@@ -44,7 +44,7 @@ from cachedecor.invalidation import Plan, decode_plan, encode_plan
 from cachedecor.near import HEARD_FOR, evict_everywhere
 from cachedecor.stats import log_failure
 
-__all__ = ["Broadcast", "activate", "current"]
+__all__ = ["Broadcast", "Link", "activate", "current"]
 
 log = logging.getLogger("cachedecor")
 
@@ -90,7 +90,7 @@ class Link:
         self._threads: list[threading.Thread] = []
         self.connected = threading.Event()
         self._cut: Any = None  # shuts the listener's socket down (from another thread)
-        self._heard_at = 0.0  # when the listener last heard from its server (PostgreSQL)
+        self._heard_at = 0.0  # when the PostgreSQL listener last heard from its server
         self._inline = threading.Lock()  # the connection threads publish on themselves
         self._inline_conn: Any = None
         self.ear = near.Ear()  # what this listener tells the near reads
@@ -326,7 +326,7 @@ class Link:
         waiting = _poller(fd)
         ear = self.ear
         self._up(fd)
-        pinged = time.monotonic()
+        pinged = heard_at = time.monotonic()
         while not self._stop.is_set():
             # everything on the socket or in the client's buffer: messages, and answers
             # to keep-alives
@@ -336,6 +336,7 @@ class Link:
                     message = pubsub.get_message(timeout=_KEEPALIVE)
                     if message is not None:  # (None: the client's own health check)
                         ear.heard()  # the server answered
+                        heard_at = time.monotonic()
                         if message["type"] == "pong":
                             ear.answer_due = False
                         elif message["type"] == "message":
@@ -345,7 +346,10 @@ class Link:
                 finally:
                     ear.taking = False
             now = time.monotonic()
-            if now - pinged >= _KEEPALIVE:
+            if now - heard_at >= _KEEPALIVE and now - pinged >= _KEEPALIVE:
+                # nothing heard for a while: ask. While messages keep coming they are
+                # the answer: no ping then, whose answer (awaited, not looked for by the
+                # reads) would hide what arrives with it
                 ear.answer_due = True
                 pubsub.ping()  # answered by a "pong" message, which renews the hearing
                 pinged = now

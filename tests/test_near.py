@@ -848,6 +848,33 @@ def stalled_listener(request: pytest.FixtureRequest, memcached: Memcached) -> It
         server.wait()
 
 
+@pytest.mark.parametrize("transport", ["redis"], indirect=True)
+def test_the_redis_listener_asks_its_server_only_after_a_silence(
+    transport: Transport, memcached: Memcached, users: Engine
+) -> None:
+    """While messages keep coming they show the server is there: no keep-alive ``PING``
+    then (reads do not look for what arrives while its answer is due). After half a
+    second of silence, one. Redis's ``CLIENT LIST`` names each connection's last
+    command: the stream starts as soon as the listener has subscribed."""
+    configure_near(memcached, transport, private=True)
+
+    def last_command() -> str:
+        listing = transport._redis("CLIENT", "LIST", "TYPE", "pubsub")
+        text = listing.decode() if isinstance(listing, bytes) else str(listing)
+        mine = [line for line in text.splitlines() if f"user={transport.login}" in line]
+        assert len(mine) == 1, text
+        return next(f.split("=", 1)[1] for f in mine[0].split() if f.startswith("cmd="))
+
+    stream_until = time.monotonic() + 2.0
+    while time.monotonic() < stream_until:  # a message every 0.1 s, for four keep-alive periods
+        heard = listener().received
+        get_user.invalidate(1)
+        wait_until(lambda: listener().received > heard)
+        time.sleep(0.1)  # paces the stream (each message was waited for above)
+    assert last_command() == "subscribe"  # no command since
+    wait_until(lambda: last_command() == "ping")  # silent: asked
+
+
 @pytest.mark.parametrize("stalled_listener", ["postgresql", "redis"], indirect=True)
 def test_a_stalled_broadcast_connection_is_noticed(stalled_listener: str) -> None:
     """The process must notice, and stop using its near cache, well within ``local_ttl``."""

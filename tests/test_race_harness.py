@@ -243,7 +243,7 @@ def test_near_caches_serve_no_stale_row_once_quiet_nor_any_older_than_local_ttl(
             "--redis",
             REDIS_URL,
             "--variants",
-            "near-pg,near-redis",
+            "near-pg,near-redis,near-both",
             "--seconds",
             "3",
             "--rows",
@@ -257,7 +257,9 @@ def test_near_caches_serve_no_stale_row_once_quiet_nor_any_older_than_local_ttl(
     results = json.loads(out.read_text())
     assert status == 0
     assert [(r["backend"], r["variant"]) for r in results] == [
-        (backend, variant) for backend in ("memcached", "redis") for variant in ("near-pg", "near-redis")
+        (backend, variant)
+        for backend in ("memcached", "redis")
+        for variant in ("near-pg", "near-redis", "near-both")
     ]
     for r in results:
         assert r["stale"] == 0, r
