@@ -869,7 +869,7 @@ def test_the_redis_listener_asks_its_server_only_after_a_silence(
     while time.monotonic() < stream_until:  # a message every 0.1 s, for four keep-alive periods
         heard = listener().received
         get_user.invalidate(1)
-        wait_until(lambda: listener().received > heard)
+        wait_until(lambda heard=heard: listener().received > heard)
         time.sleep(0.1)  # paces the stream (each message was waited for above)
     assert last_command() == "subscribe"  # no command since
     wait_until(lambda: last_command() == "ping")  # silent: asked
