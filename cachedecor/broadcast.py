@@ -285,18 +285,20 @@ class Link:
                 # hearing; a connection that died raises here, and one whose server stopped
                 # answering blocks here, letting the hearing lapse (near.HEARD_FOR) until it
                 # answers again. (While notifications keep coming, they are the answer: no
-                # query then, whose round trip would hide what arrives during it.)
-                ear.answer_due = True
+                # query then.) psycopg keeps aside what arrives during the query, out of
+                # the reads' sight: they go to the remote cache until it is taken.
+                ear.taking = True
                 try:
                     conn.execute("SELECT 1")
+                    ear.heard()
+                    self._heard_at = time.monotonic()
+                    self._take_pg(conn)  # what arrived during it
                 finally:
-                    ear.answer_due = False
-                ear.heard()
-                self._heard_at = time.monotonic()
-                self._take_pg(conn)  # what arrived during it (kept aside by psycopg)
+                    ear.taking = False
 
     def _take_pg(self, conn: Any) -> None:
         ear = self.ear
+        held = ear.taking
         ear.taking = True  # near reads go to the remote cache until this is done
         try:
             for notify in conn.notifies(timeout=0):
@@ -305,7 +307,7 @@ class Link:
                 self._heard_at = time.monotonic()
                 ear.heard()  # the server is delivering
         finally:
-            ear.taking = False
+            ear.taking = held
 
     def _listen_redis(self, client: Any) -> None:
         pubsub = client.pubsub()
@@ -329,10 +331,12 @@ class Link:
         pinged = heard_at = time.monotonic()
         while not self._stop.is_set():
             # everything on the socket or in the client's buffer: messages, and answers
-            # to keep-alives
-            while pubsub.connection.can_read(timeout=0):
-                ear.taking = True  # near reads go to the remote cache until this is done
-                try:
+            # to keep-alives. Near reads go to the remote cache from before the client
+            # reads the socket (can_read() moves what is there into its buffer, where
+            # the reads cannot see it) until everything it read is handled.
+            ear.taking = True
+            try:
+                while pubsub.connection.can_read(timeout=0):
                     message = pubsub.get_message(timeout=_KEEPALIVE)
                     if message is not None:  # (None: the client's own health check)
                         ear.heard()  # the server answered
@@ -343,8 +347,8 @@ class Link:
                             self.received += 1
                             data = message["data"]
                             _receive(data.decode() if isinstance(data, bytes) else data)
-                finally:
-                    ear.taking = False
+            finally:
+                ear.taking = False
             now = time.monotonic()
             if now - heard_at >= _KEEPALIVE and now - pinged >= _KEEPALIVE:
                 # nothing heard for a while: ask. While messages keep coming they are

@@ -672,6 +672,82 @@ def test_threads_look_at_the_listeners_socket_at_the_same_time(
     assert counter("local_hits") > 0
 
 
+@pytest.mark.parametrize("transport", ["redis"], indirect=True)
+def test_near_reads_go_remote_once_the_redis_client_has_read_a_message_off_the_socket(
+    transport: Transport, memcached: Memcached, users: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py's ``can_read()`` moves what the socket holds into the client's buffer,
+    where reads cannot see it; from then until the message is handled the listener
+    counts as taking. The listener is held right after that call (the wrapper waits),
+    which stands for the interpreter running a reading thread at that moment."""
+    import redis.connection
+
+    configure_near(memcached, transport)
+    for user_id in (1, 2):
+        read(users, user_id)
+    real_can_read = redis.connection.AbstractConnection.can_read
+    holding = threading.Event()
+    release = threading.Event()
+
+    def can_read(self: Any, timeout: float = 0) -> bool:
+        found = bool(real_can_read(self, timeout))
+        if (
+            found
+            and threading.current_thread().name == "cachedecor-broadcast-listener"
+            and not release.is_set()
+        ):
+            holding.set()
+            release.wait(10)
+        return found
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "can_read", can_read)
+    reads = Reads(memcached)
+    try:
+        get_user.invalidate(2)  # broadcast: this process's listener receives it too
+        assert holding.wait(10), "the listener did not read the invalidation"
+        assert read(users, 1) == "user-1"  # row 1 is near, but a message is in the client's buffer
+        assert (reads.local, reads.remote_hits) == (0, 1)
+    finally:
+        release.set()
+    wait_until(lambda: not any(ear.taking for ear in near_module._ears))
+    assert read(users, 1) == "user-1"
+    assert (reads.local, reads.remote_hits) == (1, 1)
+
+
+@pytest.mark.parametrize("transport", ["postgresql"], indirect=True)
+def test_near_reads_go_remote_during_the_postgresql_keep_alive(
+    transport: Transport, memcached: Memcached, users: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """psycopg keeps aside the notifications that arrive while the listener's keep-alive
+    query runs, where reads cannot see them: reads go to the remote cache meanwhile. The
+    query is held (the wrapper waits), which stands for a server slow to answer it."""
+    import psycopg
+
+    configure_near(memcached, transport)
+    read(users, 1)
+    real_execute = psycopg.Connection.execute
+    holding = threading.Event()
+    release = threading.Event()
+
+    def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if query == "SELECT 1" and threading.current_thread().name == "cachedecor-broadcast-listener":
+            holding.set()
+            release.wait(10)
+        return real_execute(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", execute)
+    reads = Reads(memcached)
+    try:
+        assert holding.wait(10), "the listener sent no keep-alive"
+        assert read(users, 1) == "user-1"
+        assert (reads.local, reads.remote_hits) == (0, 1)
+    finally:
+        release.set()
+    wait_until(lambda: not any(ear.taking for ear in near_module._ears))
+    assert read(users, 1) == "user-1"
+    assert (reads.local, reads.remote_hits) == (1, 1)
+
+
 # -- 3. the writer reads its own writes ------------------------------------------------
 
 
