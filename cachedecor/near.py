@@ -230,7 +230,7 @@ HEARD_FOR = 1.5
 # waits on its socket, which lets the listener run).
 
 #: seconds between two looks at the listeners' sockets by the reading threads
-CHECK_EVERY = 0.001
+CHECK_EVERY = 0.0002
 _next_check = 0.0
 
 
