@@ -752,7 +752,12 @@ class Bench:
         )
         near_hits = cachedecor.stats()["near"]["local_hits"] - hits_before
         warm_up = max(20, rounds // 20)
-        assert near_hits == 2 * (rounds + warm_up), f"near reads not all near hits: {near_hits}"
+        # a near read goes remote while the listener takes a message or runs its keep-alive
+        # query (every half second of silence): a handful among thousands, which the
+        # medians do not see; more would mean the rows measure something else
+        near_reads = 2 * (rounds + warm_up)
+        detours = near_reads - near_hits
+        assert detours <= near_reads // 100, f"near reads not near hits: {detours} of {near_reads}"
 
         many: dict[str, Any] = {}
         for n in (100, 1000):
@@ -787,6 +792,7 @@ class Bench:
             "many_us": many,
             "memory": self.near_memory(near),
             "broadcast": "PostgreSQL LISTEN/NOTIFY",
+            "near_reads_gone_remote": detours,
         }
 
     def near_memory(self, near: Any) -> dict[str, Any]:
@@ -944,6 +950,9 @@ def report_near(res: dict[str, Any]) -> list[str]:
     near = med["near-cache hit, attached to a session"]
     detached = med["remote hit, no session (detached)"] / med["near-cache hit, no session (detached)"]
     lines.append(f"  remote hit / near-cache hit: attached {remote / near:.1f}x, detached {detached:.1f}x")
+    lines.append(
+        f"  near reads that went remote (listener busy or keep-alive): {res.get('near_reads_gone_remote', 0)}"
+    )
     targets = [("near-cache hit 10x faster than the remote hit", remote / near, remote >= 10 * near)]
     lines.append("  many=True: median us per row (total us)")
     for n, row in res["many_us"].items():

@@ -610,6 +610,30 @@ def test_a_near_read_goes_remote_while_the_listeners_socket_holds_something_unre
         other.close()
 
 
+def held_listener_sends_reads_remote(
+    users: Engine,
+    memcached: Memcached,
+    held: threading.Event,
+    release: threading.Event,
+    what: str,
+    start: Any = None,
+) -> None:
+    """While the listener is held (``held`` set, waiting for ``release``), a read of row 1,
+    which is near, goes to the remote cache; once it is let go and done, it is near again."""
+    reads = Reads(memcached)
+    try:
+        if start is not None:
+            start()
+        assert held.wait(10), what
+        assert read(users, 1) == "user-1"  # row 1 is near, but the listener has not done
+        assert (reads.local, reads.remote_hits) == (0, 1)
+    finally:
+        release.set()
+    wait_until(lambda: not any(ear.taking for ear in near_module._ears))
+    assert read(users, 1) == "user-1"
+    assert (reads.local, reads.remote_hits) == (1, 1)
+
+
 def test_near_reads_go_remote_while_the_listener_handles_a_message(
     transport: Transport, memcached: Memcached, users: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -626,17 +650,15 @@ def test_near_reads_go_remote_while_the_listener_handles_a_message(
         receive(text)
 
     monkeypatch.setattr(broadcast, "_receive", slow_receive)
-    reads = Reads(memcached)
-    try:
-        get_user.invalidate(2)  # broadcast: this process's listener receives it too
-        assert handling.wait(10), "the listener did not receive the invalidation"
-        assert read(users, 1) == "user-1"  # row 1 is near, but the listener is busy
-        assert (reads.local, reads.remote_hits) == (0, 1)
-    finally:
-        release.set()
-    wait_until(lambda: not any(ear.taking for ear in near_module._ears))
-    assert read(users, 1) == "user-1"
-    assert (reads.local, reads.remote_hits) == (1, 1)
+    # get_user.invalidate(2) broadcasts: this process's listener receives it too
+    held_listener_sends_reads_remote(
+        users,
+        memcached,
+        handling,
+        release,
+        "the listener did not receive the invalidation",
+        lambda: get_user.invalidate(2),
+    )
 
 
 @pytest.mark.parametrize("transport", ["redis"], indirect=True)
@@ -701,17 +723,14 @@ def test_near_reads_go_remote_once_the_redis_client_has_read_a_message_off_the_s
         return found
 
     monkeypatch.setattr(redis.connection.AbstractConnection, "can_read", can_read)
-    reads = Reads(memcached)
-    try:
-        get_user.invalidate(2)  # broadcast: this process's listener receives it too
-        assert holding.wait(10), "the listener did not read the invalidation"
-        assert read(users, 1) == "user-1"  # row 1 is near, but a message is in the client's buffer
-        assert (reads.local, reads.remote_hits) == (0, 1)
-    finally:
-        release.set()
-    wait_until(lambda: not any(ear.taking for ear in near_module._ears))
-    assert read(users, 1) == "user-1"
-    assert (reads.local, reads.remote_hits) == (1, 1)
+    held_listener_sends_reads_remote(
+        users,
+        memcached,
+        holding,
+        release,
+        "the listener did not read the invalidation",
+        lambda: get_user.invalidate(2),
+    )
 
 
 @pytest.mark.parametrize("transport", ["postgresql"], indirect=True)
@@ -736,16 +755,7 @@ def test_near_reads_go_remote_during_the_postgresql_keep_alive(
         return real_execute(self, query, *args, **kwargs)
 
     monkeypatch.setattr(psycopg.Connection, "execute", execute)
-    reads = Reads(memcached)
-    try:
-        assert holding.wait(10), "the listener sent no keep-alive"
-        assert read(users, 1) == "user-1"
-        assert (reads.local, reads.remote_hits) == (0, 1)
-    finally:
-        release.set()
-    wait_until(lambda: not any(ear.taking for ear in near_module._ears))
-    assert read(users, 1) == "user-1"
-    assert (reads.local, reads.remote_hits) == (1, 1)
+    held_listener_sends_reads_remote(users, memcached, holding, release, "the listener sent no keep-alive")
 
 
 # -- 3. the writer reads its own writes ------------------------------------------------
