@@ -222,6 +222,18 @@ class Link:
         else:
             conn.execute("SELECT pg_notify(%s, %s)", (self.channel, text))
 
+    def ping(self) -> None:
+        """One round trip to this transport's server on a connection of its own
+        (``cachedecor check``); raises what connecting or asking raised."""
+        conn = self._connect()
+        try:
+            if self.kind == "redis":
+                conn.ping()
+            else:
+                conn.execute("SELECT 1")
+        finally:
+            self._close(conn)
+
     # -- receiving -----------------------------------------------------------------------
 
     def _connect(self) -> Any:

@@ -121,7 +121,8 @@ def demo(database: str | None, memcached: str | None, rows: int, repeat: int, st
 @main.command()
 @_config_option
 def check(config_path: str | None) -> None:
-    """Validate the configuration and ping every memcached server of every region."""
+    """Validate the configuration, and ping every memcached server of every region and
+    every transport of broadcast_url."""
     from cachedecor.config import region_settings
 
     regions = _configure(config_path)
@@ -140,6 +141,18 @@ def check(config_path: str | None) -> None:
                 version = result.get(b"version", b"?")
                 version = version.decode() if isinstance(version, bytes) else version
                 click.echo(f"{name:<12} {server:<24} ok (memcached {version})")
+    from cachedecor import broadcast
+
+    sender = broadcast.current()
+    for link in sender.links if sender is not None else []:
+        where = link.url.render_as_string(hide_password=True)
+        try:
+            link.ping()
+        except Exception as exc:
+            failed = True
+            click.echo(f"{'broadcast':<12} {where:<24} FAILED: {type(exc).__name__}: {exc}")
+        else:
+            click.echo(f"{'broadcast':<12} {where:<24} ok ({link.kind}, channel {link.channel})")
     sys.exit(EXIT_CACHE_FAILED if failed else 0)
 
 

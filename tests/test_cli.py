@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 from click.testing import CliRunner, Result
 from pymemcache.client.base import Client
 
 import cachedecor
 from cachedecor.cli import PrimaryKeyParser, main
-from tests.servers import Memcached, free_port
+from tests.servers import PG_URL, REDIS_URL, Memcached, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = str(Path(sys.executable).parent / "cachedecor")
@@ -583,6 +584,36 @@ def test_check_fails_for_a_closed_port(tmp_path: Path) -> None:
 
     assert result.exit_code == 1
     assert url in result.output and "FAILED" in result.output
+
+
+def with_broadcast(path: Path, urls: str) -> Path:
+    text = path.read_text().replace("[cachedecor]\n", f"[cachedecor]\nbroadcast_url = {urls}\n", 1)
+    path.write_text(text + "local_entries = 100\n")
+    return path
+
+
+def test_check_pings_every_broadcast_transport(tmp_path: Path, memcached: Memcached) -> None:
+    pg = sqlalchemy.make_url(PG_URL).set(drivername="postgresql").render_as_string(hide_password=False)
+    ini = with_broadcast(write_ini(tmp_path, memcached.url), f"{pg}, {REDIS_URL}")
+
+    result = invoke("check", "--config", str(ini))
+
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("broadcast")]
+    assert len(lines) == 2, result.output
+    assert "ok (postgresql, channel cachedecor_invalidations)" in lines[0]
+    assert "ok (redis, channel cachedecor_invalidations)" in lines[1]
+
+
+def test_check_fails_for_an_unreachable_broadcast(tmp_path: Path, memcached: Memcached) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    ini = with_broadcast(write_ini(tmp_path, memcached.url), url)
+
+    result = invoke("check", "--config", str(ini))
+
+    assert result.exit_code == 1, result.output
+    assert f"broadcast    {url}" in result.output and "FAILED: ConnectionError" in result.output
+    assert "ok (memcached" in result.output  # the regions are still checked
 
 
 def test_check_reports_configuration_errors_on_one_line(tmp_path: Path) -> None:
