@@ -297,11 +297,17 @@ class Link:
                 # hearing; a connection that died raises here, and one whose server stopped
                 # answering blocks here, letting the hearing lapse (near.HEARD_FOR) until it
                 # answers again. (While notifications keep coming, they are the answer: no
-                # query then.) psycopg keeps aside what arrives during the query, out of
-                # the reads' sight: they go to the remote cache until it is taken.
-                ear.taking = True
+                # query then.) Meanwhile reads do not wait for what arrives (most likely
+                # the answer), as with Redis's pong; psycopg keeps aside a notification
+                # that comes with it, out of the reads' sight: from the answer on, reads
+                # go to the remote cache until it is taken.
+                ear.answer_due = True
                 try:
                     conn.execute("SELECT 1")
+                    ear.taking = True
+                finally:
+                    ear.answer_due = False
+                try:
                     ear.heard()
                     self._heard_at = time.monotonic()
                     self._take_pg(conn)  # what arrived during it

@@ -734,27 +734,27 @@ def test_near_reads_go_remote_once_the_redis_client_has_read_a_message_off_the_s
 
 
 @pytest.mark.parametrize("transport", ["postgresql"], indirect=True)
-def test_near_reads_go_remote_during_the_postgresql_keep_alive(
+def test_near_reads_go_remote_once_the_postgresql_keep_alive_is_answered(
     transport: Transport, memcached: Memcached, users: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """psycopg keeps aside the notifications that arrive while the listener's keep-alive
-    query runs, where reads cannot see them: reads go to the remote cache meanwhile. The
-    query is held (the wrapper waits), which stands for a server slow to answer it."""
-    import psycopg
-
+    query runs, where reads cannot see them: from the answer until the listener has
+    taken them, reads go to the remote cache. The listener is held as it notes the
+    answer (the wrapper waits), which stands for the interpreter running a reading
+    thread at that moment."""
     configure_near(memcached, transport)
     read(users, 1)
-    real_execute = psycopg.Connection.execute
+    real_heard = near_module.Ear.heard
     holding = threading.Event()
     release = threading.Event()
 
-    def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-        if query == "SELECT 1" and threading.current_thread().name == "cachedecor-broadcast-listener":
+    def heard(self: Any) -> None:
+        if threading.current_thread().name == "cachedecor-broadcast-listener" and not release.is_set():
             holding.set()
             release.wait(10)
-        return real_execute(self, query, *args, **kwargs)
+        real_heard(self)
 
-    monkeypatch.setattr(psycopg.Connection, "execute", execute)
+    monkeypatch.setattr(near_module.Ear, "heard", heard)
     held_listener_sends_reads_remote(users, memcached, holding, release, "the listener sent no keep-alive")
 
 
