@@ -2,9 +2,11 @@
 
 Every counter of every region becomes one monotonic counter, labelled with the
 region's name: ``cachedecor_hits_total{region="default"}`` in Prometheus,
-``cachedecor.hits`` with the attribute ``region`` in OpenTelemetry. The values are
-read when the metrics are collected (a scrape, an export), never copied on the
-cache's hot path.
+``cachedecor.hits`` with the attribute ``region`` in OpenTelemetry. The state of the
+near caches (rows and bytes held, keys evicted, by region) and of the broadcast
+(listener connected, messages received, connections lost, by transport) is
+exported too (:func:`states`). The values are read when the metrics are collected
+(a scrape, an export), never copied on the cache's hot path.
 
 Each exporter needs an optional extra, imported only when it is used:
 ``pip install 'cachedecor[prometheus]'`` for :func:`register_prometheus`,
@@ -22,14 +24,14 @@ import itertools
 import textwrap
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from cachedecor.errors import ConfigError
 from cachedecor.stats import RegionStats, stats
 
 if TYPE_CHECKING:
-    from opentelemetry.metrics import CallbackOptions, MeterProvider, ObservableCounter, Observation
+    from opentelemetry.metrics import CallbackOptions, Instrument, MeterProvider, Observation
     from prometheus_client.metrics_core import Metric as PrometheusMetric
     from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -37,14 +39,18 @@ __all__ = [
     "Metric",
     "MissingExtra",
     "PrometheusCollector",
+    "State",
     "instrument_opentelemetry",
     "metrics",
     "register_prometheus",
+    "states",
     "unregister_prometheus",
 ]
 
 #: The label (Prometheus) or attribute (OpenTelemetry) that names the region.
 REGION_LABEL = "region"
+#: The one that names a broadcast transport (``postgresql`` or ``redis``).
+TRANSPORT_LABEL = "transport"
 
 
 class MissingExtra(ConfigError, ImportError):
@@ -104,6 +110,95 @@ def _field_docs() -> dict[str, str]:
     return docs
 
 
+class State(NamedTuple):
+    """A state of this process's near caches or broadcast, exported as it is when collected."""
+
+    prometheus: str
+    """The Prometheus family name (a counter's sample adds ``_total``)."""
+    opentelemetry: str
+    """The OpenTelemetry instrument name."""
+    help: str
+    """What it measures."""
+    counter: bool
+    """A monotonic counter (``True``) or a gauge."""
+    label: str
+    """What its values are by: :data:`REGION_LABEL` or :data:`TRANSPORT_LABEL`."""
+    read: Callable[[], dict[str, float]]
+    """Its values now, by region or transport."""
+
+
+def _near_caches() -> dict[str, Any]:
+    from cachedecor.config import configured_regions
+
+    return {name: s.near for name, s in configured_regions().items() if getattr(s, "near", None) is not None}
+
+
+def _links() -> dict[str, Any]:
+    from cachedecor import broadcast
+
+    sender = broadcast.current()
+    return {} if sender is None else {link.kind: link for link in sender.links}
+
+
+@functools.cache
+def states() -> tuple[State, ...]:
+    """The exported states of the near caches (by region) and of the broadcast (by transport).
+
+    >>> [s.prometheus for s in states()][:2]
+    ['cachedecor_near_entries', 'cachedecor_near_bytes']
+    """
+    return (
+        State(
+            "cachedecor_near_entries",
+            "cachedecor.near.entries",
+            "Rows held in this process's near cache.",
+            False,
+            REGION_LABEL,
+            lambda: {name: len(near) for name, near in _near_caches().items()},
+        ),
+        State(
+            "cachedecor_near_bytes",
+            "cachedecor.near.bytes",
+            "Bytes of the rows held in this process's near cache, as local_max_bytes counts them.",
+            False,
+            REGION_LABEL,
+            lambda: {name: near.bytes for name, near in _near_caches().items()},
+        ),
+        State(
+            "cachedecor_near_evictions",
+            "cachedecor.near.evictions",
+            "Keys evicted from this process's near cache (invalidations heard or made here).",
+            True,
+            REGION_LABEL,
+            lambda: {name: near.evictions for name, near in _near_caches().items()},
+        ),
+        State(
+            "cachedecor_broadcast_connected",
+            "cachedecor.broadcast.connected",
+            "1 while this process's broadcast listener on the transport is connected, else 0.",
+            False,
+            TRANSPORT_LABEL,
+            lambda: {kind: int(link.connected.is_set()) for kind, link in _links().items()},
+        ),
+        State(
+            "cachedecor_broadcast_received",
+            "cachedecor.broadcast.received",
+            "Invalidation messages this process received on the transport.",
+            True,
+            TRANSPORT_LABEL,
+            lambda: {kind: link.received for kind, link in _links().items()},
+        ),
+        State(
+            "cachedecor_broadcast_lost",
+            "cachedecor.broadcast.lost",
+            "Broadcast connections of this process lost or refused on the transport.",
+            True,
+            TRANSPORT_LABEL,
+            lambda: {kind: link.lost for kind, link in _links().items()},
+        ),
+    )
+
+
 def _snapshot() -> dict[str, dict[str, int]]:
     """The counters of every configured region (zeros until it counts), and of any other
     region that has counted something since the last :func:`cachedecor.reset_stats`."""
@@ -147,6 +242,11 @@ class PrometheusCollector:
             for region, values in snapshot.items():
                 family.add_metric([region], values[metric.field])
             yield family
+        for state in states():
+            family = _state_family(core, state)
+            for name, value in state.read().items():
+                family.add_metric([name], value)
+            yield family
 
     def describe(self) -> Iterator[PrometheusMetric]:
         """The families without samples, so that registering does not read the counters."""
@@ -155,11 +255,18 @@ class PrometheusCollector:
             yield core.CounterMetricFamily(
                 metric.prometheus.removesuffix("_total"), metric.help, labels=[REGION_LABEL]
             )
+        for state in states():
+            yield _state_family(core, state)
+
+
+def _state_family(core: Any, state: State) -> Any:
+    kind = core.CounterMetricFamily if state.counter else core.GaugeMetricFamily
+    return kind(state.prometheus, state.help, labels=[state.label])
 
 
 _lock = threading.Lock()
 _prometheus: weakref.WeakKeyDictionary[Any, PrometheusCollector] = weakref.WeakKeyDictionary()
-_opentelemetry: weakref.WeakKeyDictionary[Any, list[ObservableCounter]] = weakref.WeakKeyDictionary()
+_opentelemetry: weakref.WeakKeyDictionary[Any, list[Instrument]] = weakref.WeakKeyDictionary()
 
 
 class _Global:
@@ -207,8 +314,9 @@ def unregister_prometheus(registry: CollectorRegistry | None = None) -> None:
 # -- OpenTelemetry ------------------------------------------------------------------------
 
 
-def instrument_opentelemetry(meter_provider: MeterProvider | None = None) -> list[ObservableCounter]:
-    """Create one observable counter per counter on a ``cachedecor`` meter of ``meter_provider``.
+def instrument_opentelemetry(meter_provider: MeterProvider | None = None) -> list[Instrument]:
+    """Create one observable counter per counter, and one observable counter or gauge per
+    :func:`state <states>`, on a ``cachedecor`` meter of ``meter_provider``.
 
     Without ``meter_provider``, the global one (``opentelemetry.metrics.set_meter_provider``)
     is used, also when it is set later. Each collection reports the counters of every
@@ -232,9 +340,24 @@ def instrument_opentelemetry(meter_provider: MeterProvider | None = None) -> lis
                 )
                 for metric in metrics()
             ]
+            for state in states():
+                create = meter.create_observable_counter if state.counter else meter.create_observable_gauge
+                instruments.append(
+                    create(
+                        state.opentelemetry,
+                        callbacks=[functools.partial(_observe_state, api.Observation, state)],
+                        description=state.help,
+                    )
+                )
             _opentelemetry[key] = instruments
     return instruments
 
 
 def _observe(observation: type[Observation], field: str, options: CallbackOptions) -> Iterable[Observation]:
     return [observation(values[field], {REGION_LABEL: region}) for region, values in _snapshot().items()]
+
+
+def _observe_state(
+    observation: type[Observation], state: State, options: CallbackOptions
+) -> Iterable[Observation]:
+    return [observation(value, {state.label: name}) for name, value in state.read().items()]

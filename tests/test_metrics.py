@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader, Sum
+from opentelemetry.sdk.metrics.export import AggregationTemporality, Gauge, InMemoryMetricReader, Sum
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import Engine
@@ -18,10 +21,11 @@ from sqlalchemy.orm import Session
 
 import cachedecor
 from cachedecor import metrics
+from cachedecor.config import region_settings
 from cachedecor.metrics import MissingExtra
-from tests.conftest import memcached_config, once
+from tests.conftest import memcached_config, once, wait_until
 from tests.models import User
-from tests.servers import Memcached
+from tests.servers import REDIS_URL, Memcached
 
 
 @cachedecor.cached_by_pk(User)
@@ -41,6 +45,7 @@ def rename_user(session: Session, user_id: int, name: str) -> None:
 
 
 FIELDS = [f.name for f in dataclasses.fields(cachedecor.RegionStats)]
+STATES = metrics.states()
 
 
 @pytest.fixture
@@ -107,7 +112,9 @@ class TestPrometheus:
         self, traffic: Engine, registry: CollectorRegistry
     ) -> None:
         families = scrape(registry)
-        assert sorted(families) == sorted(f"cachedecor_{f}" for f in FIELDS)
+        assert sorted(families) == sorted(
+            [f"cachedecor_{f}" for f in FIELDS] + [s.prometheus for s in STATES]
+        )
         for field in FIELDS:
             family = families[f"cachedecor_{field}"]
             assert family.type == "counter"
@@ -224,11 +231,100 @@ class TestOpenTelemetry:
         provider = MeterProvider(metric_readers=[reader])
         first = metrics.instrument_opentelemetry(provider)
         assert metrics.instrument_opentelemetry(provider) is first
-        assert len(first) == len(FIELDS)
+        assert len(first) == len(FIELDS) + len(STATES)
         cachedecor.configure_regions({"regions": {"configured_only": {"backend": "dogpile.cache.memory"}}})
         found = collected(reader)
         assert all(point(found, f"cachedecor.{field}", "configured_only") == 0 for field in FIELDS)
         provider.shutdown()
+
+
+# -- the near caches and the broadcast ---------------------------------------------------
+
+
+@pytest.fixture
+def near_traffic(sqlite_engine: Engine, memcached: Memcached) -> Iterator[Engine]:
+    """Region default with a near cache, broadcast over Redis: rows 1 and 2 held near,
+    then row 1 renamed (evicted here, and its message received back)."""
+    config = memcached_config(memcached.url, local_entries=100)
+    config["broadcast_url"] = REDIS_URL
+    config["broadcast_channel"] = f"cd_metrics_{uuid.uuid4().hex[:8]}"
+    cachedecor.configure_regions(config)
+    sender = cachedecor.broadcast.current()
+    assert sender is not None and sender.connected.wait(10), "the broadcast listener did not connect"
+    with Session(sqlite_engine) as s:
+        s.add_all([User(id=1, name="one"), User(id=2, name="two")])
+        s.commit()
+    for user_id in (1, 2, 1, 2):
+        once(sqlite_engine, get_user, user_id)
+    heard = sender.received
+    once(sqlite_engine, rename_user, 1, "uno")
+    wait_until(lambda: sender.received > heard)
+    yield sqlite_engine
+    cachedecor.reset()
+
+
+def live_states() -> dict[str, Any]:
+    near = region_settings("default").near
+    sender = cachedecor.broadcast.current()
+    assert near is not None and sender is not None
+    [link] = sender.links
+    return {
+        "near.entries": len(near),
+        "near.bytes": near.bytes,
+        "near.evictions": near.evictions,
+        "broadcast.connected": 1,
+        "broadcast.received": link.received,
+        "broadcast.lost": link.lost,
+    }
+
+
+def test_prometheus_shows_the_near_cache_and_the_broadcast(
+    near_traffic: Engine, registry: CollectorRegistry
+) -> None:
+    live = live_states()
+    assert live["near.entries"] == 1 and live["near.bytes"] > 0 and live["near.evictions"] >= 1
+    families = scrape(registry)
+    for state in STATES:
+        family = families[state.prometheus]
+        assert family.type == ("counter" if state.counter else "gauge")
+        name = state.prometheus + ("_total" if state.counter else "")
+        where = {"region": "default"} if state.label == "region" else {"transport": "redis"}
+        [value] = [s.value for s in family.samples if s.name == name and s.labels == where]
+        assert value == live[state.opentelemetry.removeprefix("cachedecor.")], state
+
+
+def test_opentelemetry_shows_the_near_cache_and_the_broadcast(
+    near_traffic: Engine, reader: InMemoryMetricReader
+) -> None:
+    live = live_states()
+    found = collected(reader)
+    for state in STATES:
+        metric = found[state.opentelemetry]
+        assert isinstance(metric.data, Sum if state.counter else Gauge)
+        where = {"region": "default"} if state.label == "region" else {"transport": "redis"}
+        [value] = [p.value for p in metric.data.data_points if dict(p.attributes) == where]
+        assert value == live[state.opentelemetry.removeprefix("cachedecor.")], state
+
+
+def test_a_lost_broadcast_shows(near_traffic: Engine, registry: CollectorRegistry) -> None:
+    sender = cachedecor.broadcast.current()
+    assert sender is not None
+    [link] = sender.links
+    fd = link.ear.fd
+    assert fd is not None
+    with socket.socket(fileno=os.dup(fd)) as listening:
+        port = listening.getsockname()[1]
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=5)
+    try:  # the server closes the listener's connection (it reconnects)
+        assert client.execute_command("CLIENT", "KILL", "ADDR", f"127.0.0.1:{port}") in (True, b"OK", "OK")
+    finally:
+        client.close()
+    wait_until(lambda: link.lost >= 1)
+    families = scrape(registry)
+    [lost] = [s.value for s in families["cachedecor_broadcast_lost"].samples if s.name.endswith("_total")]
+    assert lost == link.lost >= 1
 
 
 # -- optional extras ----------------------------------------------------------------------
