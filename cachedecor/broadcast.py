@@ -157,18 +157,15 @@ class Link:
         )
         return True
 
-    def publish(self, keys: Plan) -> None:
-        """Send ``keys`` to every process.
+    def publish(self, text: str) -> None:
+        """Send ``text`` (a message: :func:`_message`) to every process.
 
-        A thread sends them itself, before its commit returns, on a connection shared
+        A thread sends it itself, before its commit returns, on a connection shared
         by the process's threads (one round trip; the publisher thread would add its
         own scheduling delay, which under load was the longest part of the window
         other processes may be stale). When that connection is busy or failing, and
         for asyncio callers (whose loop must not block), the publisher thread sends.
         """
-        if not keys:
-            return
-        text = _message(keys)
         from cachedecor.invalidation import _in_async_greenlet
 
         if not _in_async_greenlet() and self._inline.acquire(blocking=False):
@@ -409,7 +406,8 @@ class Broadcast:
 
     @property
     def sent(self) -> int:
-        """Messages sent by the publisher threads, over every link."""
+        """Messages sent after the remote deletes (by committing threads, or by the
+        publisher threads), over every link."""
         return sum(link.sent for link in self.links)
 
     @property
@@ -450,8 +448,11 @@ class Broadcast:
 
     def publish(self, keys: Plan) -> None:
         """Send ``keys`` to every process, on every link (see :meth:`Link.publish`)."""
+        if not keys:
+            return
+        text = _message(keys)  # once for every link
         for link in self.links:
-            link.publish(keys)
+            link.publish(text)
 
 
 def _poller(fd: int) -> Any:
