@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import queue
-import select
 import socket
 import threading
 import time
@@ -282,13 +281,15 @@ class Link:
         fd = conn.pgconn.socket
         self._cut = _cutter(fd)
         conn.execute(f'LISTEN "{self.channel}"')
-        waiting = _poller(fd)
         ear = self.ear
         self._up(fd)
         self._heard_at = time.monotonic()
         while not self._stop.is_set():
-            if waiting.poll(_KEEPALIVE * 1000):  # the interpreter is free meanwhile
-                self._take_pg(conn)
+            if ear.wait(_KEEPALIVE):  # the interpreter is free meanwhile
+                try:
+                    self._take_pg(conn)
+                finally:
+                    ear.taking = False  # (set by the wait when something arrived)
             if time.monotonic() - self._heard_at >= _KEEPALIVE:
                 # nothing heard for a while: ask. The server's answer renews the process's
                 # hearing; a connection that died raises here, and one whose server stopped
@@ -340,7 +341,6 @@ class Link:
                 break
         else:
             raise TimeoutError("no subscription confirmation from Redis")
-        waiting = _poller(fd)
         ear = self.ear
         self._up(fd)
         pinged = heard_at = time.monotonic()
@@ -372,7 +372,7 @@ class Link:
                 ear.answer_due = True
                 pubsub.ping()  # answered by a "pong" message, which renews the hearing
                 pinged = now
-            waiting.poll(_KEEPALIVE * 1000)  # the interpreter is free meanwhile
+            ear.wait(_KEEPALIVE)  # the interpreter is free meanwhile (taking: reset above)
 
 
 class Broadcast:
@@ -453,12 +453,6 @@ class Broadcast:
         text = _message(keys)  # once for every link
         for link in self.links:
             link.publish(text)
-
-
-def _poller(fd: int) -> Any:
-    waiting = select.poll()
-    waiting.register(fd, select.POLLIN)
-    return waiting
 
 
 def _cutter(fd: int) -> Any:

@@ -25,8 +25,10 @@ process evicts the keys it receives. Rules:
 
 from __future__ import annotations
 
+import ctypes
 import os
 import select
+import sys
 import threading
 import time
 import weakref
@@ -91,12 +93,7 @@ class NearCache:
         if entry is None:
             return None
         now = time.monotonic()
-        if (
-            now >= entry[1]
-            or now >= _heard_until
-            or not _listening
-            or (now >= _next_check and not caught_up(now))
-        ):
+        if now >= entry[1] or now >= _heard_until or not _listening or not caught_up(now):
             if now >= entry[1]:
                 with self._lock:
                     self._drop(key)
@@ -110,7 +107,7 @@ class NearCache:
     def get_many(self, keys: Iterable[str]) -> dict[str, Row]:
         """:meth:`get` for many keys: the rows of the live entries among ``keys``, in order."""
         now = time.monotonic()
-        if now >= _heard_until or not _listening or (now >= _next_check and not caught_up(now)):
+        if now >= _heard_until or not _listening or not caught_up(now):
             return {}
         entries = self._entries
         move = entries.move_to_end
@@ -223,28 +220,61 @@ HEARD_FOR = 1.5
 #
 # A listener is a thread: while the process's other threads keep the interpreter
 # busy (serving near hits, say), an invalidation can wait on its socket for the
-# interpreter's switch interval (5 ms) and longer. So a near read first looks, at
-# most every CHECK_EVERY seconds, whether a listener's socket holds something
-# unread or the listener is handling it; if so, the read goes to the remote cache,
-# and so does every read after it until the listener has taken it (a remote read
-# waits on its socket, which lets the listener run).
+# interpreter's switch interval (5 ms) and longer. So a near read first checks that
+# no listener has something it has not taken; if one has, the read goes to the
+# remote cache, and so does every read after it until the listener has taken it (a
+# remote read waits on its socket, which lets the listener run).
+#
+# A listener waits for its socket in the C library's poll(), called through ctypes,
+# which lets go of the interpreter for the call. The kernel writes what it found
+# into the listener's own pollfd as the call returns, before the thread needs the
+# interpreter back: so a read sees that something arrived by reading that memory
+# (:attr:`Ear.arrived`), without a system call and without waiting for the listener
+# to be let into the interpreter. Outside that wait (between two waits, on a system
+# without poll()), reads look at the socket themselves with a poll() of their own,
+# at most every CHECK_EVERY seconds.
 
-#: seconds between two looks at the listeners' sockets by the reading threads
+#: seconds between two looks at a socket by the reading threads, for a listener that
+#: is not waiting in poll() (those are seen without a look)
 CHECK_EVERY = 0.0002
 _next_check = 0.0
+
+
+class _PollFd(ctypes.Structure):
+    """``struct pollfd``."""
+
+    _fields_ = (("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short))
+
+
+def _libc_poll() -> Any:
+    """The C library's ``poll``, or ``None`` where ctypes cannot reach it."""
+    if sys.platform == "win32":
+        return None
+    try:
+        poll = ctypes.CDLL(None, use_errno=True).poll
+    except (OSError, AttributeError):
+        return None
+    nfds = ctypes.c_ulong if sys.platform.startswith("linux") else ctypes.c_uint
+    poll.argtypes = (ctypes.POINTER(_PollFd), nfds, ctypes.c_int)
+    poll.restype = ctypes.c_int
+    return poll
+
+
+_poll = _libc_poll()
 
 
 class Ear:
     """One broadcast listener, as this process's near reads see it.
 
-    The listener keeps it current: its socket (:attr:`fd`), whether it is reading or
-    handling messages (:attr:`taking`), whether what arrives is the answer to its
-    keep-alive (:attr:`answer_due`), and when it last heard from its server. The
-    process hears while at least one attached ear does: with two transports, every
-    invalidation is sent on both, so either alone is enough.
+    The listener keeps it current: its socket (:attr:`fd`), whether it is waiting for
+    the socket (:meth:`wait`), reading or handling messages (:attr:`taking`), whether
+    what arrives is the answer to its keep-alive (:attr:`answer_due`), and when it
+    last heard from its server. The process hears while at least one attached ear
+    does: with two transports, every invalidation is sent on both, so either alone is
+    enough.
     """
 
-    __slots__ = ("answer_due", "fd", "heard_until", "listening", "taking")
+    __slots__ = ("_pollfd", "answer_due", "arrived", "fd", "heard_until", "listening", "taking", "waiting")
 
     def __init__(self) -> None:
         self.fd: int | None = None  #: the listener's socket; ``None``: not connected
@@ -255,6 +285,44 @@ class Ear:
         self.answer_due = False
         self.listening = False
         self.heard_until = 0.0
+        #: in :meth:`wait`'s poll(): :attr:`arrived` tells what the socket holds
+        self.waiting = False
+        self._pollfd = _PollFd(-1, select.POLLIN, 0)
+        #: ``arrived[3]`` is the pollfd's ``revents``, written by the kernel as the
+        #: wait returns: non-zero once the socket has something (or was closed)
+        self.arrived = memoryview(self._pollfd).cast("B").cast("h")
+
+    def wait(self, timeout: float) -> bool:
+        """Block (without the interpreter) until the socket has something to read, or
+        ``timeout`` seconds have passed; whether it has. When it has, the listener
+        counts as :attr:`taking` from then on: the caller resets that once it has
+        taken everything.
+
+        Meanwhile near reads see an arrival in :attr:`arrived` at once, whoever holds
+        the interpreter.
+        """
+        fd = self.fd
+        if fd is None:
+            raise ConnectionError("the listener is not connected")
+        ms = max(0, int(timeout * 1000))
+        if _poll is None:
+            waiting = select.poll()
+            waiting.register(fd, select.POLLIN)
+            return bool(waiting.poll(ms))
+        pollfd = self._pollfd
+        pollfd.fd = fd
+        self.arrived[3] = 0
+        # nothing between these two lines may let another thread into the interpreter
+        # (no call into Python code): from here reads rely on the kernel to say what
+        # arrives. ctypes lets go of the interpreter for the call itself.
+        self.waiting = True
+        ready = _poll(pollfd, 1, ms)
+        if self.arrived[3]:
+            self.taking = True
+        self.waiting = False
+        if ready < 0 and ctypes.get_errno() not in (0, 4):  # 4: EINTR, a signal
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        return bool(ready > 0)
 
     def attach(self) -> None:
         """Count this ear among the process's (a listener starts)."""
@@ -290,6 +358,7 @@ class Ear:
             self.taking = False
             self.answer_due = False
             self.listening = False
+            self.waiting = False
             _recount()
             if not _listening:
                 flush_everywhere()
@@ -322,7 +391,25 @@ def _recount() -> None:
 
 
 def caught_up(now: float) -> bool:
-    """Whether this process has taken every invalidation its listeners' sockets hold."""
+    """Whether this process has taken every invalidation its listeners' sockets hold.
+
+    Called by every near read: for a listener waiting in :meth:`Ear.wait` this reads
+    memory only; the socket of one that is not (between two waits) is looked at with a
+    system call, at most every :data:`CHECK_EVERY` seconds."""
+    look = False
+    for ear in _ears:
+        if ear.taking:
+            return False
+        if ear.waiting:
+            if ear.arrived[3]:
+                return False
+        elif ear.fd is not None and not ear.answer_due:
+            look = True
+    return not look or now < _next_check or _look(now)
+
+
+def _look(now: float) -> bool:
+    """Look at the sockets of the listeners that are not waiting in :meth:`Ear.wait`."""
     global _next_check
     # a poll object of this call's own: one poll object must not be polled by two
     # threads at once (CPython raises), and reading threads look concurrently
@@ -333,7 +420,7 @@ def caught_up(now: float) -> bool:
                 unread = True
                 break
             fd = ear.fd
-            if fd is not None and not ear.answer_due:
+            if fd is not None and not ear.waiting and not ear.answer_due:
                 looking.register(fd, select.POLLIN)
         else:
             unread = bool(looking.poll(0))
@@ -394,6 +481,8 @@ def after_fork() -> None:
         ear.taking = False
         ear.answer_due = False
         ear.listening = False
+        ear.waiting = False
+        ear.arrived[3] = 0
     _recount()
 
 

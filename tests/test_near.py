@@ -610,6 +610,65 @@ def test_a_near_read_goes_remote_while_the_listeners_socket_holds_something_unre
         other.close()
 
 
+_PUBLISH = """
+import sys
+kind, url, channel, text = sys.argv[1:]
+if kind == "redis":
+    import redis
+
+    redis.Redis.from_url(url).publish(channel, text)
+else:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_notify(%s, %s)", (channel, text))
+"""
+
+
+def test_a_near_read_sees_an_arrival_while_the_listener_is_kept_out_of_the_interpreter(
+    transport: Transport, memcached: Memcached, users: Engine
+) -> None:
+    """The listener waits for its socket without the interpreter, and the kernel tells
+    what arrived in memory the reads look at: a read goes remote as soon as a message
+    is on the socket, though the listener thread cannot run. The test keeps it from
+    running by holding the interpreter (a switch interval of a minute, and no call that
+    lets go of it) between the arrival and the read; the message comes from another
+    process, sent after the hold began."""
+    configure_near(memcached, transport)
+    for user_id in (1, 2):
+        read(users, user_id)
+    sender = listener()
+    link = sender.links[0]
+    ear = link.ear
+    wait_until(lambda: ear.waiting)
+    text = broadcast._message({"default": ([get_user.cache_key(2)], [])})
+    url = link.url.render_as_string(hide_password=False)
+    reads = Reads(memcached)
+    received = sender.received
+    publisher = subprocess.Popen([sys.executable, "-c", _PUBLISH, link.kind, url, transport.channel, text])
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(60)
+    try:
+        deadline = time.monotonic() + 20
+        while not ear.arrived[3] and time.monotonic() < deadline:
+            pass  # pure Python: the interpreter is not let go
+        arrived = bool(ear.arrived[3])
+        taken = sender.received - received  # the listener could not have run since
+        with Session(users) as s:
+            user = get_user(s, 1)
+    finally:
+        sys.setswitchinterval(interval)
+    assert publisher.wait(30) == 0
+    assert arrived, "the message did not arrive"
+    assert taken == 0
+    assert user is not None and user.name == "user-1"
+    assert (reads.local, reads.remote_hits) == (0, 1)  # near, but the read went remote
+    wait_until(lambda: sender.received > received and not ear.taking)
+    assert read(users, 1) == "user-1"
+    assert (reads.local, reads.remote_hits) == (1, 1)
+    assert get_user.cache_key(2) not in near()._entries  # the message evicted row 2
+
+
 def held_listener_sends_reads_remote(
     users: Engine,
     memcached: Memcached,
@@ -665,11 +724,26 @@ def test_near_reads_go_remote_while_the_listener_handles_a_message(
 def test_threads_look_at_the_listeners_socket_at_the_same_time(
     transport: Transport, memcached: Memcached, users: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Reading threads look at the listener's socket concurrently (here on every read:
-    ``CHECK_EVERY`` is 0), and a look never fails a read."""
+    """Reading threads look at a listener's socket concurrently (here on every read:
+    ``CHECK_EVERY`` is 0), and a look never fails a read. Reads look at the socket of a
+    listener that is not waiting for it: a stand-in listener, whose socket is one end
+    of a socket pair, is never waiting."""
     configure_near(memcached, transport)
     read(users, 1)
     monkeypatch.setattr(near_module, "CHECK_EVERY", 0.0)
+    mine, other = socket.socketpair()
+    stand_in = near_module.Ear()
+    stand_in.fd = mine.fileno()
+    stand_in.attach()
+    looks = 0
+    look = near_module._look
+
+    def counted_look(now: float) -> bool:
+        nonlocal looks
+        looks += 1
+        return look(now)
+
+    monkeypatch.setattr(near_module, "_look", counted_look)
     failures: list[str] = []
     names: list[str | None] = []
     start = threading.Barrier(6)
@@ -685,13 +759,19 @@ def test_threads_look_at_the_listeners_socket_at_the_same_time(
                 failures.append(traceback.format_exc())
 
     threads = [threading.Thread(target=reader) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        stand_in.detach()
+        mine.close()
+        other.close()
     assert failures == []
     assert names == ["user-1"] * 18000
     assert counter("local_hits") > 0
+    assert looks >= counter("local_hits")  # every near hit looked
 
 
 @pytest.mark.parametrize("transport", ["redis"], indirect=True)
