@@ -225,17 +225,17 @@ HEARD_FOR = 1.5
 # remote cache, and so does every read after it until the listener has taken it (a
 # remote read waits on its socket, which lets the listener run).
 #
-# A listener waits for its socket in the C library's poll(), called through ctypes,
-# which lets go of the interpreter for the call. The kernel writes what it found
-# into the listener's own pollfd as the call returns, before the thread needs the
-# interpreter back: so a read sees that something arrived by reading that memory
-# (:attr:`Ear.arrived`), without a system call and without waiting for the listener
-# to be let into the interpreter. Outside that wait (between two waits, on a system
-# without poll()), reads look at the socket themselves with a poll() of their own,
-# at most every CHECK_EVERY seconds.
+# Two ways of seeing it. A listener waits for its socket in the C library's poll(),
+# called through ctypes, which lets go of the interpreter for the call; the kernel
+# writes what it found into the listener's own pollfd as the call returns, before
+# the thread needs the interpreter back: reads check that memory (Ear.arrived) on
+# every read, without a system call. But the woken thread must first get a CPU
+# to return from poll(), and on a machine whose CPUs are all busy that can take
+# milliseconds; so reads also look at the sockets themselves, with a poll() of their
+# own, at most every CHECK_EVERY seconds. (Reads that relied on the memory alone
+# served ten times more stale reads in the race harness's storm on two busy CPUs.)
 
-#: seconds between two looks at a socket by the reading threads, for a listener that
-#: is not waiting in poll() (those are seen without a look)
+#: seconds between two looks at the listeners' sockets by the reading threads
 CHECK_EVERY = 0.0002
 _next_check = 0.0
 
@@ -393,23 +393,20 @@ def _recount() -> None:
 def caught_up(now: float) -> bool:
     """Whether this process has taken every invalidation its listeners' sockets hold.
 
-    Called by every near read: for a listener waiting in :meth:`Ear.wait` this reads
-    memory only; the socket of one that is not (between two waits) is looked at with a
-    system call, at most every :data:`CHECK_EVERY` seconds."""
-    look = False
+    Called by every near read. It reads memory first: a listener taking, or one
+    whose wait (:meth:`Ear.wait`) the kernel has ended with something to read. Then,
+    at most every :data:`CHECK_EVERY` seconds, it looks at the sockets themselves,
+    with a system call: a woken listener's thread may wait for a CPU before its
+    wait returns (on a machine whose CPUs are all busy, for milliseconds), while
+    what arrived is on the socket at once."""
     for ear in _ears:
-        if ear.taking:
+        if ear.taking or (ear.waiting and ear.arrived[3]):
             return False
-        if ear.waiting:
-            if ear.arrived[3]:
-                return False
-        elif ear.fd is not None and not ear.answer_due:
-            look = True
-    return not look or now < _next_check or _look(now)
+    return now < _next_check or _look(now)
 
 
 def _look(now: float) -> bool:
-    """Look at the sockets of the listeners that are not waiting in :meth:`Ear.wait`."""
+    """Look at the listeners' sockets (but not for a keep-alive's answer)."""
     global _next_check
     # a poll object of this call's own: one poll object must not be polled by two
     # threads at once (CPython raises), and reading threads look concurrently
@@ -420,7 +417,7 @@ def _look(now: float) -> bool:
                 unread = True
                 break
             fd = ear.fd
-            if fd is not None and not ear.waiting and not ear.answer_due:
+            if fd is not None and not ear.answer_due:
                 looking.register(fd, select.POLLIN)
         else:
             unread = bool(looking.poll(0))
