@@ -626,14 +626,18 @@ else:
 
 
 def test_a_near_read_sees_an_arrival_while_the_listener_is_kept_out_of_the_interpreter(
-    transport: Transport, memcached: Memcached, users: Engine
+    transport: Transport, memcached: Memcached, users: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The listener waits for its socket without the interpreter, and the kernel tells
-    what arrived in memory the reads look at: a read goes remote as soon as a message
-    is on the socket, though the listener thread cannot run. The test keeps it from
-    running by holding the interpreter (a switch interval of a minute, and no call that
-    lets go of it) between the arrival and the read; the message comes from another
-    process, sent after the hold began."""
+    what arrived in memory the reads check: a read goes remote as soon as the wait has
+    ended, though the listener thread cannot run. The test keeps it from running by
+    holding the interpreter (a switch interval of a minute, and no call that lets go
+    of it) between the arrival and the read; the message comes from another process,
+    sent after the hold began. The listener's wait is made long (a keep-alive every
+    5 s, heard for 10 s), so that it cannot end by its timeout before the message
+    comes, however slowly the sending process starts."""
+    monkeypatch.setattr(broadcast, "_KEEPALIVE", 5.0)
+    monkeypatch.setattr(near_module, "HEARD_FOR", 10.0)
     configure_near(memcached, transport)
     for user_id in (1, 2):
         read(users, user_id)
