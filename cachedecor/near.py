@@ -25,7 +25,6 @@ process evicts the keys it receives. Rules:
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import sys
@@ -240,27 +239,32 @@ CHECK_EVERY = 0.0002
 _next_check = 0.0
 
 
-class _PollFd(ctypes.Structure):
-    """``struct pollfd``."""
-
-    _fields_ = (("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short))
-
-
-def _libc_poll() -> Any:
-    """The C library's ``poll``, or ``None`` where ctypes cannot reach it."""
-    if sys.platform == "win32":
-        return None
-    try:
-        poll = ctypes.CDLL(None, use_errno=True).poll
-    except (OSError, AttributeError):
-        return None
-    nfds = ctypes.c_ulong if sys.platform.startswith("linux") else ctypes.c_uint
-    poll.argtypes = (ctypes.POINTER(_PollFd), nfds, ctypes.c_int)
-    poll.restype = ctypes.c_int
-    return poll
+#: (the C library's poll, ctypes' ``struct pollfd``), ``None`` where ctypes cannot
+#: reach poll(); resolved when the first listener starts (:func:`_libc_poll`)
+_libc: tuple[Any, Any] | None = None
+_libc_resolved = False
 
 
-_poll = _libc_poll()
+def _libc_poll() -> tuple[Any, Any] | None:
+    """(``poll``, ``struct pollfd``) of the C library, or ``None`` (imports ctypes once)."""
+    global _libc, _libc_resolved
+    if not _libc_resolved:
+        _libc_resolved = True
+        if sys.platform != "win32":
+            import ctypes
+
+            class PollFd(ctypes.Structure):
+                _fields_ = (("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short))
+
+            try:
+                poll = ctypes.CDLL(None, use_errno=True).poll
+            except (OSError, AttributeError):
+                return None
+            nfds = ctypes.c_ulong if sys.platform.startswith("linux") else ctypes.c_uint
+            poll.argtypes = (ctypes.POINTER(PollFd), nfds, ctypes.c_int)
+            poll.restype = ctypes.c_int
+            _libc = (poll, PollFd)
+    return _libc
 
 
 class Ear:
@@ -287,10 +291,12 @@ class Ear:
         self.heard_until = 0.0
         #: in :meth:`wait`'s poll(): :attr:`arrived` tells what the socket holds
         self.waiting = False
-        self._pollfd = _PollFd(-1, select.POLLIN, 0)
+        libc = _libc_poll()
+        self._pollfd: Any = None if libc is None else libc[1](-1, select.POLLIN, 0)
         #: ``arrived[3]`` is the pollfd's ``revents``, written by the kernel as the
-        #: wait returns: non-zero once the socket has something (or was closed)
-        self.arrived = memoryview(self._pollfd).cast("B").cast("h")
+        #: wait returns: non-zero once the socket has something (or was closed);
+        #: always 0 without ctypes' poll()
+        self.arrived = memoryview(bytearray(8) if self._pollfd is None else self._pollfd).cast("B").cast("h")
 
     def wait(self, timeout: float) -> bool:
         """Block (without the interpreter) until the socket has something to read, or
@@ -298,14 +304,15 @@ class Ear:
         counts as :attr:`taking` from then on: the caller resets that once it has
         taken everything.
 
-        Meanwhile near reads see an arrival in :attr:`arrived` at once, whoever holds
-        the interpreter.
+        Meanwhile near reads see an arrival in :attr:`arrived` as soon as the kernel
+        has ended the wait, whoever holds the interpreter. Where ctypes cannot reach
+        poll(), the wait is a :func:`select.poll` (the reads then only look).
         """
         fd = self.fd
         if fd is None:
             raise ConnectionError("the listener is not connected")
         ms = max(0, int(timeout * 1000))
-        if _poll is None:
+        if _libc is None:
             waiting = select.poll()
             waiting.register(fd, select.POLLIN)
             return bool(waiting.poll(ms))
@@ -316,12 +323,16 @@ class Ear:
         # (no call into Python code): from here reads rely on the kernel to say what
         # arrives. ctypes lets go of the interpreter for the call itself.
         self.waiting = True
-        ready = _poll(pollfd, 1, ms)
+        ready = _libc[0](pollfd, 1, ms)
         if self.arrived[3]:
             self.taking = True
         self.waiting = False
-        if ready < 0 and ctypes.get_errno() not in (0, 4):  # 4: EINTR, a signal
-            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        if ready < 0:
+            import ctypes
+
+            errno = ctypes.get_errno()
+            if errno != 4:  # EINTR: a signal; the caller waits again
+                raise OSError(errno, os.strerror(errno))
         return bool(ready > 0)
 
     def attach(self) -> None:

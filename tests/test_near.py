@@ -673,6 +673,26 @@ def test_a_near_read_sees_an_arrival_while_the_listener_is_kept_out_of_the_inter
     assert get_user.cache_key(2) not in near()._entries  # the message evicted row 2
 
 
+def test_without_ctypes_poll_the_listener_hears_and_reads_look(
+    transport: Transport, memcached: Memcached, users: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where ctypes cannot reach the C library's poll() (as on Windows), a listener waits
+    in :func:`select.poll` and reads see arrivals by looking at its socket alone."""
+    monkeypatch.setattr(near_module, "_libc", None)
+    monkeypatch.setattr(near_module, "_libc_resolved", True)
+    configure_near(memcached, transport)
+    read(users, 1)
+    sender = listener()
+    assert all(link.ear._pollfd is None for link in sender.links)
+    received = sender.received
+    get_user.invalidate(2)
+    wait_until(lambda: sender.received > received)
+    assert not any(ear.waiting for ear in near_module._ears)
+    reads = Reads(memcached)
+    assert read(users, 1) == "user-1"
+    assert reads.local == 1
+
+
 def held_listener_sends_reads_remote(
     users: Engine,
     memcached: Memcached,
