@@ -340,6 +340,7 @@ class Ear:
         with _ears_lock:
             if self not in _ears:
                 _ears.append(self)
+            _rewatch()
 
     def detach(self) -> None:
         """Stop counting it (its listener stopped for good)."""
@@ -360,6 +361,7 @@ class Ear:
             if deaf:
                 flush_everywhere()
             _recount()
+            _rewatch()
 
     def down(self) -> None:
         """The listener lost its connection. A process no longer hearing on any ear
@@ -371,6 +373,7 @@ class Ear:
             self.listening = False
             self.waiting = False
             _recount()
+            _rewatch()
             if not _listening:
                 flush_everywhere()
 
@@ -419,26 +422,79 @@ def caught_up(now: float) -> bool:
 def _look(now: float) -> bool:
     """Look at the listeners' sockets (but not for a keep-alive's answer)."""
     global _next_check
-    # a poll object of this call's own: one poll object must not be polled by two
-    # threads at once (CPython raises), and reading threads look concurrently
-    looking = select.poll()
-    try:
-        for ear in _ears:
-            if ear.taking:
-                unread = True
-                break
-            fd = ear.fd
-            if fd is not None and not ear.answer_due:
-                looking.register(fd, select.POLLIN)
+    watching = _watching
+    if watching is None:
+        unread = _poll_sockets()
+    else:
+        try:
+            ready = watching.poll(0)
+        except (OSError, ValueError):  # being replaced: a listener came or went
+            unread = True
         else:
-            unread = bool(looking.poll(0))
-    except (OSError, ValueError):  # a socket is being closed: its listener reconnects
-        unread = True
+            unread = bool(ready) and _confirm(ready)
     if unread:
         _next_check = 0.0  # the next read looks again
         return False
     _next_check = now + CHECK_EVERY
     return True
+
+
+def _poll_sockets(fds: set[int] | None = None) -> bool:
+    """Whether a listener's socket (of ``fds``, if given) has something unread, by a
+    poll object of this call's own: one poll object must not be polled by two threads
+    at once (CPython raises), and reading threads look concurrently."""
+    looking = select.poll()
+    try:
+        for ear in _ears:
+            fd = ear.fd
+            if fd is not None and not ear.answer_due and (fds is None or fd in fds):
+                looking.register(fd, select.POLLIN)
+        return bool(looking.poll(0))
+    except (OSError, ValueError):  # a socket is being closed: its listener reconnects
+        return True
+
+
+def _confirm(ready: list[tuple[int, int]]) -> bool:
+    """Whether what the epoll set named is unread on a listener's socket: not when it
+    is a keep-alive's answer, nor when the set names a socket no listener reads any
+    more (a closed socket whose file lives on in a forked child stays in the set: the
+    set is then made again)."""
+    fds = {fd for fd, _ in ready}
+    if _poll_sockets(fds):
+        return True
+    if any(ear.fd in fds for ear in _ears if ear.answer_due):
+        return False
+    _rewatch()
+    return False
+
+
+#: an epoll set of the listeners' sockets (Linux): a look is then one epoll_wait, which
+#: reads the set's ready list (filled as data arrives) instead of asking each socket;
+#: ``None`` elsewhere, or while no listener has a socket
+_watching: Any = None
+
+
+def _rewatch() -> None:
+    """Make the epoll set of the listeners' sockets again (a listener came or went).
+    A new set, never an edited one: a socket closed while a forked child still holds
+    its file would otherwise stay in it."""
+    global _watching
+    with _ears_lock:
+        old = _watching
+        fds = {ear.fd for ear in _ears if ear.fd is not None}
+        new = None
+        if fds and hasattr(select, "epoll"):
+            try:
+                new = select.epoll()
+                for fd in fds:
+                    new.register(fd, select.EPOLLIN)
+            except OSError:
+                if new is not None:
+                    new.close()
+                new = None  # looks use poll objects
+        _watching = new
+        if old is not None:
+            old.close()  # a read polling it meanwhile gets ValueError, and goes remote once
 
 
 def active() -> bool:
@@ -479,11 +535,14 @@ def after_fork() -> None:
     """In a forked child, once (whoever calls first: a listener restarting in the
     child calls it before it starts): the parent's listeners are not this process's,
     which is deaf until one of its own has connected."""
-    global _ears_lock, _pid
+    global _ears_lock, _pid, _watching
     if _pid == os.getpid():
         return
     _pid = os.getpid()
     _ears_lock = threading.RLock()
+    if _watching is not None:
+        _watching.close()  # the parent's set (shared with it until closed here)
+        _watching = None
     for ear in _ears:
         ear.fd = None
         ear.taking = False

@@ -611,6 +611,72 @@ def test_a_near_read_goes_remote_while_the_listeners_socket_holds_something_unre
         other.close()
 
 
+def test_a_near_read_does_not_wait_for_a_keep_alives_answer(
+    transport: Transport, memcached: Memcached, users: Engine
+) -> None:
+    """What arrives on a listener's socket while the answer to its keep-alive is due is
+    most likely that answer: reads do not go remote for it (a stand-in listener, as in
+    the test above, whose socket holds something while its answer is due)."""
+    configure_near(memcached, transport)
+    read(users, 1)
+    reads = Reads(memcached)
+    mine, other = socket.socketpair()
+    stand_in = near_module.Ear()
+    stand_in.fd = mine.fileno()
+    stand_in.answer_due = True
+    stand_in.attach()
+    try:
+        other.send(b"the answer")
+        near_module._next_check = 0.0  # look at once
+        assert read(users, 1) == "user-1"
+        assert (reads.local, reads.remote_hits) == (1, 0)
+        stand_in.answer_due = False  # answered: now it would be a message
+        near_module._next_check = 0.0
+        assert read(users, 1) == "user-1"
+        assert (reads.local, reads.remote_hits) == (1, 1)
+    finally:
+        stand_in.detach()
+        mine.close()
+        other.close()
+
+
+@pytest.mark.skipif(not hasattr(select, "epoll"), reason="epoll sets exist on Linux only")
+def test_a_socket_that_lives_on_elsewhere_does_not_keep_reads_remote(
+    transport: Transport, memcached: Memcached, users: Engine
+) -> None:
+    """Reads look at the listeners' sockets through an epoll set. A socket whose file is
+    still open elsewhere (in a forked child, say) stays in the set after this process
+    closed it, and its number may by then belong to a listener's new socket: what
+    arrives on the old one must not send reads remote for good (the set is made
+    again). A stand-in listener's socket number is made to point at another socket
+    behind the set's back, while a duplicate keeps the old one open."""
+    configure_near(memcached, transport)
+    read(users, 1)
+    old_mine, old_other = socket.socketpair()
+    new_mine, new_other = socket.socketpair()
+    stand_in = near_module.Ear()
+    number = old_mine.fileno()
+    stand_in.fd = number
+    stand_in.attach()
+    watching = near_module._watching
+    assert watching is not None
+    elsewhere = os.dup(number)  # the old socket's file lives on
+    try:
+        os.dup2(new_mine.fileno(), number)  # the number is now the new socket's
+        old_other.send(b"for the old socket")
+        reads = Reads(memcached)
+        for _ in range(3):
+            near_module._next_check = 0.0  # look at once
+            assert read(users, 1) == "user-1"
+        assert near_module._watching is not watching  # made again
+        assert reads.local >= 2  # near again at once, not remote for good
+    finally:
+        stand_in.detach()
+        os.close(elsewhere)
+        for sock in (old_mine, old_other, new_mine, new_other):
+            sock.close()
+
+
 _PUBLISH = """
 import sys
 kind, url, channel, text = sys.argv[1:]
