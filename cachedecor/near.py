@@ -230,9 +230,10 @@ HEARD_FOR = 1.5
 # the thread needs the interpreter back: reads check that memory (Ear.arrived) on
 # every read, without a system call. But the woken thread must first get a CPU
 # to return from poll(), and on a machine whose CPUs are all busy that can take
-# milliseconds; so reads also look at the sockets themselves, with a poll() of their
-# own, at most every CHECK_EVERY seconds. (Reads that relied on the memory alone
-# served ten times more stale reads in the race harness's storm on two busy CPUs.)
+# milliseconds; so reads also look at the sockets themselves, at most every
+# CHECK_EVERY seconds (one epoll_wait on a set of them on Linux, else a poll() of
+# their own). (Reads that relied on the memory alone served ten times more stale
+# reads in the race harness's storm on two busy CPUs.)
 
 #: seconds between two looks at the listeners' sockets by the reading threads
 CHECK_EVERY = 0.0002
