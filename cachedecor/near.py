@@ -30,6 +30,7 @@ import select
 import sys
 import threading
 import time
+import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -268,6 +269,16 @@ def _libc_poll() -> tuple[Any, Any] | None:
     return _libc
 
 
+def _native() -> bool:
+    """Whether threads are the operating system's: not where gevent or eventlet has
+    patched the standard library (a listener is then a green thread, and a call into
+    the C library's poll() would block every one of them; its wait is then the
+    patched ``select.poll``)."""
+    return isinstance(select.poll, types.BuiltinFunctionType) and isinstance(
+        time.sleep, types.BuiltinFunctionType
+    )
+
+
 class Ear:
     """One broadcast listener, as this process's near reads see it.
 
@@ -313,7 +324,7 @@ class Ear:
         if fd is None:
             raise ConnectionError("the listener is not connected")
         ms = max(0, int(timeout * 1000))
-        if _libc is None:
+        if _libc is None or not _native():
             waiting = select.poll()
             waiting.register(fd, select.POLLIN)
             return bool(waiting.poll(ms))

@@ -677,6 +677,42 @@ def test_a_socket_that_lives_on_elsewhere_does_not_keep_reads_remote(
             sock.close()
 
 
+@pytest.mark.parametrize("transport", ["postgresql", "redis"], indirect=True)
+def test_a_gevent_process_listens_without_blocking_its_loop(
+    transport: Transport, memcached: Memcached
+) -> None:
+    """Where gevent has patched the standard library (gunicorn's gevent workers), the
+    listener is a green thread: it must wait in the patched ``select.poll``, never in a
+    call into the C library that would block every green thread for its keep-alive
+    period (half a second). A real gevent process ticks every 5 ms while an
+    invalidation reaches it; the longest gap between two ticks stays far below that."""
+    pytest.importorskip("gevent")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.apps.green_listener", memcached.url, transport.url, transport.channel],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert json.loads(proc.stdout.readline()) == {"connected": True}
+        proc.stdin.write("tick 1.5\n")
+        proc.stdin.flush()
+        text = broadcast._message({"default": (["a-key"], [])})
+        if transport.kind == "redis":
+            transport._redis("PUBLISH", transport.channel, text)
+        else:
+            transport._pg("SELECT pg_notify(%s, %s)", transport.channel, text)
+        report = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert report["received"] == 1
+    assert report["hearing"]
+    assert report["longest_gap"] < 0.25, report  # 0.5 s and more if the wait blocked
+
+
 _PUBLISH = """
 import sys
 kind, url, channel, text = sys.argv[1:]
