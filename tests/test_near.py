@@ -16,6 +16,7 @@ INI file, and children made with ``os.fork()``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import decimal
 import itertools
@@ -584,6 +585,26 @@ def test_an_invalidation_from_the_command_line_evicts_in_every_process(
 # still handling one.
 
 
+@contextlib.contextmanager
+def stand_in_listener(
+    answer_due: bool = False,
+) -> Iterator[tuple[near_module.Ear, socket.socket, socket.socket]]:
+    """A stand-in listener whose socket is one end of a socket pair (never waiting for
+    it, so reads look at it): yields it, its end, and the other end, to send it
+    something."""
+    mine, other = socket.socketpair()
+    stand_in = near_module.Ear()
+    stand_in.fd = mine.fileno()
+    stand_in.answer_due = answer_due
+    stand_in.attach()
+    try:
+        yield stand_in, mine, other
+    finally:
+        stand_in.detach()
+        mine.close()
+        other.close()
+
+
 def test_a_near_read_goes_remote_while_the_listeners_socket_holds_something_unread(
     transport: Transport, memcached: Memcached, users: Engine
 ) -> None:
@@ -592,11 +613,7 @@ def test_a_near_read_goes_remote_while_the_listeners_socket_holds_something_unre
     reads = Reads(memcached)
     assert read(users, 1) == "user-1"
     assert reads.local == 1
-    mine, other = socket.socketpair()
-    stand_in = near_module.Ear()  # a listener whose socket is ``mine``
-    stand_in.fd = mine.fileno()
-    stand_in.attach()
-    try:
+    with stand_in_listener() as (_, mine, other):
         near_module._next_check = 0.0  # look at once, not after CHECK_EVERY
         other.send(b"an invalidation the listener has not read")
         assert read(users, 1) == "user-1"
@@ -605,10 +622,6 @@ def test_a_near_read_goes_remote_while_the_listeners_socket_holds_something_unre
         mine.recv(100)  # taken
         assert read(users, 1) == "user-1"
         assert (reads.local, reads.remote_hits) == (2, 2)
-    finally:
-        stand_in.detach()
-        mine.close()
-        other.close()
 
 
 def test_a_near_read_does_not_wait_for_a_keep_alives_answer(
@@ -620,12 +633,7 @@ def test_a_near_read_does_not_wait_for_a_keep_alives_answer(
     configure_near(memcached, transport)
     read(users, 1)
     reads = Reads(memcached)
-    mine, other = socket.socketpair()
-    stand_in = near_module.Ear()
-    stand_in.fd = mine.fileno()
-    stand_in.answer_due = True
-    stand_in.attach()
-    try:
+    with stand_in_listener(answer_due=True) as (stand_in, _, other):
         other.send(b"the answer")
         near_module._next_check = 0.0  # look at once
         assert read(users, 1) == "user-1"
@@ -634,10 +642,6 @@ def test_a_near_read_does_not_wait_for_a_keep_alives_answer(
         near_module._next_check = 0.0
         assert read(users, 1) == "user-1"
         assert (reads.local, reads.remote_hits) == (1, 1)
-    finally:
-        stand_in.detach()
-        mine.close()
-        other.close()
 
 
 @pytest.mark.skipif(not hasattr(select, "epoll"), reason="epoll sets exist on Linux only")
@@ -864,10 +868,6 @@ def test_threads_look_at_the_listeners_socket_at_the_same_time(
     configure_near(memcached, transport)
     read(users, 1)
     monkeypatch.setattr(near_module, "CHECK_EVERY", 0.0)
-    mine, other = socket.socketpair()
-    stand_in = near_module.Ear()
-    stand_in.fd = mine.fileno()
-    stand_in.attach()
     looks = 0
     look = near_module._look
 
@@ -892,15 +892,11 @@ def test_threads_look_at_the_listeners_socket_at_the_same_time(
                 failures.append(traceback.format_exc())
 
     threads = [threading.Thread(target=reader) for _ in range(6)]
-    try:
+    with stand_in_listener():
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-    finally:
-        stand_in.detach()
-        mine.close()
-        other.close()
     assert failures == []
     assert names == ["user-1"] * 18000
     assert counter("local_hits") > 0
