@@ -31,6 +31,7 @@ from cachedecor.readpath import (
     NEAR_MISS,
     REFRESH,
     UNCACHED,
+    check_result,
     decode,
     near_hit,
     read_many,
@@ -227,7 +228,9 @@ class CachedFunction(Generic[R]):
         session, pk = self.binding.session_and_pk(args, kwargs)
         target = self._target(r, session, args, kwargs, pk)
         if target is None:
-            return self.__wrapped__(*args, **kwargs)
+            result = self.__wrapped__(*args, **kwargs)
+            check_result(self, result)
+            return result
         key = target[0]
         near = r.near
         since = None
@@ -326,7 +329,9 @@ class AsyncCachedFunction(CachedFunction[T]):
         session, pk = self.binding.session_and_pk(args, kwargs)
         target = self._target(r, session, args, kwargs, pk)
         if target is None:
-            return await call(*args, **kwargs)  # type: ignore[no-any-return]
+            result = await call(*args, **kwargs)
+            check_result(self, result)
+            return result  # type: ignore[no-any-return]
         key = target[0]
         near = r.near
         since = None

@@ -44,6 +44,7 @@ __all__ = [
     "RELEASE",
     "SLEEP",
     "Steps",
+    "check_result",
     "decode",
     "read_many",
     "read_one",
@@ -132,22 +133,22 @@ def read_one(
     except Exception as exc:
         counters.errors += 1
         log_failure(r.name, "get", exc)
-        return (yield (CALL, args, kwargs))
+        return (yield from _call(fn, args, kwargs))
     counters.misses += 1
     if status is _OTHER or status is _KEEP:  # a sibling class's row, or one not attachable
-        return (yield (CALL, args, kwargs))
+        return (yield from _call(fn, args, kwargs))
     if data is not None:
         status, value = decode(fn, r, key, data, session, token, since)
         if status is HIT:
             return value
         if status is _DROP:
             yield from _drop(r, key)
-        return (yield (CALL, args, kwargs))
+        return (yield from _call(fn, args, kwargs))
     if lease is None:
         found, value = yield from _wait_for_fill(fn, r, key, session, token, since)
         if found:
             return value
-        return (yield (CALL, args, kwargs))
+        return (yield from _call(fn, args, kwargs))
     counters.lease_wins += 1
     return (yield from _call_and_fill(fn, r, key, lease, session, pk, token, space, args, kwargs, since))
 
@@ -168,9 +169,9 @@ def refresh_one(
     except Exception as exc:
         r.counters.errors += 1
         log_failure(r.name, "refresh", exc)
-        return (yield (CALL, args, kwargs))
+        return (yield from _call(fn, args, kwargs))
     if lease is None:  # filled or being filled by a reader that started after the delete
-        return (yield (CALL, args, kwargs))
+        return (yield from _call(fn, args, kwargs))
     r.counters.lease_wins += 1
     return (yield from _call_and_fill(fn, r, key, lease, session, pk, token, space, args, kwargs, since))
 
@@ -194,6 +195,7 @@ def _call_and_fill(
     started = time.time()
     try:
         result = yield (CALL, args, kwargs)
+        check_result(fn, result)
     except BaseException:
         yield from _release(r, key, lease)
         raise
@@ -214,6 +216,28 @@ def _call_and_fill(
             yield from _filled(r, key, lease, outcome)
             if outcome is True and since is not None:
                 keep_near(fn, r, key, entry, token, since)
+    return result
+
+
+def check_result(fn: Any, result: Any) -> None:
+    """Raise :class:`UsageError` unless ``result`` is ``None`` or a row of ``fn``'s model.
+
+    A reader that returns another model would be served as the declared one by the
+    next hit (whatever another reader stored under that key): hits and misses would
+    return different classes. It is a mistake in the program, said at the first call.
+    """
+    if result is not None and not isinstance(result, fn.model):
+        raise UsageError(
+            f"{fn._name} is decorated with @cached_by_pk({fn.model.__name__}) but returned "
+            f"{type(result).__module__}.{type(result).__qualname__}: it must return "
+            f"{fn.model.__name__} rows (or None); nothing was cached"
+        )
+
+
+def _call(fn: Any, args: Any, kwargs: Any) -> Steps:
+    """Call the function (without filling) and check what it returned."""
+    result = yield (CALL, args, kwargs)
+    check_result(fn, result)
     return result
 
 
@@ -392,13 +416,6 @@ def _payload(fn: Any, r: Any, key: str, result: Any, token: Any, space: Space | 
         # it must not answer the hierarchy's other readers, which share the key
         return [key, None, 0, None] if fn.cache_none and model is r.base else _SKIP
     plan = fn._plan
-    if not isinstance(result, model):
-        fn._uncacheable(
-            r,
-            f"it is decorated with @cached_by_pk({model.__name__}) but returned "
-            f"{type(result).__name__}: results that are not {model.__name__} rows are not cached",
-        )
-        return _SKIP
     state = sqlalchemy.inspect(result)
     row_token = state.key[2] if state.key is not None else None
     if row_token != token:

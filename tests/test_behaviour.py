@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_ses
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 import cachedecor
-from cachedecor import cached_by_pk, invalidates
+from cachedecor import UsageError, cached_by_pk, invalidates
 from cachedecor.config import region_settings
 from tests.conftest import reconfigure
 from tests.kinds import KINDS, Flag, Kind
@@ -42,6 +42,21 @@ async def aget_user(session: AsyncSession, user_id: int) -> User | None:
 
 
 GET_USER = (get_user, aget_user)
+
+
+@cached_by_pk(User)
+def get_post_as_user(session: Session, user_id: int) -> Any:
+    """A mistake: declared to return users, it returns a post."""
+    return session.get(Post, 10 * user_id)
+
+
+@cached_by_pk(User)
+async def aget_post_as_user(session: AsyncSession, user_id: int) -> Any:
+    """A mistake: declared to return users, it returns a post."""
+    return await session.get(Post, 10 * user_id)
+
+
+GET_POST_AS_USER = (get_post_as_user, aget_post_as_user)
 
 
 @cached_by_pk(User, many=True)
@@ -399,6 +414,26 @@ class TestReads:
         assert kind.once(GET_USER_OR_NONE, 99) is None
         assert kind.once(GET_USER_OR_NONE, 99) is None
         assert kind.sql.selects() == 1
+
+    def test_a_reader_returning_another_model_is_a_usage_error_and_caches_nothing(self, kind: Kind) -> None:
+        for _ in range(2):  # the same on the second call: nothing was cached
+            with pytest.raises(UsageError) as raised:
+                kind.once(GET_POST_AS_USER, 1)
+            message = str(raised.value)
+            assert "get_post_as_user" in message
+            assert "@cached_by_pk(User)" in message and "tests.models.Post" in message
+        assert (stat("fills"), stat("hits")) == (0, 0)
+        # the lease was given back: the right reader fills at once, without waiting for it
+        assert kind.once(GET_USER, 1).name == "user1"
+        assert (stat("fills"), stat("lease_waits")) == (1, 0)
+
+    def test_a_reader_returning_another_model_is_refused_also_where_it_bypasses(self, kind: Kind) -> None:
+        with kind.session() as s:
+            kind.call(RENAME_NO_COMMIT, s, 1, "Ada")  # reads of user 1 in this transaction bypass
+            with pytest.raises(UsageError, match="get_post_as_user"):
+                kind.call(GET_POST_AS_USER, s, 1)
+            assert stat("bypasses") == 1
+            s.rollback()
 
     def test_many_calls_the_function_with_the_missing_keys_only(self, kind: Kind) -> None:
         kind.once(GET_USER, 2)
