@@ -15,14 +15,14 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
-from sqlalchemy.orm import Session, scoped_session, sessionmaker
+from sqlalchemy.orm import Session, scoped_session
 
+from cachedecor._sa import SESSION_CLASSES, SESSION_FACTORIES, SESSION_TYPES, sync_session_of
 from cachedecor.errors import UsageError
 
 __all__ = ["CallBinding", "as_session"]
 
-_SESSION_TYPES = (Session, scoped_session, AsyncSession, async_scoped_session)
+_SESSION_TYPES = SESSION_TYPES
 _SESSION_NAMES = frozenset({"session", "db", "db_session", "dbsession", "sess"})
 _SELF_NAMES = frozenset({"self", "cls"})
 _EMPTY = inspect.Parameter.empty
@@ -71,13 +71,9 @@ def as_session(value: Any) -> Session | None:
     """
     if isinstance(value, Session):
         return value
-    if isinstance(value, AsyncSession):
-        return value.sync_session
     if isinstance(value, scoped_session):
         return value()  # type: ignore[no-any-return]
-    if isinstance(value, async_scoped_session):
-        return value().sync_session  # type: ignore[no-any-return]
-    return None
+    return sync_session_of(value)
 
 
 class CallBinding:
@@ -168,8 +164,8 @@ class CallBinding:
                     f"(expected a parameter name or a path such as 'self.session')"
                 )
             return (param, tuple(attrs))
-        if isinstance(session, (sessionmaker, async_sessionmaker)) or (
-            isinstance(session, type) and issubclass(session, (Session, AsyncSession))
+        if isinstance(session, SESSION_FACTORIES) or (
+            isinstance(session, type) and issubclass(session, SESSION_CLASSES)
         ):
             raise UsageError(
                 f"session={session!r} makes a new session on every call, one that the function "

@@ -17,10 +17,9 @@ from __future__ import annotations
 import functools
 import inspect as pyinspect
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import sqlalchemy
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from cachedecor.binding import CallBinding, as_session
@@ -28,6 +27,9 @@ from cachedecor.errors import UsageError
 from cachedecor.invalidation import EVERY_SPACE, Group, adeliver, deliver
 from cachedecor.keys import key_maker
 from cachedecor.tracking import Scope, enter_scope, exit_scope, queue_rows, queue_wide, session_space
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 __all__ = [
     "ainvalidate",
