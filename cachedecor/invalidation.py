@@ -15,9 +15,11 @@ both run the same steps, :func:`deliveries`); queueing them until a session comm
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
+import threading
 from collections.abc import Generator, Iterable
 from typing import Any
 
@@ -35,6 +37,7 @@ __all__ = [
     "adeliver",
     "deliver",
     "deliveries",
+    "hand_over",
     "plan",
     "regions_for",
 ]
@@ -179,6 +182,7 @@ async def adeliver(
     steps = deliveries(rows, wide, keys, durable)
     answer: Any = None
     error: BaseException | None = None
+    taken: set[tuple[str, bool]] = set()  # (region, model-wide) steps the generator has handled
     while True:
         try:
             settings, items = steps.send(answer) if error is None else steps.throw(error)
@@ -187,13 +191,69 @@ async def adeliver(
             broadcast_after(keys)
             return bool(done.value)
         answer = error = None
+        wide_step = isinstance(items[0], KeyPattern)
         try:
-            if isinstance(items[0], KeyPattern):
+            if wide_step:
                 answer = await settings.astore.delete_matching(items)
             else:
                 await settings.astore.delete_many(items)
         except Exception as exc:
             error = exc
+        except BaseException as exc:  # cancelled (asyncio.wait_for, a closing loop), mid-delivery
+            steps.close()
+            hand_over(_rest(keys, taken), exc, durable)
+            raise
+        taken.add((settings.name, wide_step))
+
+
+def _rest(keys: Plan, taken: set[tuple[str, bool]]) -> Plan:
+    """The steps of ``keys`` not in ``taken``."""
+    rest: Plan = {}
+    for name, (names, patterns) in keys.items():
+        names = [] if (name, False) in taken else names
+        patterns = [] if (name, True) in taken else patterns
+        if names or patterns:
+            rest[name] = (names, patterns)
+    return rest
+
+
+def hand_over(rest: Plan, cause: BaseException, durable: bool = False) -> None:
+    """An asyncio delivery interrupted after its transaction committed: deliver ``rest``
+    from a thread of its own with the sync stores, logged and counted as queued.
+
+    The caller re-raises ``cause`` (a cancellation is honoured at once); the deletes
+    are not dropped with it. A memcached store has also queued the interrupted delete
+    as owed to its node, so that no caller reads the node before it. What the thread
+    cannot deliver is queued or logged as lost, with its count and bound, as any
+    failed delete is (:func:`deliver`).
+    """
+    if not rest:
+        return
+    regions = configured_regions()
+    count = sum(len(names) for names, _ in rest.values())
+    wide = sum(len(patterns) for _, patterns in rest.values())
+    for name, (names, patterns) in rest.items():
+        if name in regions:
+            region_counters(name).invalidations_queued += len(names) + len(patterns)
+    why = "cancelled" if isinstance(cause, asyncio.CancelledError) else type(cause).__name__
+    log.warning(
+        "cache region(s) %s: invalidation %s after its transaction committed; %d key(s)%s "
+        "handed to a background delivery (queued, retried)",
+        ", ".join(map(repr, sorted(rest))),
+        why,
+        count,
+        f" and {wide} model-wide invalidation(s)" if wide else "",
+    )
+    threading.Thread(
+        target=_deliver_rest, args=(rest, durable), name="cachedecor-handed-over", daemon=True
+    ).start()
+
+
+def _deliver_rest(rest: Plan, durable: bool) -> None:
+    try:
+        deliver({}, (), rest, durable)
+    except Exception as exc:  # deliver logs what it could not delete; anything else is logged here
+        log_failure(", ".join(sorted(rest)), "handed-over invalidation", exc)
 
 
 def evict_here(keys: Plan) -> None:

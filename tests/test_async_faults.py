@@ -1000,3 +1000,62 @@ class TestCancelledReads:
         assert run(db, body) == [row(5), [row(4), row(3)], row(2)]
         assert counters()["hits"] == 4
         assert counters()["errors"] == counters()["mismatches"] == counters()["bad_entries"] == 0
+
+
+# --------------------------------------------------------------------------------------
+# 8. cancelled writes: a committed invalidation is never dropped
+
+
+@pytest.mark.memcached
+class TestCancelledWrites:
+    def test_a_writer_cancelled_after_its_commit_while_its_delete_waits_for_a_connection(
+        self, any_db: Database, memcached_factory: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # Issue 20, item 4 of the field report: four reads hold the node's four
+        # connections (paused: no answer); the writer commits, its delete waits for a
+        # connection, and asyncio.wait_for cancels it there. Nothing of that delete was
+        # sent: unless it is queued, the old row stays cached until it expires.
+        server = memcached_factory()
+        memcached_region(server.url, timeout=10)  # the reads and the writer's caller give up first
+
+        async def body(sessions: Sessions) -> tuple[Any, Any, list[Any]]:
+            await readers(sessions, 1, ROWS)  # every row cached
+            server.pause()
+            try:
+                held = [asyncio.ensure_future(read(sessions, i)) for i in range(2, 6)]
+                await until(lambda: sum(1 for q in unread_bytes(server.port) if q) == 4)
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(rename(sessions, 1, "renamed"), 1.0)
+                async with sessions() as session:
+                    committed = await get_user.uncached(session, 1)  # the commit happened
+                assert not any(t.done() for t in held)  # the delete was still waiting then
+            finally:
+                server.resume()
+            readers_after = await asyncio.gather(*held)  # the node answers again
+            return (committed.id, committed.name), await read(sessions, 1), readers_after
+
+        with caplog.at_level(logging.WARNING, logger="cachedecor"):
+            committed, after, held = run(any_db, body)
+        assert committed == (1, "renamed")
+        assert held == [row(i) for i in range(2, 6)]
+        assert after == (1, "renamed")  # the first read once the node is back
+        assert counters()["invalidations_queued"] == 1
+        assert any("cancel" in r.getMessage() and "1 key(s)" in r.getMessage() for r in caplog.records)
+
+    def test_deletes_given_up_are_logged_with_their_count_and_bound(
+        self, db: Database, memcached_factory: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        server = memcached_factory()
+        memcached_region(server.url, invalidation_retry_interval=0.05, invalidation_retry_for=0.2)
+
+        async def body(sessions: Sessions) -> None:
+            await read(sessions, 1)
+            server.kill()
+            await rename(sessions, 1, "renamed while down")
+            await until(lambda: counters()["invalidations_lost"] == 1)
+
+        with caplog.at_level(logging.ERROR, logger="cachedecor"):
+            run(db, body)
+        given_up = [r.getMessage() for r in caplog.records if "gave up" in r.getMessage()]
+        assert len(given_up) == 1
+        assert "1 key(s)" in given_up[0] and "up to 300s" in given_up[0], given_up

@@ -36,7 +36,7 @@ from cachedecor.config.options import (
     _did_you_mean,
 )
 from cachedecor.config.sources import _check_name, _Parsed
-from cachedecor.errors import ConfigError
+from cachedecor.errors import EXTRAS, ConfigError, missing_extra
 from cachedecor.keys import check_namespace, mangle_key
 from cachedecor.near import NearCache
 
@@ -205,6 +205,8 @@ def _build(name: str, parsed: _Parsed, prefix: str) -> RegionSettings:
     except ConfigError:
         raise
     except ImportError as exc:
+        if exc.name and exc.name.split(".")[0] in EXTRAS:
+            raise missing_extra(f"{where}.backend: backend {backend!r}", exc.name) from exc
         package = f"the Python package {exc.name!r}" if exc.name else "a Python package"
         raise ConfigError(
             f"{where}.backend: backend {backend!r} needs {package}, which cannot be imported: {exc}"
@@ -214,6 +216,7 @@ def _build(name: str, parsed: _Parsed, prefix: str) -> RegionSettings:
     health = getattr(region.actual_backend, "health", None)
     if health is not None:
         health.region = name
+        health.expiration_time = values["expiration_time"] or None
     store = store_for(region.actual_backend)
     if store is None:  # pragma: no cover - _check_backend refuses these first
         raise ConfigError(f"{where}.backend: cachedecor cannot use {backend!r}: it has {_NO_LEASES}")

@@ -480,12 +480,20 @@ class AsyncMemcachedCluster:
 
     async def delete_many(self, keys: Iterable[str]) -> None:
         """Delete keys; those of unreachable nodes are queued (in :attr:`health`) and reported
-        with :class:`UndeliveredInvalidation`."""
+        with :class:`UndeliveredInvalidation`. A call cancelled before every node had
+        answered (waiting for a connection, or for its reply) queues every key before the
+        cancellation propagates: a delete sent twice costs a round trip, one dropped a
+        stale entry until it expires."""
         groups = self._by_node(keys)
-        results = await _each(
-            self._classic(node, b"".join(_classic_delete(k) for k in group), len(group), patient=True)
-            for node, group in groups.items()
-        )
+        try:
+            results = await _each(
+                self._classic(node, b"".join(_classic_delete(k) for k in group), len(group), patient=True)
+                for node, group in groups.items()
+            )
+        except BaseException:  # cancelled: owed to the nodes, delivered before they are read
+            for node, group in groups.items():
+                self.health.queue(node, group)
+            raise
         error: BaseException | None = None
         queued: list[str] = []
         for (node, group), result in zip(groups.items(), results, strict=True):

@@ -62,6 +62,9 @@ class NodeHealth:
         self.retry_for = retry_for
         self.max_pending = max_pending
         self.region = "?"
+        #: the region's expiration_time (set by the configuration): how long an entry
+        #: whose delete was given up may stay stale
+        self.expiration_time: float | None = None
         self.client_factory: Any = None
         self._down_until: dict[str, float] = {}
         self._failed: dict[str, int] = {}
@@ -209,12 +212,19 @@ class NodeHealth:
             self._land(node)  # back in the queue first (owes() reads without the lock)
         if expired:
             region_counters(self.region).invalidations_lost += len(expired) if not flush else 1
+            bound = (
+                f"{self.expiration_time:g}s (the region's expiration_time)"
+                if self.expiration_time
+                else "ever (the region has no expiration_time)"
+            )
             log.error(
-                "cache region %r: gave up invalidating on memcached node %s after %ss; "
-                "these entries may be stale until they expire (the region's expiration_time): %s",
+                "cache region %r: gave up invalidating %s on memcached node %s after %ss "
+                "(invalidation_retry_for); they may be stale for up to %s: %s",
                 self.region,
+                "the whole node (a flush)" if flush else f"{len(expired)} key(s)",
                 node,
                 self.retry_for,
+                bound,
                 "(whole node flush)" if flush else ", ".join(sorted(expired)[:50]),
             )
 
