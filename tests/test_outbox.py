@@ -499,3 +499,60 @@ class TestOtherSessions:
         finally:
             cachedecor.reset()
             engine.dispose()
+
+
+# -- a role that may write the application's tables, not the outbox ----------------------------
+
+
+@pytest.fixture
+def app_role(durable: Engine) -> Iterator[str]:
+    """A login role with every privilege on the application's tables and none on the outbox."""
+    role = f"cd_app_{os.getpid()}"
+    schema = durable.info["schema"]  # type: ignore[attr-defined]
+    with durable.begin() as conn:
+        conn.exec_driver_sql(f"DROP ROLE IF EXISTS {role}")
+        conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        conn.exec_driver_sql(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
+        conn.exec_driver_sql(f"GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO {role}")
+        conn.exec_driver_sql(f"REVOKE ALL ON {outbox_table().name} FROM {role}")
+    try:
+        yield role
+    finally:
+        with durable.begin() as conn:
+            conn.exec_driver_sql(_TERMINATE.format(role=role))
+            conn.exec_driver_sql(f"DROP OWNED BY {role}")
+            conn.exec_driver_sql(f"DROP ROLE IF EXISTS {role}")
+
+
+class TestOutboxPrivileges:
+    def test_an_outbox_url_role_that_may_not_insert_is_a_configuration_error(
+        self, durable: Engine, app_role: str, memcached: Memcached
+    ) -> None:
+        config = memcached_config(memcached.url)
+        config["outbox_url"] = _url(durable, app_role)
+        with pytest.raises(cachedecor.ConfigError) as caught:
+            cachedecor.configure_regions(config)
+        message = str(caught.value)
+        assert "outbox_url" in message and "cachedecor_outbox" in message and "INSERT" in message, message
+
+    def test_a_session_whose_role_may_not_insert_commits_and_invalidates_directly(
+        self, durable: Engine, app_role: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # outbox_url's role (the fixture's) may write the outbox; the application's may not
+        app = sqlalchemy.create_engine(_url(durable, app_role))
+        try:
+            with Session(app) as s:
+                assert get_user(s, 1).name == "user1"  # type: ignore[union-attr]  # cached
+            with caplog.at_level("ERROR", logger="cachedecor"):
+                for name in ("Ada", "Grace"):  # the second commit: the answer is remembered
+                    with Session(app) as s:
+                        rename(s, 1, name)  # raised InsufficientPrivilege
+                    with Session(app) as s:
+                        assert get_user(s, 1).name == name  # type: ignore[union-attr]
+        finally:
+            app.dispose()
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1, errors  # once per (database, role)
+        assert app_role in errors[0] and "INSERT" in errors[0] and "cachedecor_outbox" in errors[0]
+        assert _rows(durable) == []
+        assert outbox.current().written == 0  # type: ignore[union-attr]
