@@ -15,10 +15,12 @@ What is sent, and when:
   PostgreSQL delivers it only if the transaction commits, at the commit and in
   commit order, so other processes evict as early as the database allows.
 * **After the remote deletes** (every transport, every invalidation): the keys
-  again, sent by the committing thread before its commit returns (asyncio callers
-  hand them to a publisher thread), so that a process that refilled its near cache
-  from the remote cache between the commit and the remote delete (which follows
-  the commit) evicts that copy too.
+  again, sent by the committing thread before its commit returns, so that a process
+  that refilled its near cache from the remote cache between the commit and the
+  remote delete (which follows the commit) evicts that copy too. A publisher thread
+  sends them instead for asyncio callers (never on an event loop's thread), and for
+  every caller once a send has failed or timed out, until it has sent one again: a
+  silent server costs commits one socket timeout in all, not one each.
 
 A message holds the keys by region, as JSON; one larger than PostgreSQL's 8000-byte
 ``NOTIFY`` limit is sent as "flush these regions".
@@ -26,6 +28,7 @@ A message holds the keys by region, as JSON; one larger than PostgreSQL's 8000-b
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import importlib
 import json
@@ -92,6 +95,9 @@ class Link:
         self._heard_at = 0.0  # when the PostgreSQL listener last heard from its server
         self._inline = threading.Lock()  # the connection threads publish on themselves
         self._inline_conn: Any = None
+        #: a send failed or timed out, and the publisher thread has not sent one since:
+        #: committing threads hand their messages to it instead of waiting on the server
+        self.failing = False
         self.ear = near.Ear()  # what this listener tells the near reads
         self.changed: Any = lambda: None  # called when it connects or loses its connection
         self.received = 0
@@ -129,6 +135,7 @@ class Link:
         """Forget the parent's connections, threads and queue (not this process's)."""
         self._inline = threading.Lock()
         self._inline_conn = None  # the parent's: never written to from here
+        self.failing = False
         self._outgoing = queue.SimpleQueue()
         self._stop = threading.Event()
         self.connected = threading.Event()
@@ -162,12 +169,14 @@ class Link:
         A thread sends it itself, before its commit returns, on a connection shared
         by the process's threads (one round trip; the publisher thread would add its
         own scheduling delay, which under load was the longest part of the window
-        other processes may be stale). When that connection is busy or failing, and
-        for asyncio callers (whose loop must not block), the publisher thread sends.
+        other processes may be stale). The publisher thread sends it instead, and
+        this returns at once: on a thread that runs an event loop (an
+        ``AsyncSession``'s commit, :func:`~cachedecor.ainvalidate`: the loop must
+        not block), while the shared connection is busy, and from a failed or
+        timed-out send until the publisher thread has sent one again (a silent
+        server then costs the commits one socket timeout in all, not one each).
         """
-        from cachedecor.invalidation import _in_async_greenlet
-
-        if not _in_async_greenlet() and self._inline.acquire(blocking=False):
+        if not self.failing and not _on_event_loop() and self._inline.acquire(blocking=False):
             try:
                 if self._inline_conn is None:
                     self._inline_conn = self._connect()
@@ -175,6 +184,7 @@ class Link:
                 self.sent += 1
                 return
             except Exception as exc:
+                self.failing = True
                 log_failure("broadcast", "publishing an invalidation (handed to the publisher thread)", exc)
                 self._inline_conn = self._close(self._inline_conn)
             finally:
@@ -196,7 +206,9 @@ class Link:
                     conn = self._connect()
                 self._send(conn, text)
                 self.sent += 1
+                self.failing = False  # the committing threads may send again
             except Exception as exc:
+                self.failing = True
                 log_failure("broadcast", "publishing an invalidation", exc)
                 conn = self._close(conn)
         self._close(conn)
@@ -453,6 +465,17 @@ class Broadcast:
         text = _message(keys)  # once for every link
         for link in self.links:
             link.publish(text)
+
+
+def _on_event_loop() -> bool:
+    """Whether this thread is running an asyncio event loop. True too inside SQLAlchemy's
+    greenlet (an ``AsyncSession``'s ``after_commit`` listeners), which runs on the loop's
+    thread, and in the coroutines an ``await_only`` there drives."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _cutter(fd: int) -> Any:
