@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -26,7 +27,7 @@ from cachedecor import broadcast
 from tests.conftest import memcached_config, wait_until
 from tests.servers import Memcached, unavailable, wait_for_port
 from tests.test_async_faults import RedisServer, Ticker
-from tests.test_near import arename_user, rename_user, seed
+from tests.test_near import arename_user, get_user, rename_user, seed
 
 #: the socket timeout of the broadcast's Redis connections (``cachedecor.broadcast``)
 BROADCAST_TIMEOUT = 2.0
@@ -146,3 +147,80 @@ def test_async_commits_never_block_the_loop_on_a_silent_broadcast_server(
     assert max(took) < 0.5, took
     assert longest < 0.5, longest  # a publish on the loop's thread would stall it 2 s
     wait_until(lambda: sender.sent >= sent + 4, timeout=20)
+
+
+# -- the near cache after the broadcast server is back ---------------------------------
+
+
+class BusyReader:
+    """A thread reading one row about every millisecond, as a busy process's threads do."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.reads = 0
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with Session(self.engine) as s:
+                    get_user(s, 1)
+                self.reads += 1
+            except BaseException as exc:  # reported by the test
+                self.errors.append(exc)
+                return
+            time.sleep(0.001)
+
+    def __enter__(self) -> BusyReader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        assert not self.errors, self.errors
+
+
+def near_hits() -> int:
+    return int(cachedecor.stats("default")["default"]["local_hits"])
+
+
+def near_again_within(seconds: float) -> bool:
+    """Whether this process serves near hits again within ``seconds`` (polled)."""
+    before = near_hits()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if near_hits() >= before + 10:
+            return True
+        time.sleep(0.005)
+    return False
+
+
+@pytest.mark.parametrize("fault", ["restart", "pause"])
+def test_a_busy_reader_uses_its_near_cache_again_once_the_broadcast_server_is_back(
+    memcached: Memcached, users: Engine, redis_broadcast: RestartableRedis, fault: str
+) -> None:
+    """Deaf while the server is away (killed, or paused until the listener noticed);
+    near hits again soon after it is back (measured here: 0.1 s after a restart, 0.2 s
+    after a pause; the bound is 1.5 s for a noisy machine), while a thread keeps
+    reading."""
+    sender = configure(memcached, redis_broadcast)
+    with BusyReader(users) as reader:
+        assert near_again_within(5.0), "the busy reader never served a near hit"
+        if fault == "restart":
+            redis_broadcast.kill()
+            wait_until(lambda: not sender.connected.is_set())
+            assert not near_again_within(0.5)  # deaf (every read remote) while it is away
+            redis_broadcast.restart()
+        else:
+            redis_broadcast.pause()
+            wait_until(lambda: not sender.connected.is_set())  # noticed: deaf
+            assert not near_again_within(0.3)
+            redis_broadcast.resume()
+        back = time.monotonic()
+        assert near_again_within(1.5), (
+            f"no near hit {time.monotonic() - back:.1f}s after the server came back "
+            f"(lost {sender.lost}, connected {sender.connected.is_set()}, reads {reader.reads})"
+        )
