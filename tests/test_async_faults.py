@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -486,6 +487,107 @@ class TestOwedDeletes:
             raw.close()
             server.stop()
         assert seen == [None] * 800
+
+    def test_readers_that_meet_a_delivery_as_it_ends_do_not_spin(self) -> None:
+        # Readers are on their way to a paused node when a delete becomes owed to it; the
+        # next caller starts its delivery. When the node resumes, the delivery and the
+        # readers' replies arrive together: a reader woken in the iteration in which the
+        # delivery ended, before its done-callback ran, found it still set. Awaiting a
+        # finished future does not yield, so that reader spun at 100% CPU and the loop
+        # never ran the callback (seen in the field: 2 of 2 runs with the node killed,
+        # 2 of 3 paused).
+        server = Memcached(threads=4)
+        cluster = AsyncMemcachedCluster(
+            [server.url], NodeHealth(5), timeout=5, connect_timeout=5, max_connections=4
+        )
+
+        async def twice(key: str) -> None:
+            await cluster.peek(key)
+            await cluster.peek(key)  # the call made as the first returns
+
+        async def body() -> tuple[float, int]:
+            rounds = 0
+            async with Ticker() as ticker:
+                for rounds in range(1, 41):
+                    await asyncio.gather(*(cluster.peek(f"k{i}") for i in range(4)))  # 4 connections
+                    server.pause()
+                    readers = [asyncio.create_task(twice(f"k{i}")) for i in range(3)]
+                    await until(lambda: sum(q > 0 for q in unread_bytes(server.port)) >= 3)
+                    cluster.health.queue(server.url, [f"k{rounds}"])
+                    readers.append(asyncio.create_task(twice("k0")))  # starts the delivery
+                    await until(lambda: sum(q > 0 for q in unread_bytes(server.port)) >= 4)
+                    server.resume()
+                    await asyncio.gather(*readers)
+            await cluster.aclose()
+            return ticker.longest, rounds
+
+        outcome: list[Any] = []
+        thread = threading.Thread(target=lambda: outcome.append(asyncio.run(body())), daemon=True)
+        try:
+            thread.start()
+            thread.join(60)
+            assert not thread.is_alive(), "the event loop is stuck (spinning in _settle)"
+        finally:
+            server.stop()
+        longest, rounds = outcome[0]
+        assert rounds == 40
+        assert cluster.health.pending_count() == 0
+        assert longest < STALL_MARGIN, longest
+
+    @pytest.mark.parametrize("fault", ["killed", "paused"])
+    def test_the_loop_keeps_ticking_when_a_node_owed_deletes_comes_back_under_reads(self, fault: str) -> None:
+        server = Memcached(threads=4)
+        cluster = AsyncMemcachedCluster(
+            [server.url], NodeHealth(0.05), timeout=TIMEOUT, connect_timeout=TIMEOUT, max_connections=4
+        )
+        keys = [f"k{i}" for i in range(40)]
+        finished = [False]
+
+        async def reader(done: list[int]) -> None:
+            while not finished[0]:
+                try:
+                    await cluster.peek(keys[len(done) % len(keys)])
+                except Exception:
+                    await asyncio.sleep(0.001)  # the node is down or timed out: try again
+                done.append(1)
+
+        async def body() -> tuple[float, int]:
+            done: list[int] = []
+            async with Ticker() as ticker:
+                tasks = [asyncio.create_task(reader(done)) for _ in range(24)]
+                for _ in range(3):  # down, owed deletes, back: three times
+                    await asyncio.sleep(0.2)
+                    server.kill() if fault == "killed" else server.pause()
+                    for key in keys:
+                        cluster.health.queue(server.url, [key])
+                    await asyncio.sleep(0.3)
+                    server.start() if fault == "killed" else server.resume()
+                    for i in range(200):  # deletes owed to the node now and then, while read
+                        cluster.health.queue(server.url, [keys[i % len(keys)]])
+                        await asyncio.sleep(0.002)
+                finished[0] = True
+                await asyncio.gather(*tasks)
+            for _ in range(500):  # a call delivers what is left, once the node is no longer down
+                try:
+                    await cluster.peek(keys[0])
+                    break
+                except NodeDown:
+                    await asyncio.sleep(0.01)
+            await cluster.aclose()
+            return ticker.longest, len(done)
+
+        outcome: list[Any] = []
+        thread = threading.Thread(target=lambda: outcome.append(asyncio.run(body())), daemon=True)
+        try:
+            thread.start()
+            thread.join(60)
+            assert not thread.is_alive(), "the event loop is stuck (spinning in _settle)"
+        finally:
+            server.stop()
+        longest, reads = outcome[0]
+        assert reads > 300
+        assert cluster.health.pending_count() == 0  # every owed delete was delivered
+        assert longest < TIMEOUT + STALL_MARGIN, longest
 
 
 # --------------------------------------------------------------------------------------

@@ -323,11 +323,17 @@ class AsyncMemcachedCluster:
         """
         while True:
             delivery = pool.delivery
+            if delivery is not None and delivery.done():
+                # ended, and its done-callback (which clears it) has not run yet: awaiting
+                # a finished future does not yield, so this loop would never let it run
+                pool.delivery = delivery = None
             if delivery is None:
                 if not self.health.owes(node):
                     return
                 delivery = pool.delivery = loop.create_task(self.deliver(node))
                 delivery.add_done_callback(functools.partial(_delivered, pool))
+            # every pass awaits a delivery that has not ended (a task started above runs
+            # only after this suspends): each one suspends the caller
             await asyncio.shield(delivery)
 
     async def _classic(
