@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 EXTRAS := test,docs,lint,zstd,prometheus,opentelemetry,asyncio,bench
 
-.PHONY: demo test lint format docs bench faults race memcached clean
+.PHONY: demo test bare lint format docs bench faults race memcached clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,9 +22,30 @@ demo: $(STAMP)
 memcached:
 	@bash tools/ensure-memcached.sh
 
-## make test: lint, then the whole suite against real servers (it also builds the docs)
+## make test: lint, then the whole suite against real servers (it also builds the docs),
+##   then what a bare install gives (make bare)
 test: $(STAMP) memcached lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory bare
+
+# A bare install: cachedecor without extras (only pytest beside it), on the oldest and
+# the newest dependency versions pyproject.toml allows; tests/bare and dogpile.cache's
+# own backend suites run there.
+BARE_OLDEST := SQLAlchemy==2.0.2 dogpile.cache==1.3.3 pymemcache==4.0.0 msgpack==1.0.0 click==8.1.0
+BARE_TESTS := --noconftest -p no:cacheprovider tests/bare tests/test_dogpile_suite.py
+
+.venv-bare-%/.installed-stamp: pyproject.toml
+	@rm -rf .venv-bare-$*
+	$(PYTHON) -m venv .venv-bare-$*
+	.venv-bare-$*/bin/python -m pip install --quiet --upgrade pip
+	.venv-bare-$*/bin/python -m pip install --quiet --upgrade -e . pytest pytest-timeout \
+		$(if $(filter oldest,$*),$(BARE_OLDEST),)
+	@touch $@
+
+## make bare: the bare-install suite on the oldest and the newest allowed dependencies
+bare: .venv-bare-oldest/.installed-stamp .venv-bare-newest/.installed-stamp memcached
+	.venv-bare-oldest/bin/python -m pytest $(BARE_TESTS)
+	.venv-bare-newest/bin/python -m pytest $(BARE_TESTS)
 
 ## make bench: hit path against the floor, plain dogpile and the database (prints ratios);
 ##   then what invalidation and the outbox add to a committing transaction
@@ -56,4 +77,4 @@ docs: $(STAMP)
 	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 
 clean:
-	rm -rf $(VENV) docs/_build .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-bare-* docs/_build .mypy_cache .ruff_cache .hypothesis

@@ -8,7 +8,14 @@ its transaction commits. Regions are dogpile.cache regions configured by
 
 from cachedecor.codec import Codec
 from cachedecor.config import aclose, configure_regions, get_region, reset
-from cachedecor.errors import CacheError, ConfigError, InvalidKeyError, RegionNotConfigured, UsageError
+from cachedecor.errors import (
+    CacheError,
+    ConfigError,
+    InvalidKeyError,
+    MissingExtra,
+    RegionNotConfigured,
+    UsageError,
+)
 from cachedecor.keys import key_for
 from cachedecor.outbox import outbox_table
 from cachedecor.read import AsyncCachedFunction, CachedFunction, cached_by_pk
@@ -32,6 +39,7 @@ __all__ = [
     "Codec",
     "ConfigError",
     "InvalidKeyError",
+    "MissingExtra",
     "RegionNotConfigured",
     "RegionStats",
     "UsageError",

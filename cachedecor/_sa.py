@@ -1,69 +1,75 @@
-"""What cachedecor takes from SQLAlchemy that a plain install may lack.
+"""What cachedecor takes from SQLAlchemy's optional asyncio extension, without importing it.
 
 ``sqlalchemy.ext.asyncio`` needs greenlet. SQLAlchemy 2.0 installed greenlet on
 common platforms; 2.1 does not, and importing the extension then raises
-``ImportError`` (checked on SQLAlchemy 2.0.0, 2.0.x and 2.1.9). Without greenlet no
-``AsyncSession`` can exist, so the sync API needs nothing from the extension:
-:data:`ASYNC_SESSION_TYPES` is then empty, and the async API says which extra to
-install (:func:`require_asyncio`).
+``ImportError`` (checked on SQLAlchemy 2.0.2 and 2.1.9). cachedecor never imports
+it for the sync API: an ``AsyncSession`` can only exist once the application has
+imported the extension, so the async session classes are taken from
+``sys.modules`` when they are asked for, and are none before. A plain install
+works on SQLAlchemy 2.1 without greenlet, and a sync application on 2.0 does not
+pay for importing the extension.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from typing import Any
 
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 __all__ = [
-    "ASYNCIO_EXTRA",
-    "ASYNC_SESSION_TYPES",
-    "SESSION_CLASSES",
-    "SESSION_FACTORIES",
-    "SESSION_TYPES",
-    "asyncio_available",
-    "require_asyncio",
+    "async_session_types",
+    "greenlet_missing",
+    "session_classes",
+    "session_factories",
+    "session_types",
     "sync_session_of",
 ]
 
-#: what ``pip install`` needs for the async API
-ASYNCIO_EXTRA = "pip install 'cachedecor[asyncio]'"
-
-try:
-    from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
-except ImportError as exc:  # SQLAlchemy 2.1 without greenlet
-    _ASYNC_MISSING: ImportError | None = exc
-    ASYNC_SESSION_TYPES: tuple[type[Any], ...] = ()
-    SESSION_CLASSES: tuple[type[Any], ...] = (Session,)
-    SESSION_FACTORIES: tuple[type[Any], ...] = (sessionmaker,)
-else:
-    _ASYNC_MISSING = None
-    ASYNC_SESSION_TYPES = (AsyncSession, async_scoped_session)
-    SESSION_CLASSES = (Session, AsyncSession)
-    SESSION_FACTORIES = (sessionmaker, async_sessionmaker)
-
-#: every kind of object that is, or resolves to, a session
-SESSION_TYPES: tuple[type[Any], ...] = (Session, scoped_session, *ASYNC_SESSION_TYPES)
+_ASYNC_MODULE = "sqlalchemy.ext.asyncio"
+_SYNC_TYPES: tuple[type[Any], ...] = (Session, scoped_session)
 
 
-def asyncio_available() -> bool:
-    """Whether SQLAlchemy's asyncio extension (and so greenlet) can be imported."""
-    return _ASYNC_MISSING is None
+def _async(*names: str) -> tuple[type[Any], ...]:
+    module = sys.modules.get(_ASYNC_MODULE)
+    if module is None:
+        return ()
+    found = tuple(getattr(module, name, None) for name in names)
+    return found if None not in found else ()  # type: ignore[return-value]
 
 
-def require_asyncio(what: str) -> None:
-    """Raise an :class:`ImportError` naming the ``asyncio`` extra unless it is installed."""
-    if _ASYNC_MISSING is not None:
-        raise ImportError(
-            f"{what} needs SQLAlchemy's asyncio extension, which needs greenlet: {ASYNCIO_EXTRA} "
-            f"({_ASYNC_MISSING})"
-        )
+def async_session_types() -> tuple[type[Any], ...]:
+    """``(AsyncSession, async_scoped_session)`` once the extension is imported, else ``()``."""
+    return _async("AsyncSession", "async_scoped_session")
+
+
+def session_types() -> tuple[type[Any], ...]:
+    """Every kind of object that is, or resolves to, a session."""
+    return _SYNC_TYPES + async_session_types()
+
+
+def session_classes() -> tuple[type[Any], ...]:
+    """The session classes (a class passed where a session is expected is a mistake)."""
+    return (Session, *_async("AsyncSession"))
+
+
+def session_factories() -> tuple[type[Any], ...]:
+    """The factories that make a new session on every call (never where a function's session is)."""
+    return (sessionmaker, *_async("async_sessionmaker"))
 
 
 def sync_session_of(value: Any) -> Session | None:
     """The ``Session`` an ``AsyncSession`` or ``async_scoped_session`` runs on, else ``None``."""
-    if not ASYNC_SESSION_TYPES or not isinstance(value, ASYNC_SESSION_TYPES):
+    types = async_session_types()
+    if not types or not isinstance(value, types):
         return None
-    if not isinstance(value, AsyncSession):
+    if not isinstance(value, types[0]):
         value = value()  # an async_scoped_session: its current AsyncSession
     session: Session = value.sync_session
     return session
+
+
+def greenlet_missing() -> bool:
+    """Whether greenlet, which SQLAlchemy's asyncio extension needs, is not installed."""
+    return importlib.util.find_spec("greenlet") is None

@@ -17,12 +17,17 @@ from typing import Any
 
 from sqlalchemy.orm import Session, scoped_session
 
-from cachedecor._sa import SESSION_CLASSES, SESSION_FACTORIES, SESSION_TYPES, sync_session_of
-from cachedecor.errors import UsageError
+from cachedecor._sa import (
+    greenlet_missing,
+    session_classes,
+    session_factories,
+    session_types,
+    sync_session_of,
+)
+from cachedecor.errors import UsageError, missing_extra
 
-__all__ = ["CallBinding", "as_session"]
+__all__ = ["CallBinding", "as_session", "require_asyncio"]
 
-_SESSION_TYPES = SESSION_TYPES
 _SESSION_NAMES = frozenset({"session", "db", "db_session", "dbsession", "sess"})
 _SELF_NAMES = frozenset({"self", "cls"})
 _EMPTY = inspect.Parameter.empty
@@ -56,9 +61,16 @@ def _is_session_annotation(annotation: Any) -> bool:
     if isinstance(annotation, str):
         return "Session" in annotation
     try:
-        return isinstance(annotation, type) and issubclass(annotation, _SESSION_TYPES)
+        return isinstance(annotation, type) and issubclass(annotation, session_types())
     except TypeError:
         return False
+
+
+def require_asyncio(what: str) -> None:
+    """Raise :class:`~cachedecor.errors.MissingExtra` (an ``ImportError`` naming the
+    ``asyncio`` extra) when SQLAlchemy's asyncio extension cannot be imported."""
+    if greenlet_missing():
+        raise missing_extra(what, "greenlet")
 
 
 def as_session(value: Any) -> Session | None:
@@ -164,8 +176,8 @@ class CallBinding:
                     f"(expected a parameter name or a path such as 'self.session')"
                 )
             return (param, tuple(attrs))
-        if isinstance(session, SESSION_FACTORIES) or (
-            isinstance(session, type) and issubclass(session, SESSION_CLASSES)
+        if isinstance(session, session_factories()) or (
+            isinstance(session, type) and issubclass(session, session_classes())
         ):
             raise UsageError(
                 f"session={session!r} makes a new session on every call, one that the function "
@@ -173,7 +185,7 @@ class CallBinding:
                 f"scoped_session(factory), Flask-SQLAlchemy's db.session, a callable returning the "
                 f"current session, or a parameter path such as 'self.session'"
             )
-        if isinstance(session, _SESSION_TYPES) or callable(session):
+        if isinstance(session, session_types()) or callable(session):
             return session
         raise UsageError(
             f"session= takes a Session, a scoped_session, a callable returning a session, "
@@ -212,7 +224,7 @@ class CallBinding:
             value = param.get(args, kwargs)
             for attr in attrs:
                 value = getattr(value, attr, None)
-        elif isinstance(source, _SESSION_TYPES):
+        elif isinstance(source, session_types()):
             value = source
         else:
             value = source()
@@ -236,7 +248,7 @@ class CallBinding:
                 if param is self._self_param:
                     continue
                 value = param.get(args, kwargs)
-                if not isinstance(value, _SESSION_TYPES):
+                if not isinstance(value, session_types()):
                     return value
             raise UsageError(f"{self.name} was called without a primary key")
         if self.composite:
@@ -252,7 +264,7 @@ class CallBinding:
                 if param is self._self_param:
                     continue
                 current = param.get(args, kwargs)
-                if not isinstance(current, _SESSION_TYPES):
+                if not isinstance(current, session_types()):
                     return self._set(param, args, kwargs, value)
         return self._set(self._pk_params[0], args, kwargs, value)
 

@@ -38,7 +38,7 @@ from zoneinfo import ZoneInfo
 
 import msgpack
 
-from cachedecor.errors import CacheError, ConfigError
+from cachedecor.errors import CacheError, ConfigError, missing_extra
 
 __all__ = ["FORMAT_VERSION", "BadEntry", "Codec", "UnencodableValue", "pack_value", "unpack_value"]
 
@@ -245,10 +245,8 @@ def unpack_value(data: bytes) -> Any:
 def _zstd() -> Any:
     try:
         import zstandard
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ConfigError(
-            "compression = zstd needs the 'zstandard' package: pip install 'cachedecor[zstd]'"
-        ) from exc
+    except ImportError as exc:  # tested by tests/bare (an install without the extra)
+        raise missing_extra("compression = zstd", "zstandard", exc) from exc
     return zstandard
 
 

@@ -11,7 +11,15 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["CacheError", "ConfigError", "InvalidKeyError", "RegionNotConfigured", "UsageError"]
+__all__ = [
+    "CacheError",
+    "ConfigError",
+    "InvalidKeyError",
+    "MissingExtra",
+    "RegionNotConfigured",
+    "UsageError",
+    "missing_extra",
+]
 
 
 class CacheError(Exception):
@@ -65,3 +73,41 @@ class UsageError(CacheError, TypeError):
     row whose primary key is not the one it was asked for. Raised on the first
     call that shows the mistake, which is the first call on an empty cache.
     """
+
+
+class MissingExtra(ConfigError, ImportError):
+    """A feature needs an optional extra that is not installed.
+
+    The message names the extra and the command that installs it, such as
+    ``pip install 'cachedecor[redis]'``. Raised where the feature is configured or
+    first used (``configure_regions`` for a backend or a codec, decorating an
+    ``async def`` for the asyncio extra, an exporter's function for the metrics
+    extras); the rest of cachedecor works without it.
+    """
+
+    def __init__(self, message: str, *, extra: str) -> None:
+        super().__init__(message)
+        #: the extra's name, as in ``pip install 'cachedecor[EXTRA]'``
+        self.extra = extra
+
+
+#: the optional extra that brings each importable package
+EXTRAS = {
+    "redis": "redis",
+    "psycopg": "postgresql",
+    "zstandard": "zstd",
+    "greenlet": "asyncio",
+    "prometheus_client": "prometheus",
+    "opentelemetry": "opentelemetry",
+}
+
+
+def missing_extra(what: str, package: str, cause: BaseException | None = None) -> MissingExtra:
+    """The :class:`MissingExtra` for ``what``, which needs the Python package ``package``."""
+    extra = EXTRAS.get(package.split(".")[0], package)
+    because = f" ({cause})" if cause is not None else ""
+    return MissingExtra(
+        f"{what} needs the Python package {package.split('.')[0]!r}, which is not installed: "
+        f"install cachedecor's {extra!r} extra (pip install 'cachedecor[{extra}]'){because}",
+        extra=extra,
+    )

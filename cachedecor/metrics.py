@@ -27,7 +27,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from cachedecor.errors import ConfigError
+from cachedecor.errors import MissingExtra, missing_extra
 from cachedecor.stats import RegionStats, stats
 
 if TYPE_CHECKING:
@@ -51,10 +51,6 @@ __all__ = [
 REGION_LABEL = "region"
 #: The one that names a broadcast transport (``postgresql`` or ``redis``).
 TRANSPORT_LABEL = "transport"
-
-
-class MissingExtra(ConfigError, ImportError):
-    """The library an exporter needs is not installed; the message names the extra to install."""
 
 
 class Metric(NamedTuple):
@@ -210,14 +206,11 @@ def _snapshot() -> dict[str, dict[str, int]]:
     return {name: counted.get(name) or stats(name)[name] for name in names}
 
 
-def _require(module: str, extra: str, what: str) -> Any:
+def _require(module: str, what: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise MissingExtra(
-            f"{what} needs the Python package {module.split('.')[0]!r}, which is not installed: "
-            f"install cachedecor's {extra!r} extra (pip install 'cachedecor[{extra}]')"
-        ) from exc
+        raise missing_extra(what, module) from exc
 
 
 # -- Prometheus ---------------------------------------------------------------------------
@@ -233,7 +226,7 @@ class PrometheusCollector:
 
     def collect(self) -> Iterator[PrometheusMetric]:
         """One counter family per counter, one sample per region."""
-        core = _require("prometheus_client.core", "prometheus", "cachedecor's Prometheus collector")
+        core = _require("prometheus_client.core", "cachedecor's Prometheus collector")
         snapshot = _snapshot()
         for metric in metrics():
             family = core.CounterMetricFamily(
@@ -250,7 +243,7 @@ class PrometheusCollector:
 
     def describe(self) -> Iterator[PrometheusMetric]:
         """The families without samples, so that registering does not read the counters."""
-        core = _require("prometheus_client.core", "prometheus", "cachedecor's Prometheus collector")
+        core = _require("prometheus_client.core", "cachedecor's Prometheus collector")
         for metric in metrics():
             yield core.CounterMetricFamily(
                 metric.prometheus.removesuffix("_total"), metric.help, labels=[REGION_LABEL]
@@ -290,7 +283,7 @@ def register_prometheus(registry: CollectorRegistry | None = None) -> Prometheus
     >>> b"# TYPE cachedecor_hits_total counter" in generate_latest(registry)
     True
     """
-    client = _require("prometheus_client", "prometheus", "cachedecor.metrics.register_prometheus")
+    client = _require("prometheus_client", "cachedecor.metrics.register_prometheus")
     target = client.REGISTRY if registry is None else registry
     with _lock:
         collector = _prometheus.get(target)
@@ -303,7 +296,7 @@ def register_prometheus(registry: CollectorRegistry | None = None) -> Prometheus
 
 def unregister_prometheus(registry: CollectorRegistry | None = None) -> None:
     """Remove what :func:`register_prometheus` registered with ``registry`` (if anything)."""
-    client = _require("prometheus_client", "prometheus", "cachedecor.metrics.unregister_prometheus")
+    client = _require("prometheus_client", "cachedecor.metrics.unregister_prometheus")
     target = client.REGISTRY if registry is None else registry
     with _lock:
         collector = _prometheus.pop(target, None)
@@ -324,7 +317,7 @@ def instrument_opentelemetry(meter_provider: MeterProvider | None = None) -> lis
     provider again returns the instruments it already has. Raises :class:`MissingExtra`
     if ``opentelemetry-api`` is not installed.
     """
-    api = _require("opentelemetry.metrics", "opentelemetry", "cachedecor.metrics.instrument_opentelemetry")
+    api = _require("opentelemetry.metrics", "cachedecor.metrics.instrument_opentelemetry")
     from cachedecor import __version__
 
     key = _GLOBAL_PROVIDER if meter_provider is None else meter_provider

@@ -21,7 +21,7 @@ from dogpile.cache import CacheRegion
 from sqlalchemy.orm import Session
 
 from cachedecor import config as _config
-from cachedecor.binding import NO_PK, CallBinding
+from cachedecor.binding import NO_PK, CallBinding, require_asyncio
 from cachedecor.drivers import drive, drive_async, lookup_async
 from cachedecor.errors import RegionNotConfigured, UsageError
 from cachedecor.keys import KeyMaker, Space, key_maker
@@ -502,7 +502,11 @@ def cached_by_pk(
         raise UsageError(f"region must be a region name, got {region!r}")
 
     def decorate(fn: Callable[..., Any]) -> Any:
-        kind = AsyncCachedFunction if inspect.iscoroutinefunction(fn) else CachedFunction
+        if inspect.iscoroutinefunction(fn):
+            require_asyncio(f"@cached_by_pk on the async function {getattr(fn, '__qualname__', fn)}")
+            kind: type[CachedFunction[Any]] = AsyncCachedFunction
+        else:
+            kind = CachedFunction
         return kind(
             fn,
             mapper.class_,

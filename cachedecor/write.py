@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import sqlalchemy
 from sqlalchemy.orm import Session
 
-from cachedecor.binding import CallBinding, as_session
+from cachedecor.binding import CallBinding, as_session, require_asyncio
 from cachedecor.errors import UsageError
 from cachedecor.invalidation import EVERY_SPACE, Group, adeliver, deliver
 from cachedecor.keys import key_maker
@@ -228,6 +228,7 @@ def invalidates(*models: Any, pk: str | tuple[str, ...] | None = None) -> Callab
             return _rows_now(mapped[0], [explicit], session, None, None)
 
         if pyinspect.iscoroutinefunction(fn):
+            require_asyncio(f"@invalidates on the async function {name}")
 
             @functools.wraps(fn)
             async def awrapper(*args: Any, **kwargs: Any) -> Any:

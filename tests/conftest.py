@@ -20,18 +20,14 @@ import cachedecor
 from tests.models import Base, User
 from tests.servers import IN_CI, PG_URL, REDIS_URL, Memcached, Nutcracker, unavailable
 
-# The application run by the deployment tests in processes of its own: not collected.
-collect_ignore = ["apps"]
+# The application run by the deployment tests in processes of its own, and the suite
+# of a bare install (run by ``make bare`` in environments of its own): not collected.
+collect_ignore = ["apps", "bare"]
 
 # CI explores the same examples on every run; local runs explore new ones.
 hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
 if IN_CI:
     hypothesis_settings.load_profile("ci")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # dogpile.cache's generic backend suites (tests/test_dogpile_suite.py) mark their slow tests
-    config.addinivalue_line("markers", "time_intensive: a slow test of dogpile.cache's generic suites")
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any
 from cachedecor.backends import (
     MEMCACHED_ARGUMENTS,
 )
-from cachedecor.errors import ConfigError
+from cachedecor.errors import ConfigError, missing_extra
 from cachedecor.keys import DEFAULT_NAMESPACE
 
 #: Backends that cachedecor replaces by its own implementation, and why: dogpile's
@@ -395,6 +396,9 @@ def broadcast_settings(options: dict[str, Any], prefix: str) -> tuple[list[Any],
                 f"{prefix}broadcast_url: at most one URL per transport (one postgresql://, one redis://), "
                 f"got {kinds[kind]!r} and {text!r}"
             )
+        client = "psycopg" if kind == "postgresql" else "redis"
+        if importlib.util.find_spec(client) is None:
+            raise missing_extra(f"{prefix}broadcast_url: the {kind} transport ({text!r})", client)
         kinds[kind] = text
         urls.append(url)
     channel = _coerce(

@@ -36,7 +36,7 @@ from cachedecor.config.options import (
     _did_you_mean,
 )
 from cachedecor.config.sources import _check_name, _Parsed
-from cachedecor.errors import EXTRAS, ConfigError, missing_extra
+from cachedecor.errors import EXTRAS, ConfigError, MissingExtra, missing_extra
 from cachedecor.keys import check_namespace, mangle_key
 from cachedecor.near import NearCache
 
@@ -189,6 +189,8 @@ def _build(name: str, parsed: _Parsed, prefix: str) -> RegionSettings:
             compression=values["compression"],
             secret=secret.encode() if secret else None,
         )
+    except MissingExtra as exc:
+        raise MissingExtra(f"{where}: {exc}", extra=exc.extra) from None
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
