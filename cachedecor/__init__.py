@@ -14,6 +14,7 @@ from cachedecor.errors import (
     InvalidKeyError,
     MissingExtra,
     RegionNotConfigured,
+    SessionWarning,
     UsageError,
 )
 from cachedecor.keys import key_for
@@ -42,6 +43,7 @@ __all__ = [
     "MissingExtra",
     "RegionNotConfigured",
     "RegionStats",
+    "SessionWarning",
     "UsageError",
     "aclose",
     "ainvalidate",

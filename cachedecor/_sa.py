@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 __all__ = [
     "async_session_types",
     "greenlet_missing",
+    "registry_types",
     "session_classes",
     "session_factories",
     "session_types",
@@ -47,6 +48,11 @@ def async_session_types() -> tuple[type[Any], ...]:
 def session_types() -> tuple[type[Any], ...]:
     """Every kind of object that is, or resolves to, a session."""
     return _SYNC_TYPES + async_session_types()
+
+
+def registry_types() -> tuple[type[Any], ...]:
+    """The session registries: ``scoped_session``, and ``async_scoped_session`` once imported."""
+    return (scoped_session, *_async("async_scoped_session"))
 
 
 def session_classes() -> tuple[type[Any], ...]:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, scoped_session
 
 from cachedecor._sa import (
     greenlet_missing,
+    registry_types,
     session_classes,
     session_factories,
     session_types,
@@ -26,7 +27,7 @@ from cachedecor._sa import (
 )
 from cachedecor.errors import UsageError, missing_extra
 
-__all__ = ["CallBinding", "as_session", "require_asyncio"]
+__all__ = ["CallBinding", "as_session", "registry_in_code", "require_asyncio"]
 
 _SESSION_NAMES = frozenset({"session", "db", "db_session", "dbsession", "sess"})
 _SELF_NAMES = frozenset({"self", "cls"})
@@ -88,6 +89,45 @@ def as_session(value: Any) -> Session | None:
     return sync_session_of(value)
 
 
+def registry_in_code(fn: Callable[..., Any]) -> Any:
+    """The one ``scoped_session`` (or ``async_scoped_session``) that ``fn``'s code names,
+    or ``None`` when it names none or several.
+
+    A registry counts when the code uses it as a global or a free variable, directly
+    (``Session.get(...)``) or as the ``session`` attribute of one (Flask-SQLAlchemy's
+    ``db.session``). Read once, at decoration: the names a function uses are in its
+    code object, and the registry itself lasts as long as the module that holds it.
+    """
+    fn = inspect.unwrap(fn)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    namespace = getattr(fn, "__globals__", {})
+    values = [namespace[name] for name in code.co_names if name in namespace]
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # a free variable not yet bound
+            continue
+    kinds = registry_types()
+    found: dict[int, Any] = {}
+    for value in values:
+        for candidate in (value, _attribute(value, "session")):
+            try:
+                if candidate is not None and isinstance(candidate, kinds):
+                    found[id(candidate)] = candidate
+            except Exception:  # a proxy whose class needs a context (Flask's request proxies)
+                continue
+    return next(iter(found.values())) if len(found) == 1 else None
+
+
+def _attribute(value: Any, name: str) -> Any:
+    try:
+        return getattr(value, name, None)
+    except Exception:  # a proxy or a property that needs a context
+        return None
+
+
 class CallBinding:
     """Where a function receives its session and its primary key.
 
@@ -102,6 +142,7 @@ class CallBinding:
         *,
         needs_pk: bool = True,
         session: Any = None,
+        implicit: bool = False,
     ) -> None:
         sig = inspect.signature(fn)
         params: list[_Param] = []
@@ -120,6 +161,9 @@ class CallBinding:
         first = params[0] if params and params[0].pos == 0 else None
         self._self_param = first if first is not None and first.name in _SELF_NAMES else None
         self._session_source = self._source(session, by_name)
+        #: the registry the function's code names, where nothing else says where the
+        #: session is (``implicit``): its current session is the call's
+        self.implicit = registry_in_code(fn) if implicit and session is None else None
         session_param = next(
             (by_name[p.name] for p in sig.parameters.values() if _is_session_annotation(p.annotation)),
             None,
@@ -214,7 +258,14 @@ class CallBinding:
             if found is not None:
                 return found
         if self._self_param is not None and args:
-            return as_session(getattr(args[0], "session", None))
+            found = as_session(getattr(args[0], "session", None))
+            if found is not None:
+                return found
+        if self.implicit is not None:
+            try:
+                return as_session(self.implicit)
+            except Exception:  # no scope to have a session in (Flask: outside an app context)
+                return None
         return None
 
     @staticmethod

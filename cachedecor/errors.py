@@ -17,6 +17,7 @@ __all__ = [
     "InvalidKeyError",
     "MissingExtra",
     "RegionNotConfigured",
+    "SessionWarning",
     "UsageError",
     "missing_extra",
 ]
@@ -72,6 +73,16 @@ class UsageError(CacheError, TypeError):
     For example it returned an object that is not an instance of the model, or a
     row whose primary key is not the one it was asked for. Raised on the first
     call that shows the mistake, which is the first call on an empty cache.
+    """
+
+
+class SessionWarning(UserWarning):
+    """A decorated function returned rows of a session that its cache hits are not attached to.
+
+    Typically a reader that uses a global session (Flask-SQLAlchemy's ``db.session``,
+    a module's ``scoped_session``) that cachedecor was not told of and could not find
+    in the function's code: its hits come back detached. Pass ``session=``. Issued
+    once per decorated function, and logged.
     """
 
 

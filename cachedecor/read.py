@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, Protocol, TypeVar, overload
 
@@ -23,7 +25,7 @@ from sqlalchemy.orm import Session
 from cachedecor import config as _config
 from cachedecor.binding import NO_PK, CallBinding, require_asyncio
 from cachedecor.drivers import drive, drive_async, lookup_async
-from cachedecor.errors import RegionNotConfigured, UsageError
+from cachedecor.errors import RegionNotConfigured, SessionWarning, UsageError
 from cachedecor.keys import KeyMaker, Space, key_maker
 from cachedecor.readpath import (
     CACHED,
@@ -49,6 +51,9 @@ __all__ = ["AsyncCachedFunction", "CachedFunction", "cached_by_pk"]
 
 R = TypeVar("R")
 T = TypeVar("T")
+
+
+_log = logging.getLogger("cachedecor")
 
 
 class _Resolved:
@@ -127,7 +132,9 @@ class CachedFunction(Generic[R]):
                 f"expiration_time must be a whole number of seconds >= 0, got {expiration_time!r}"
             )
         self.expiration_time = expiration_time
-        self.binding = CallBinding(fn, pk, session=session)
+        self.binding = CallBinding(fn, pk, session=session, implicit=True)
+        #: whether :meth:`warn_session` has warned (once per function)
+        self.session_warned = False
         if many and self.binding.composite:
             raise UsageError(
                 "many=True takes one parameter holding the list of primary keys "
@@ -213,6 +220,23 @@ class CachedFunction(Generic[R]):
             return None, None
         return token, session_space(session, self.model, token)
 
+    def warn_session(self, owner: Session, session: Session | None) -> None:
+        """Warn, once, that a miss returned a row of ``owner``, a session hits do not attach to."""
+        self.session_warned = True
+        model = self.model.__name__
+        if session is None:
+            what = "a session it was not given: cache hits come back detached (their lazy loads fail)"
+        else:
+            what = f"another session than the one its hits are attached to ({session!r})"
+        message = (
+            f"{self._name} returned a {model} row of {owner!r}, {what}. Tell the decorator where "
+            f"the function's session is: @cached_by_pk({model}, session=...) with a scoped_session "
+            f"(Flask-SQLAlchemy's db.session), a callable returning the session, or a parameter "
+            f"path such as 'self.session'"
+        )
+        _log.warning(message)
+        warnings.warn(message, SessionWarning, stacklevel=4)
+
     def _uncacheable(self, r: _Resolved, why: str) -> None:
         r.counters.uncacheable += 1
         log_failure(r.name, f"caching a call of {self._name}", why)
@@ -229,7 +253,7 @@ class CachedFunction(Generic[R]):
         target = self._target(r, session, args, kwargs, pk)
         if target is None:
             result = self.__wrapped__(*args, **kwargs)
-            check_result(self, result)
+            check_result(self, result, session)
             return result
         key = target[0]
         near = r.near
@@ -330,7 +354,7 @@ class AsyncCachedFunction(CachedFunction[T]):
         target = self._target(r, session, args, kwargs, pk)
         if target is None:
             result = await call(*args, **kwargs)
-            check_result(self, result)
+            check_result(self, result, session)
             return result  # type: ignore[no-any-return]
         key = target[0]
         near = r.near

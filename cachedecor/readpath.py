@@ -21,7 +21,7 @@ from collections.abc import Generator, Iterable, Sized
 from typing import Any, cast
 
 import sqlalchemy
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from cachedecor.backends import PartialResult, ValueRefused, is_lease
 from cachedecor.codec import BadEntry, UnencodableValue
@@ -133,22 +133,22 @@ def read_one(
     except Exception as exc:
         counters.errors += 1
         log_failure(r.name, "get", exc)
-        return (yield from _call(fn, args, kwargs))
+        return (yield from _call(fn, session, args, kwargs))
     counters.misses += 1
     if status is _OTHER or status is _KEEP:  # a sibling class's row, or one not attachable
-        return (yield from _call(fn, args, kwargs))
+        return (yield from _call(fn, session, args, kwargs))
     if data is not None:
         status, value = decode(fn, r, key, data, session, token, since)
         if status is HIT:
             return value
         if status is _DROP:
             yield from _drop(r, key)
-        return (yield from _call(fn, args, kwargs))
+        return (yield from _call(fn, session, args, kwargs))
     if lease is None:
         found, value = yield from _wait_for_fill(fn, r, key, session, token, since)
         if found:
             return value
-        return (yield from _call(fn, args, kwargs))
+        return (yield from _call(fn, session, args, kwargs))
     counters.lease_wins += 1
     return (yield from _call_and_fill(fn, r, key, lease, session, pk, token, space, args, kwargs, since))
 
@@ -169,9 +169,9 @@ def refresh_one(
     except Exception as exc:
         r.counters.errors += 1
         log_failure(r.name, "refresh", exc)
-        return (yield from _call(fn, args, kwargs))
+        return (yield from _call(fn, session, args, kwargs))
     if lease is None:  # filled or being filled by a reader that started after the delete
-        return (yield from _call(fn, args, kwargs))
+        return (yield from _call(fn, session, args, kwargs))
     r.counters.lease_wins += 1
     return (yield from _call_and_fill(fn, r, key, lease, session, pk, token, space, args, kwargs, since))
 
@@ -195,7 +195,7 @@ def _call_and_fill(
     started = time.time()
     try:
         result = yield (CALL, args, kwargs)
-        check_result(fn, result)
+        check_result(fn, result, session)
     except BaseException:
         yield from _release(r, key, lease)
         raise
@@ -219,25 +219,36 @@ def _call_and_fill(
     return result
 
 
-def check_result(fn: Any, result: Any) -> None:
-    """Raise :class:`UsageError` unless ``result`` is ``None`` or a row of ``fn``'s model.
+def check_result(fn: Any, result: Any, session: Session | None) -> None:
+    """Raise :class:`UsageError` unless ``result`` is ``None`` or a row of ``fn``'s model;
+    warn (once per function) when the row belongs to another session than ``session``,
+    the one hits are attached to.
 
     A reader that returns another model would be served as the declared one by the
     next hit (whatever another reader stored under that key): hits and misses would
     return different classes. It is a mistake in the program, said at the first call.
+    A row of a session the decorator does not know (a global session it was not told
+    of) means hits come back detached, or attached elsewhere, while misses did not.
     """
-    if result is not None and not isinstance(result, fn.model):
+    if result is None:
+        return
+    if not isinstance(result, fn.model):
         raise UsageError(
             f"{fn._name} is decorated with @cached_by_pk({fn.model.__name__}) but returned "
             f"{type(result).__module__}.{type(result).__qualname__}: it must return "
             f"{fn.model.__name__} rows (or None); nothing was cached"
         )
+    if fn.session_warned:
+        return
+    owner = object_session(result)
+    if owner is not None and owner is not session:
+        fn.warn_session(owner, session)
 
 
-def _call(fn: Any, args: Any, kwargs: Any) -> Steps:
+def _call(fn: Any, session: Session | None, args: Any, kwargs: Any) -> Steps:
     """Call the function (without filling) and check what it returned."""
     result = yield (CALL, args, kwargs)
-    check_result(fn, result)
+    check_result(fn, result, session)
     return result
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,6 +51,16 @@ class Account(db.Model):  # type: ignore[name-defined,misc]
 @cached_by_pk(Account, session=db.session)
 def get_account(account_id: int) -> Account | None:
     return db.session.get(Account, account_id)
+
+
+@cached_by_pk(Account)
+def get_account_untold(account_id: int) -> Account | None:
+    """Not told where the session is: cachedecor finds ``db.session`` in the code."""
+    return db.session.get(Account, account_id)
+
+
+def _current_session() -> Any:
+    return db.session()
 
 
 class AccountRepository:
@@ -120,6 +131,10 @@ def create_app(uri: str, engine_options: dict[str, Any]) -> Flask:
     @app.get("/accounts/<int:account_id>")
     def show(account_id: int) -> dict[str, Any]:
         return as_json(get_account(account_id))
+
+    @app.get("/untold/accounts/<int:account_id>")
+    def show_untold(account_id: int) -> dict[str, Any]:
+        return as_json(get_account_untold(account_id))
 
     @app.get("/repository/accounts/<int:account_id>")
     def show_from_repository(account_id: int) -> dict[str, Any]:
@@ -269,6 +284,42 @@ class TestCachedView:
         response = client.get("/repository/accounts/2")
         assert counter("hits") == 1
         assert response.get_json() == {"id": 2, "name": "bob", "team": "blue"}
+
+
+class TestReaderNotToldWhereTheSessionIs:
+    def test_hits_attach_to_the_db_session_the_code_names(self, client: FlaskClient) -> None:
+        client.get("/untold/accounts/1")
+        response = client.get("/untold/accounts/1")  # a hit: its lazy team loads
+        assert counter("hits") == 1
+        assert response.status_code == 200
+        assert response.get_json() == {"id": 1, "name": "alice", "team": "red"}
+
+    def test_a_hit_is_the_current_db_session_s(self, app: Flask) -> None:
+        with app.app_context():
+            get_account_untold(1)
+        with app.app_context():
+            account = get_account_untold(1)
+            assert counter("hits") == 1
+            assert account in db.session()
+
+    def test_a_reader_whose_session_cannot_be_found_warns_once_naming_session(self, app: Flask) -> None:
+        @cached_by_pk(Account)
+        def get_account_hidden(account_id: int) -> Account | None:
+            """Not told, and nothing in the code names a registry: the session comes from a call."""
+            return _current_session().get(Account, account_id)  # type: ignore[no-any-return]
+
+        with app.app_context(), pytest.warns(cachedecor.SessionWarning, match=r"session=") as warned:
+            get_account_hidden(1)
+            get_account_hidden(2)
+        assert len(warned) == 1
+        assert "get_account_hidden" in str(warned[0].message)
+        assert "db.session" in str(warned[0].message)
+
+    def test_a_reader_told_where_the_session_is_does_not_warn(self, app: Flask) -> None:
+        with app.app_context(), warnings.catch_warnings():
+            warnings.simplefilter("error", cachedecor.SessionWarning)
+            get_account(1)
+            get_account_untold(2)
 
 
 class TestRenameView:

@@ -9,6 +9,7 @@ after its transaction commits, never on rollback.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import inspect, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import async_scoped_session, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 import cachedecor
@@ -159,6 +161,12 @@ class RegistryRepository:
 
 @cached_by_pk(User, session=DBSession)
 def get_user_from_registry(user_id: int) -> User | None:
+    return DBSession.get(User, user_id)
+
+
+@cached_by_pk(User)
+def get_user_from_untold_registry(user_id: int) -> User | None:
+    """Not told where the session is: the module-level registry its code names is found."""
     return DBSession.get(User, user_id)
 
 
@@ -582,6 +590,75 @@ class TestToldWhereTheSessionIs:
             user = Both(repo.session, other).get(1)
             assert user in other
             assert user not in repo.session
+
+
+class TestNotToldWhereTheSessionIs:
+    def test_the_module_level_scoped_session_the_code_names_gets_the_hits(
+        self, users: Engine, registry: scoped_session[Session], sql: SQLCounter
+    ) -> None:
+        cached(users, 1)
+        sql.reset()
+        user = get_user_from_untold_registry(1)
+        assert sql.count == 0 and counter("hits") == 1
+        assert user in registry()
+        assert [p.title for p in user.posts] == ["post of 1"]  # type: ignore[union-attr]
+
+    def test_a_registry_in_a_closure_is_found(self, users: Engine, sql: SQLCounter) -> None:
+        local = scoped_session(sessionmaker(users))
+
+        @cached_by_pk(User)
+        def get(user_id: int) -> User | None:
+            return local.get(User, user_id)
+
+        try:
+            cached(users, 2)
+            user = get(2)
+            assert counter("hits") == 1
+            assert user in local()
+        finally:
+            local.remove()
+
+    def test_an_async_scoped_session_in_a_closure_gets_the_hits(self, sqlite_engine: Engine) -> None:
+        cachedecor.configure_regions({"regions": {"default": {"backend": "dogpile.cache.memory"}}})
+        with Session(sqlite_engine) as s:
+            s.add_all([User(id=2, name="user2"), Post(id=20, user_id=2, title="post of 2")])
+            s.commit()
+        engine = create_async_engine(str(sqlite_engine.url).replace("sqlite://", "sqlite+aiosqlite://"))
+        local = async_scoped_session(async_sessionmaker(engine), scopefunc=asyncio.current_task)
+
+        @cached_by_pk(User)
+        async def get(user_id: int) -> User | None:
+            return await local.get(User, user_id)
+
+        async def body() -> tuple[bool, list[str]]:
+            try:
+                await get(2)  # a miss: fills
+                await local.remove()
+                user = await get(2)  # a hit, attached to the task's session
+                assert user is not None
+                await local.refresh(user, ["posts"])  # refused for an instance it does not hold
+                return user in local(), [p.title for p in user.posts]
+            finally:
+                await local.remove()
+                await engine.dispose()
+
+        assert asyncio.run(body()) == (True, ["post of 2"])
+        assert counter("hits") == 1
+
+    def test_a_function_naming_two_registries_is_not_guessed_and_warns(self, users: Engine) -> None:
+        one, two = scoped_session(sessionmaker(users)), scoped_session(sessionmaker(users))
+
+        @cached_by_pk(User)
+        def get(user_id: int, other: bool = False) -> User | None:
+            return (two if other else one).get(User, user_id)
+
+        try:
+            with pytest.warns(cachedecor.SessionWarning, match=r"detached.*session="):
+                assert get(3) in one()
+            assert inspect(get(3)).detached  # a hit: nothing to attach it to
+        finally:
+            one.remove()
+            two.remove()
 
 
 class TestWritesThroughARegistry:
