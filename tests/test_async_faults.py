@@ -250,6 +250,17 @@ class Ticker:
         return max(gap - waited for gap, waited in self.gaps)
 
 
+def run_unless_stuck(body: Callable[[], Awaitable[T]], seconds: float = 60) -> T:
+    """``asyncio.run(body())`` in a thread of its own; fails when its loop has not finished
+    within ``seconds`` (a loop that spins never returns, and would hang the test)."""
+    outcome: list[T] = []
+    thread = threading.Thread(target=lambda: outcome.append(asyncio.run(body())), daemon=True)  # type: ignore[arg-type]
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the event loop has not finished within {seconds}s: stuck (spinning?)"
+    return outcome[0]
+
+
 def counters() -> dict[str, int]:
     return cachedecor.stats("default")["default"]
 
@@ -521,15 +532,10 @@ class TestOwedDeletes:
             await cluster.aclose()
             return ticker.longest, rounds
 
-        outcome: list[Any] = []
-        thread = threading.Thread(target=lambda: outcome.append(asyncio.run(body())), daemon=True)
         try:
-            thread.start()
-            thread.join(60)
-            assert not thread.is_alive(), "the event loop is stuck (spinning in _settle)"
+            longest, rounds = run_unless_stuck(body)
         finally:
             server.stop()
-        longest, rounds = outcome[0]
         assert rounds == 40
         assert cluster.health.pending_count() == 0
         assert longest < STALL_MARGIN, longest
@@ -576,15 +582,10 @@ class TestOwedDeletes:
             await cluster.aclose()
             return ticker.longest, len(done)
 
-        outcome: list[Any] = []
-        thread = threading.Thread(target=lambda: outcome.append(asyncio.run(body())), daemon=True)
         try:
-            thread.start()
-            thread.join(60)
-            assert not thread.is_alive(), "the event loop is stuck (spinning in _settle)"
+            longest, reads = run_unless_stuck(body)
         finally:
             server.stop()
-        longest, reads = outcome[0]
         assert reads > 300
         assert cluster.health.pending_count() == 0  # every owed delete was delivered
         assert longest < TIMEOUT + STALL_MARGIN, longest
