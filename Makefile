@@ -68,6 +68,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check cachedecor tests tools benchmarks
 	$(BIN)/ruff format --check cachedecor tests tools benchmarks
 	$(BIN)/mypy
+	$(BIN)/python tools/check_architecture.py
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix cachedecor tests tools benchmarks
