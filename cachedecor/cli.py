@@ -17,14 +17,16 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any, cast
 
 import click
 
 import cachedecor
-from cachedecor.config import ENV_VAR
+from cachedecor.config import ENV_VAR, read_outbox_settings
+from cachedecor.config.suggestions import did_you_mean
 
 __all__ = ["PrimaryKeyParser", "main"]
 
@@ -288,10 +290,8 @@ def load_model(spec: str) -> Any:
                 for name, value in vars(module).items()
                 if isinstance(value, type) and isinstance(sqlalchemy.inspect(value, raiseerr=False), Mapper)
             ]
-            from cachedecor.config import _did_you_mean
-
             raise Refused(
-                f"module {module_name!r} has no {attr!r};{_did_you_mean(attr, mapped)} mapped classes "
+                f"module {module_name!r} has no {attr!r};{did_you_mean(attr, mapped)} mapped classes "
                 f"there: {', '.join(sorted(mapped)) or 'none'}"
             ) from None
     mapper = sqlalchemy.inspect(target, raiseerr=False) if isinstance(target, type) else None
@@ -421,19 +421,22 @@ class _Component:
         raise ValueError(f"column {self.name} is {self.what}: {shown} is not one")
 
 
-_WHAT = {
-    int: "an integer",
-    str: "a string",
-    bool: "a boolean (true or false)",
-    float: "a number",
-    decimal.Decimal: "a decimal number",
-    bytes: "bytes (in hexadecimal)",
-    uuid.UUID: "a UUID",
-    datetime.datetime: "a date and time (ISO 8601)",
-    datetime.date: "a date (ISO 8601)",
-    datetime.time: "a time (ISO 8601)",
-    datetime.timedelta: "an interval",
-}
+#: How a message names a value of each Python type a primary-key column may have.
+_WHAT: Mapping[type, str] = MappingProxyType(
+    {
+        int: "an integer",
+        str: "a string",
+        bool: "a boolean (true or false)",
+        float: "a number",
+        decimal.Decimal: "a decimal number",
+        bytes: "bytes (in hexadecimal)",
+        uuid.UUID: "a UUID",
+        datetime.datetime: "a date and time (ISO 8601)",
+        datetime.date: "a date (ISO 8601)",
+        datetime.time: "a time (ISO 8601)",
+        datetime.timedelta: "an interval",
+    }
+)
 
 
 def _no_constant(name: str) -> Any:
@@ -621,13 +624,10 @@ def _report_failures(regions: list[str], what: str) -> None:
 
 def _outbox_settings(config_path: str | None) -> Any:
     """The outbox options of the configuration (without connecting to anything)."""
-    from cachedecor.config.options import outbox_settings
-    from cachedecor.config.sources import _parse
-
     if not config_path:
         _configure(config_path)  # refuses, with the message about --config
     try:
-        durable = outbox_settings(_parse(config_path, "cachedecor.").globals, "cachedecor.")
+        durable = read_outbox_settings(config_path)
     except cachedecor.ConfigError as exc:
         raise Refused(f"configuration error: {exc}") from None
     if durable is None:

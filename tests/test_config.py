@@ -32,7 +32,9 @@ from cachedecor.config import (
     REGION_RANGES,
     RegionSettings,
     check_arguments,
+    read_outbox_settings,
     region_settings,
+    settings_of,
 )
 from tests.servers import Memcached, free_port, memcached_binary, unavailable
 
@@ -1282,3 +1284,35 @@ def test_retry_attempts_counts_tries_so_zero_is_refused_with_the_range() -> None
     }
     with pytest.raises(cachedecor.ConfigError, match=r"arguments\.retry_attempts: must be 1 or more"):
         cachedecor.configure_regions(config)
+
+
+def test_settings_of_is_the_region_settings_or_none_and_changes_on_reconfiguration() -> None:
+    assert settings_of("default") is None
+    cachedecor.configure_regions({"regions": {"default": {"backend": MEMORY}}})
+    first = settings_of("default")
+    assert first is region_settings("default")
+
+    cachedecor.configure_regions({"regions": {"default": {"backend": MEMORY}}})
+
+    assert settings_of("default") is region_settings("default") is not first
+
+
+def test_read_outbox_settings_reads_the_outbox_options_alone() -> None:
+    source = {
+        "cachedecor.outbox_url": "postgresql://u@h/db",
+        "cachedecor.outbox_table": "cache.box",
+        "cachedecor.r.backend": "no.such.backend",  # regions are not checked
+    }
+
+    settings = read_outbox_settings(source)
+
+    assert settings is not None
+    assert (settings.table, settings.schema, settings.interval) == ("box", "cache", 0.1)
+    assert read_outbox_settings({"regions": {"r": {"backend": MEMORY}}}) is None
+    assert settings_of("r") is None  # configures nothing
+
+
+@pytest.mark.parametrize("table", [ARGUMENT_RANGES, BACKEND_ARGUMENTS, REGION_OPTIONS, REGION_RANGES])
+def test_the_option_tables_are_read_only(table: Any) -> None:
+    with pytest.raises(TypeError):
+        table["x"] = None

@@ -1,9 +1,10 @@
 """Region configuration: INI files, nested dicts, flat dotted dicts, the environment.
 
 Modules: :mod:`.options` (what each backend and region accepts: types, defaults,
-ranges, coercion), :mod:`.sources` (every source to one flat form) and
-:mod:`.regions` (options to a dogpile region, its store and codec); this module
-holds the configured regions and the public functions.
+ranges, coercion), :mod:`.sources` (every source to one flat form),
+:mod:`.regions` (options to a dogpile region, its store and codec) and
+:mod:`.suggestions` (did-you-mean hints); this module holds the configured regions
+and the public functions. The modules share only the names in their ``__all__``.
 
 Every source is first turned into the same flat form (``region -> option -> value``)
 and validated by one parser, so an INI section ``[cachedecor.users]`` with key
@@ -31,11 +32,14 @@ from cachedecor.config.options import (
     broadcast_settings,
     outbox_settings,
 )
-from cachedecor.config.options import (
-    _did_you_mean as _did_you_mean,
+from cachedecor.config.regions import (
+    RegionSettings,
+    build_region,
+    check_arguments,
+    check_server,
+    region_names,
 )
-from cachedecor.config.regions import RegionSettings, _build, _region_names, check_arguments, check_server
-from cachedecor.config.sources import ENV_VAR, _parse
+from cachedecor.config.sources import ENV_VAR, parse
 from cachedecor.errors import ConfigError, RegionNotConfigured
 
 __all__ = [
@@ -50,9 +54,12 @@ __all__ = [
     "check_arguments",
     "check_server",
     "configure_regions",
+    "configured_regions",
     "get_region",
+    "read_outbox_settings",
     "region_settings",
     "reset",
+    "settings_of",
 ]
 
 dogpile.cache.register_backend(  # type: ignore[no-untyped-call]
@@ -99,9 +106,9 @@ def configure_regions(
     """
     if not prefix.endswith("."):
         prefix += "."
-    parsed = _parse(source, prefix)
-    names = _region_names(parsed, prefix)
-    built = {name: _build(name, parsed, prefix) for name in names}
+    parsed = parse(source, prefix)
+    names = region_names(parsed, prefix)
+    built = {name: build_region(name, parsed, prefix) for name in names}
     durable = outbox_settings(parsed.globals, prefix)
     heard = broadcast_settings(parsed.globals, prefix)
     from cachedecor import broadcast
@@ -135,6 +142,16 @@ def region_settings(name: str) -> RegionSettings:
         raise RegionNotConfigured(name, _settings) from None
 
 
+def settings_of(name: str) -> RegionSettings | None:
+    """The :class:`RegionSettings` of region ``name``, or ``None`` if it is not configured.
+
+    For the read path, called on every cached call: one dict lookup, no lock, no
+    exception. A region reconfigured later gets a new :class:`RegionSettings` object, so
+    a caller holding one may compare it with ``is`` to learn whether it is still current.
+    """
+    return _settings.get(name)
+
+
 def get_region(name: str = "default") -> CacheRegion:
     """The dogpile :class:`~dogpile.cache.region.CacheRegion` configured under ``name``.
 
@@ -146,6 +163,21 @@ def get_region(name: str = "default") -> CacheRegion:
 def configured_regions() -> dict[str, RegionSettings]:
     """A snapshot of every configured region's settings."""
     return dict(_settings)
+
+
+def read_outbox_settings(
+    source: str | os.PathLike[str] | Mapping[str, Any] | None, *, prefix: str = "cachedecor."
+) -> OutboxSettings | None:
+    """The ``outbox_*`` options of ``source`` (as :func:`configure_regions` takes it), checked.
+
+    ``None`` when ``source`` sets no ``outbox_url``. Configures nothing and connects to
+    nothing; the regions of ``source`` are not checked.
+
+    :raises ConfigError: for a source of the wrong form or an invalid ``outbox_*`` option.
+    """
+    if not prefix.endswith("."):
+        prefix += "."
+    return outbox_settings(parse(source, prefix).globals, prefix)
 
 
 async def aclose() -> None:

@@ -1,12 +1,16 @@
-"""The options: what each backend and region accepts, their types, ranges and coercion."""
+"""The options: what each backend and region accepts, their types, ranges and coercion.
+
+Every table here is read-only (a :class:`types.MappingProxyType`, a tuple or a frozenset):
+the options are fixed when the package is imported.
+"""
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import math
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from cachedecor.backends import (
@@ -15,80 +19,115 @@ from cachedecor.backends import (
 from cachedecor.errors import ConfigError, missing_extra
 from cachedecor.keys import DEFAULT_NAMESPACE
 
-#: Backends that cachedecor replaces by its own implementation, and why: dogpile's
-#: pymemcache backend drops connect_timeout/timeout, so a hung server blocks forever.
-_SUBSTITUTES = {"dogpile.cache.pymemcache": "cachedecor.pymemcache"}
+__all__ = [
+    "ARGUMENT_RANGES",
+    "BACKEND_ARGUMENTS",
+    "BACKEND_NAMES",
+    "GLOBAL_OPTIONS",
+    "NO_LEASES",
+    "OUTBOX_RANGES",
+    "REFUSED_BACKENDS",
+    "REGION_OPTIONS",
+    "REGION_RANGES",
+    "SERIALIZERS",
+    "SUBSTITUTES",
+    "OutboxSettings",
+    "broadcast_settings",
+    "coerce",
+    "outbox_settings",
+]
 
-_REDIS_ARGUMENTS: dict[str, type] = {
-    "url": str,
-    "host": str,
-    "port": int,
-    "db": int,
-    "username": str,
-    "password": str,
-    "socket_timeout": float,
-    "socket_connect_timeout": float,
-    "socket_keepalive": bool,
-    "socket_keepalive_options": object,
-    "ssl": bool,
-    "distributed_lock": bool,
-    "lock_timeout": int,
-    "lock_sleep": float,
-    "lock_blocking": bool,
-    "lock_blocking_timeout": float,
-    "thread_local_lock": bool,
-    "connection_kwargs": object,
-    "redis_expiration_time": int,
-    "connection_pool": object,
-    "lock_prefix": str,
-}
-_VALKEY_ARGUMENTS = {
-    **{k: v for k, v in _REDIS_ARGUMENTS.items() if k != "redis_expiration_time"},
-    "valkey_expiration_time": int,
-}
-_SENTINEL: dict[str, type] = {"sentinels": object, "service_name": str, "sentinel_kwargs": object}
-_CLUSTER: dict[str, type] = {"startup_nodes": object}
-_MEMORY: dict[str, type] = {"cache_dict": object}
+#: Backends that cachedecor replaces by its own implementation (name written -> name
+#: used), and why: dogpile's pymemcache backend drops connect_timeout/timeout, so a
+#: hung server blocks forever. Read-only.
+SUBSTITUTES: Mapping[str, str] = MappingProxyType({"dogpile.cache.pymemcache": "cachedecor.pymemcache"})
 
-#: Arguments accepted by each backend cachedecor supports, with their types.
-BACKEND_ARGUMENTS: dict[str, dict[str, type]] = {
-    "cachedecor.pymemcache": MEMCACHED_ARGUMENTS,
-    "dogpile.cache.memory": _MEMORY,
-    "dogpile.cache.memory_pickle": _MEMORY,
-    "dogpile.cache.redis": _REDIS_ARGUMENTS,
-    "dogpile.cache.redis_sentinel": {**_REDIS_ARGUMENTS, **_SENTINEL},
-    "dogpile.cache.redis_cluster": {**_REDIS_ARGUMENTS, **_CLUSTER},
-    "dogpile.cache.valkey": _VALKEY_ARGUMENTS,
-    "dogpile.cache.valkey_sentinel": {**_VALKEY_ARGUMENTS, **_SENTINEL},
-    "dogpile.cache.valkey_cluster": {**_VALKEY_ARGUMENTS, **_CLUSTER},
-}
+_REDIS_ARGUMENTS: Mapping[str, type] = MappingProxyType(
+    {
+        "url": str,
+        "host": str,
+        "port": int,
+        "db": int,
+        "username": str,
+        "password": str,
+        "socket_timeout": float,
+        "socket_connect_timeout": float,
+        "socket_keepalive": bool,
+        "socket_keepalive_options": object,
+        "ssl": bool,
+        "distributed_lock": bool,
+        "lock_timeout": int,
+        "lock_sleep": float,
+        "lock_blocking": bool,
+        "lock_blocking_timeout": float,
+        "thread_local_lock": bool,
+        "connection_kwargs": object,
+        "redis_expiration_time": int,
+        "connection_pool": object,
+        "lock_prefix": str,
+    }
+)
+_VALKEY_ARGUMENTS: Mapping[str, type] = MappingProxyType(
+    {
+        **{k: v for k, v in _REDIS_ARGUMENTS.items() if k != "redis_expiration_time"},
+        "valkey_expiration_time": int,
+    }
+)
+_SENTINEL: Mapping[str, type] = MappingProxyType(
+    {"sentinels": object, "service_name": str, "sentinel_kwargs": object}
+)
+_CLUSTER: Mapping[str, type] = MappingProxyType({"startup_nodes": object})
+_MEMORY: Mapping[str, type] = MappingProxyType({"cache_dict": object})
 
-#: Every name ``backend`` accepts.
-_BACKEND_NAMES = sorted({*BACKEND_ARGUMENTS, *_SUBSTITUTES})
+#: Arguments accepted by each backend cachedecor supports (backend name -> argument ->
+#: type), read-only. The schema of ``cachedecor.pymemcache`` is
+#: :data:`cachedecor.backends.MEMCACHED_ARGUMENTS` itself (callers may test it with ``is``).
+BACKEND_ARGUMENTS: Mapping[str, Mapping[str, type]] = MappingProxyType(
+    {
+        "cachedecor.pymemcache": MEMCACHED_ARGUMENTS,
+        "dogpile.cache.memory": _MEMORY,
+        "dogpile.cache.memory_pickle": _MEMORY,
+        "dogpile.cache.redis": _REDIS_ARGUMENTS,
+        "dogpile.cache.redis_sentinel": MappingProxyType({**_REDIS_ARGUMENTS, **_SENTINEL}),
+        "dogpile.cache.redis_cluster": MappingProxyType({**_REDIS_ARGUMENTS, **_CLUSTER}),
+        "dogpile.cache.valkey": _VALKEY_ARGUMENTS,
+        "dogpile.cache.valkey_sentinel": MappingProxyType({**_VALKEY_ARGUMENTS, **_SENTINEL}),
+        "dogpile.cache.valkey_cluster": MappingProxyType({**_VALKEY_ARGUMENTS, **_CLUSTER}),
+    }
+)
 
-_NO_LEASES = (
+#: Every name the ``backend`` option accepts (those of :data:`BACKEND_ARGUMENTS` and
+#: :data:`SUBSTITUTES`), sorted: the list an error message offers.
+BACKEND_NAMES: tuple[str, ...] = tuple(sorted({*BACKEND_ARGUMENTS, *SUBSTITUTES}))
+
+#: Why a backend without leases is refused: a phrase that follows "it has" in a message.
+NO_LEASES = (
     "no atomic add and compare-and-set, which cachedecor's fill leases need to keep a slow "
     "reader from storing a row older than a committed write"
 )
 _OTHER_MEMCACHED_CLIENT = (
-    f"through {{client}} it has {_NO_LEASES} (cachedecor has them only through its own "
+    f"through {{client}} it has {NO_LEASES} (cachedecor has them only through its own "
     "pymemcache client); use backend = dogpile.cache.pymemcache with the same arguments.url"
 )
 
-#: dogpile backends cachedecor cannot use, and why. Checked before anything else about
-#: the region, so the reason comes first rather than a complaint about an argument.
-_REFUSED_BACKENDS = {
-    "dogpile.cache.dbm": (
-        f"it keeps values in a DBM file that no other host sees, and it has {_NO_LEASES}; use "
-        "cachedecor.pymemcache or dogpile.cache.redis (dogpile.cache.memory for a single process)"
-    ),
-    "dogpile.cache.null": (
-        f"it stores nothing, and it has {_NO_LEASES}; to run without a shared cache use dogpile.cache.memory"
-    ),
-    "dogpile.cache.memcached": _OTHER_MEMCACHED_CLIENT.format(client="python-memcached"),
-    "dogpile.cache.pylibmc": _OTHER_MEMCACHED_CLIENT.format(client="pylibmc"),
-    "dogpile.cache.bmemcached": _OTHER_MEMCACHED_CLIENT.format(client="python-binary-memcached"),
-}
+#: dogpile backends cachedecor cannot use (name -> why, a phrase that follows "cachedecor
+#: cannot use <name>: "), read-only. Checked before anything else about the region, so
+#: the reason comes first rather than a complaint about an argument.
+REFUSED_BACKENDS: Mapping[str, str] = MappingProxyType(
+    {
+        "dogpile.cache.dbm": (
+            f"it keeps values in a DBM file that no other host sees, and it has {NO_LEASES}; use "
+            "cachedecor.pymemcache or dogpile.cache.redis (dogpile.cache.memory for a single process)"
+        ),
+        "dogpile.cache.null": (
+            f"it stores nothing, and it has {NO_LEASES}; "
+            "to run without a shared cache use dogpile.cache.memory"
+        ),
+        "dogpile.cache.memcached": _OTHER_MEMCACHED_CLIENT.format(client="python-memcached"),
+        "dogpile.cache.pylibmc": _OTHER_MEMCACHED_CLIENT.format(client="pylibmc"),
+        "dogpile.cache.bmemcached": _OTHER_MEMCACHED_CLIENT.format(client="python-binary-memcached"),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -129,82 +168,98 @@ def _number(value: float) -> str:
 _MEMCACHED_MAX_TTL = 30 * 24 * 3600
 _ABSOLUTE = "memcached reads a larger expiry as an absolute Unix time, so it would expire at once"
 
-#: Ranges of the region options.
-REGION_RANGES: dict[str, _Range] = {
-    "expiration_time": _Range(0, unit="seconds"),
-    "compress_threshold": _Range(0, unit="bytes"),
-    "lease_timeout": _Range(1, unit="seconds"),
-    "lease_wait": _Range(0, unit="seconds"),
-    "max_entry_size": _Range(1, unit="bytes"),
-    "local_entries": _Range(0, unit="entries"),
-    "local_ttl": _Range(0, exclusive=True, unit="seconds"),
-    "local_max_bytes": _Range(1024, unit="bytes"),
-}
-
-_MEMCACHED_RANGES: dict[str, _Range] = {
-    "connect_timeout": _Range(0, exclusive=True, unit="seconds"),
-    "timeout": _Range(0, exclusive=True, unit="seconds"),
-    "dead_timeout": _Range(0, unit="seconds"),
-    "hashclient_dead_timeout": _Range(0, unit="seconds"),
-    "hashclient_retry_timeout": _Range(0, unit="seconds"),
-    "hashclient_retry_attempts": _Range(0),
-    "retry_attempts": _Range(
-        1, why="how many times a call is tried in all, as dogpile.cache.pymemcache counts"
-    ),
-    "retry_delay": _Range(0, unit="seconds"),
-    "memcached_expire_time": _Range(0, high=_MEMCACHED_MAX_TTL, unit="seconds", why=_ABSOLUTE),
-    "lock_timeout": _Range(0, high=_MEMCACHED_MAX_TTL, unit="seconds", why=_ABSOLUTE),
-    "invalidation_retry_interval": _Range(
-        0.01,
-        unit="seconds",
-        why="a shorter interval makes the retry thread spin, taking a CPU core while a server is down",
-    ),
-    "invalidation_retry_for": _Range(0, exclusive=True, unit="seconds"),
-    "max_pending_invalidations": _Range(1),
-}
-_REDIS_RANGES: dict[str, _Range] = {
-    "port": _Range(1, high=65535, why="a TCP port"),
-    "db": _Range(0),
-    "socket_timeout": _Range(0, exclusive=True, unit="seconds"),
-    "socket_connect_timeout": _Range(0, exclusive=True, unit="seconds"),
-    "lock_timeout": _Range(0, unit="seconds"),
-    "lock_sleep": _Range(0, exclusive=True, unit="seconds", why="0 polls the lock in a busy loop"),
-    "lock_blocking_timeout": _Range(0, unit="seconds"),
-    "redis_expiration_time": _Range(0, unit="seconds"),
-    "valkey_expiration_time": _Range(0, unit="seconds"),
-}
-
-#: Ranges of the numeric ``arguments.*`` of each backend (every int and float argument has one).
-ARGUMENT_RANGES: dict[str, dict[str, _Range]] = {
-    name: {
-        arg: valid
-        for arg, valid in (_MEMCACHED_RANGES if schema is MEMCACHED_ARGUMENTS else _REDIS_RANGES).items()
-        if arg in schema
+#: Ranges of the numeric region options (option -> range), read-only.
+REGION_RANGES: Mapping[str, _Range] = MappingProxyType(
+    {
+        "expiration_time": _Range(0, unit="seconds"),
+        "compress_threshold": _Range(0, unit="bytes"),
+        "lease_timeout": _Range(1, unit="seconds"),
+        "lease_wait": _Range(0, unit="seconds"),
+        "max_entry_size": _Range(1, unit="bytes"),
+        "local_entries": _Range(0, unit="entries"),
+        "local_ttl": _Range(0, exclusive=True, unit="seconds"),
+        "local_max_bytes": _Range(1024, unit="bytes"),
     }
-    for name, schema in BACKEND_ARGUMENTS.items()
-    if any(kind in (int, float) for kind in schema.values())
-}
+)
+
+_MEMCACHED_RANGES: Mapping[str, _Range] = MappingProxyType(
+    {
+        "connect_timeout": _Range(0, exclusive=True, unit="seconds"),
+        "timeout": _Range(0, exclusive=True, unit="seconds"),
+        "dead_timeout": _Range(0, unit="seconds"),
+        "hashclient_dead_timeout": _Range(0, unit="seconds"),
+        "hashclient_retry_timeout": _Range(0, unit="seconds"),
+        "hashclient_retry_attempts": _Range(0),
+        "retry_attempts": _Range(
+            1, why="how many times a call is tried in all, as dogpile.cache.pymemcache counts"
+        ),
+        "retry_delay": _Range(0, unit="seconds"),
+        "memcached_expire_time": _Range(0, high=_MEMCACHED_MAX_TTL, unit="seconds", why=_ABSOLUTE),
+        "lock_timeout": _Range(0, high=_MEMCACHED_MAX_TTL, unit="seconds", why=_ABSOLUTE),
+        "invalidation_retry_interval": _Range(
+            0.01,
+            unit="seconds",
+            why="a shorter interval makes the retry thread spin, taking a CPU core while a server is down",
+        ),
+        "invalidation_retry_for": _Range(0, exclusive=True, unit="seconds"),
+        "max_pending_invalidations": _Range(1),
+    }
+)
+_REDIS_RANGES: Mapping[str, _Range] = MappingProxyType(
+    {
+        "port": _Range(1, high=65535, why="a TCP port"),
+        "db": _Range(0),
+        "socket_timeout": _Range(0, exclusive=True, unit="seconds"),
+        "socket_connect_timeout": _Range(0, exclusive=True, unit="seconds"),
+        "lock_timeout": _Range(0, unit="seconds"),
+        "lock_sleep": _Range(0, exclusive=True, unit="seconds", why="0 polls the lock in a busy loop"),
+        "lock_blocking_timeout": _Range(0, unit="seconds"),
+        "redis_expiration_time": _Range(0, unit="seconds"),
+        "valkey_expiration_time": _Range(0, unit="seconds"),
+    }
+)
+
+#: Ranges of the numeric ``arguments.*`` of each backend (backend -> argument -> range;
+#: every int and float argument has one), read-only.
+ARGUMENT_RANGES: Mapping[str, Mapping[str, _Range]] = MappingProxyType(
+    {
+        name: MappingProxyType(
+            {
+                arg: valid
+                for arg, valid in (
+                    _MEMCACHED_RANGES if schema is MEMCACHED_ARGUMENTS else _REDIS_RANGES
+                ).items()
+                if arg in schema
+            }
+        )
+        for name, schema in BACKEND_ARGUMENTS.items()
+        if any(kind in (int, float) for kind in schema.values())
+    }
+)
 
 
-#: Per-region options (besides ``arguments.*``): type and default.
-REGION_OPTIONS: dict[str, tuple[type, Any]] = {
-    "backend": (str, None),
-    "expiration_time": (int, 3600),
-    "compress_threshold": (int, 1024),
-    "compress_level": (int, None),
-    "compression": (str, "zlib"),
-    "serializer": (str, "msgpack"),
-    "namespace": (str, DEFAULT_NAMESPACE),
-    "secret": (str, None),
-    "lease_timeout": (int, 5),
-    "lease_wait": (float, 0.1),
-    "max_entry_size": (int, 1_000_000),
-    "tables": (list, None),
-    "local_entries": (int, 0),
-    "local_ttl": (float, 10.0),
-    "local_max_bytes": (int, 64 * 1024 * 1024),
-}
-_GLOBAL_OPTIONS = (
+#: Per-region options (besides ``arguments.*``): option -> (type, default), read-only.
+REGION_OPTIONS: Mapping[str, tuple[type, Any]] = MappingProxyType(
+    {
+        "backend": (str, None),
+        "expiration_time": (int, 3600),
+        "compress_threshold": (int, 1024),
+        "compress_level": (int, None),
+        "compression": (str, "zlib"),
+        "serializer": (str, "msgpack"),
+        "namespace": (str, DEFAULT_NAMESPACE),
+        "secret": (str, None),
+        "lease_timeout": (int, 5),
+        "lease_wait": (float, 0.1),
+        "max_entry_size": (int, 1_000_000),
+        "tables": (list, None),
+        "local_entries": (int, 0),
+        "local_ttl": (float, 10.0),
+        "local_max_bytes": (int, 64 * 1024 * 1024),
+    }
+)
+#: The top-level options (``<prefix><option>``, beside the regions' ``<prefix><region>.*``).
+GLOBAL_OPTIONS: tuple[str, ...] = (
     "regions",
     "secret",
     "outbox_url",
@@ -214,16 +269,28 @@ _GLOBAL_OPTIONS = (
     "broadcast_url",
     "broadcast_channel",
 )
-_SERIALIZERS = ("msgpack",)
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
+#: The values the ``serializer`` option accepts.
+SERIALIZERS: tuple[str, ...] = ("msgpack",)
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
 
 
 # --------------------------------------------------------------------------------------
 # value coercion
 
 
-def _coerce(value: Any, kind: type, where: str) -> Any:
+def coerce(value: Any, kind: type, where: str) -> Any:
+    """``value`` as an option of type ``kind`` (a type of :data:`REGION_OPTIONS` or
+    :data:`BACKEND_ARGUMENTS`), so a string from an INI file and a typed value from a dict
+    mean the same.
+
+    ``str`` and numbers are stripped and parsed (``" 5 "`` -> ``5``); ``bool`` takes
+    true/yes/on/1 and false/no/off/0 in any case; ``list`` takes a comma-separated string
+    or a list (a new list of stripped strings, none empty); ``object`` takes anything but
+    a string, as is. A bool is never an int or a float; a float is finite.
+
+    :raises ConfigError: naming ``where`` (the option as the user wrote it) and the value.
+    """
     if kind is object:
         if isinstance(value, str):
             raise ConfigError(
@@ -275,21 +342,6 @@ def _coerce(value: Any, kind: type, where: str) -> Any:
     raise AssertionError(kind)  # pragma: no cover
 
 
-def _closest(word: str, candidates: Iterable[str]) -> str | None:
-    """The candidate closest to ``word`` (difflib), or one it is the last part of."""
-    names = [c for c in candidates if c != word]
-    matches = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
-    if not matches:  # "memory" for "dogpile.cache.memory"
-        matches = [c for c in names if c.endswith("." + word)][:1]
-    return matches[0] if matches else None
-
-
-def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    """``" did you mean 'x'?"`` for the closest candidate, or ``""``."""
-    match = _closest(word, candidates)
-    return f" did you mean {match!r}?" if match else ""
-
-
 # --------------------------------------------------------------------------------------
 # top-level options of durable invalidation (see cachedecor.outbox)
 
@@ -305,10 +357,13 @@ class OutboxSettings:
     grace: float = 0.25
 
 
-OUTBOX_RANGES: dict[str, _Range] = {
-    "outbox_interval": _Range(0.01, high=60, unit="seconds", why="how often each process looks for rows"),
-    "outbox_grace": _Range(0, high=60, unit="seconds"),
-}
+#: Ranges of the numeric ``outbox_*`` options, read-only.
+OUTBOX_RANGES: Mapping[str, _Range] = MappingProxyType(
+    {
+        "outbox_interval": _Range(0.01, high=60, unit="seconds", why="how often each process looks for rows"),
+        "outbox_grace": _Range(0, high=60, unit="seconds"),
+    }
+)
 
 
 def outbox_settings(options: dict[str, Any], prefix: str) -> OutboxSettings | None:
@@ -322,7 +377,7 @@ def outbox_settings(options: dict[str, Any], prefix: str) -> OutboxSettings | No
         if names:
             raise ConfigError(f"{prefix}{names[0]}: set {prefix}outbox_url too (the database of the outbox)")
         return None
-    url_text = _coerce(options["outbox_url"], str, f"{prefix}outbox_url")
+    url_text = coerce(options["outbox_url"], str, f"{prefix}outbox_url")
     try:
         url = sqlalchemy.make_url(url_text)
     except Exception as exc:
@@ -330,14 +385,14 @@ def outbox_settings(options: dict[str, Any], prefix: str) -> OutboxSettings | No
             f"{prefix}outbox_url: expected a SQLAlchemy database URL such as "
             f"postgresql://user@host/dbname, got {url_text!r} ({exc})"
         ) from None
-    table = _coerce(options.get("outbox_table", "cachedecor_outbox"), str, f"{prefix}outbox_table")
+    table = coerce(options.get("outbox_table", "cachedecor_outbox"), str, f"{prefix}outbox_table")
     schema, _, name = table.rpartition(".")
     ident = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*\Z")
     if not ident.match(name) or (schema and not ident.match(schema)):
         raise ConfigError(f"{prefix}outbox_table: expected a table name or schema.table, got {table!r}")
     values: dict[str, float] = {}
     for option, default in (("outbox_interval", 0.1), ("outbox_grace", 0.25)):
-        value = _coerce(options.get(option, default), float, f"{prefix}{option}")
+        value = coerce(options.get(option, default), float, f"{prefix}{option}")
         OUTBOX_RANGES[option].check(value, f"{prefix}{option}")
         values[option] = value
     return OutboxSettings(
@@ -401,7 +456,7 @@ def broadcast_settings(options: dict[str, Any], prefix: str) -> tuple[list[Any],
             raise missing_extra(f"{prefix}broadcast_url: the {kind} transport ({text!r})", client)
         kinds[kind] = text
         urls.append(url)
-    channel = _coerce(
+    channel = coerce(
         options.get("broadcast_channel", "cachedecor_invalidations"), str, f"{prefix}broadcast_channel"
     )
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", channel):

@@ -22,23 +22,24 @@ from cachedecor.backends import (
 )
 from cachedecor.codec import Codec
 from cachedecor.config.options import (
-    _BACKEND_NAMES,
-    _NO_LEASES,
-    _REFUSED_BACKENDS,
-    _SERIALIZERS,
-    _SUBSTITUTES,
     ARGUMENT_RANGES,
     BACKEND_ARGUMENTS,
+    BACKEND_NAMES,
+    NO_LEASES,
+    REFUSED_BACKENDS,
     REGION_OPTIONS,
     REGION_RANGES,
-    _closest,
-    _coerce,
-    _did_you_mean,
+    SERIALIZERS,
+    SUBSTITUTES,
+    coerce,
 )
-from cachedecor.config.sources import _check_name, _Parsed
+from cachedecor.config.sources import Parsed, check_region_name
+from cachedecor.config.suggestions import closest, did_you_mean
 from cachedecor.errors import EXTRAS, ConfigError, MissingExtra, missing_extra
 from cachedecor.keys import check_namespace, mangle_key
 from cachedecor.near import NearCache
+
+__all__ = ["RegionSettings", "build_region", "check_arguments", "check_server", "region_names"]
 
 
 @dataclass(frozen=True)
@@ -63,26 +64,35 @@ class RegionSettings:
     near: NearCache | None = None
 
 
-def _origin(parsed: _Parsed, prefix: str, name: str) -> str:
+def _origin(parsed: Parsed, prefix: str, name: str) -> str:
     """Where the options of region ``name`` were written, as the user wrote them."""
     if parsed.form == "ini":
         return f"section [{prefix}{name}]"
     return f"{prefix}{name}.*"
 
 
-def _region_names(parsed: _Parsed, prefix: str) -> list[str]:
+def region_names(parsed: Parsed, prefix: str) -> list[str]:
+    """The names of the regions ``parsed`` configures, in order.
+
+    Those ``<prefix>regions`` lists, each of which must be defined and none defined
+    beside them; without ``<prefix>regions``, every region defined. Only names are
+    checked here, not options.
+
+    :raises ConfigError: for no region, or a region listed but not defined or the reverse
+        (with a did-you-mean when one looks like a misspelling of the other).
+    """
     listed = parsed.globals.get("regions")
     if listed is None:
         if not parsed.regions:
             raise ConfigError(f"no regions are configured: set {prefix}regions and define each region")
         return list(parsed.regions)
-    names: list[str] = _coerce(listed, list, f"{prefix}regions")
+    names: list[str] = coerce(listed, list, f"{prefix}regions")
     for name in names:
-        _check_name(name, f"{prefix}regions")
+        check_region_name(name, f"{prefix}regions")
     missing = [name for name in names if name not in parsed.regions]
     unlisted = [name for name in parsed.regions if name not in names]
     for name in unlisted:
-        meant = _closest(name, missing)
+        meant = closest(name, missing)
         if meant is not None:
             raise ConfigError(
                 f"{_origin(parsed, prefix, name)} configures region {name!r}, which {prefix}regions "
@@ -123,54 +133,64 @@ def _usable(cls: Any) -> bool:
 def _check_backend(name: str, backend: str, prefix: str) -> str:
     """The backend cachedecor uses for ``backend``; refuses those it cannot use, saying why."""
     where = f"{prefix}{name}.backend"
-    reason = _REFUSED_BACKENDS.get(backend)
+    reason = REFUSED_BACKENDS.get(backend)
     if reason is not None:
         raise ConfigError(f"{where}: cachedecor cannot use {backend!r}: {reason}")
-    backend = _SUBSTITUTES.get(backend, backend)
+    backend = SUBSTITUTES.get(backend, backend)
     try:
         cls = dogpile.cache.region._backend_loader.load(backend)  # type: ignore[attr-defined,no-untyped-call]
     except PluginLoader.NotFound:
         raise ConfigError(
-            f"{where}: unknown backend {backend!r};{_did_you_mean(backend, _BACKEND_NAMES)} "
-            f"supported: {', '.join(_BACKEND_NAMES)}"
+            f"{where}: unknown backend {backend!r};{did_you_mean(backend, BACKEND_NAMES)} "
+            f"supported: {', '.join(BACKEND_NAMES)}"
         ) from None
     except ImportError as exc:
         raise ConfigError(f"{where}: backend {backend!r} cannot be imported: {exc}") from None
     if not _usable(cls):
         raise ConfigError(
             f"{where}: cachedecor cannot use {backend!r} ({cls.__module__}.{cls.__qualname__}): "
-            f"it has {_NO_LEASES}; cachedecor has them for memcached, Redis, Valkey and the memory "
-            f"backend (and subclasses of their dogpile backends): use one of {', '.join(_BACKEND_NAMES)}"
+            f"it has {NO_LEASES}; cachedecor has them for memcached, Redis, Valkey and the memory "
+            f"backend (and subclasses of their dogpile backends): use one of {', '.join(BACKEND_NAMES)}"
         )
     return backend
 
 
-def _build(name: str, parsed: _Parsed, prefix: str) -> RegionSettings:
+def build_region(name: str, parsed: Parsed, prefix: str) -> RegionSettings:
+    """Region ``name`` of ``parsed``, every option checked, as a new :class:`RegionSettings`.
+
+    Checks every option first, then makes and configures a new dogpile region, its
+    stores and codec (and its near cache when ``local_entries`` is set); it opens no
+    connection. The region is not added to the configured regions: the caller keeps it
+    or drops it.
+
+    :raises ConfigError: for any invalid option, naming the region and option
+        (:class:`~cachedecor.errors.MissingExtra` when an extra is not installed).
+    """
     where = f"{prefix}{name}"
     options = parsed.regions[name]
     raw_backend = options.get("backend")
     named = raw_backend.strip() if isinstance(raw_backend, str) else ""
-    schema = BACKEND_ARGUMENTS.get(_SUBSTITUTES.get(named, named), {})
+    schema = BACKEND_ARGUMENTS.get(SUBSTITUTES.get(named, named), {})
     for option in options:
         if option not in REGION_OPTIONS:
             known = [*REGION_OPTIONS, *(f"arguments.{arg}" for arg in schema)]
             raise ConfigError(
-                f"{where}.{option}: unknown option;{_did_you_mean(option, known)} known options: "
+                f"{where}.{option}: unknown option;{did_you_mean(option, known)} known options: "
                 f"{', '.join(sorted(REGION_OPTIONS))}, arguments.*"
             )
     if raw_backend is None:
         raise ConfigError(f"{where}.backend: missing; e.g. cachedecor.pymemcache or dogpile.cache.memory")
-    backend = _check_backend(name, _coerce(raw_backend, str, f"{where}.backend"), prefix)
+    backend = _check_backend(name, coerce(raw_backend, str, f"{where}.backend"), prefix)
     values: dict[str, Any] = {}
     for option, (kind, default) in REGION_OPTIONS.items():
         raw = options.get(option)
-        values[option] = default if raw is None else _coerce(raw, kind, f"{where}.{option}")
+        values[option] = default if raw is None else coerce(raw, kind, f"{where}.{option}")
     for option, valid in REGION_RANGES.items():
         valid.check(values[option], f"{where}.{option}")
-    if values["serializer"] not in _SERIALIZERS:
+    if values["serializer"] not in SERIALIZERS:
         raise ConfigError(
             f"{where}.serializer: unknown serializer {values['serializer']!r};"
-            f"{_did_you_mean(values['serializer'], _SERIALIZERS)} supported: {', '.join(_SERIALIZERS)}"
+            f"{did_you_mean(values['serializer'], SERIALIZERS)} supported: {', '.join(SERIALIZERS)}"
         )
     try:
         namespace = check_namespace(values["namespace"])
@@ -179,7 +199,7 @@ def _build(name: str, parsed: _Parsed, prefix: str) -> RegionSettings:
     secret_option = f"{where}.secret" if values["secret"] is not None else f"{prefix}secret"
     secret = values["secret"] if values["secret"] is not None else parsed.globals.get("secret")
     if secret is not None:
-        secret = _coerce(secret, str, secret_option)
+        secret = coerce(secret, str, secret_option)
         if not secret:
             raise ConfigError(f"{secret_option}: must not be empty when set")
     try:
@@ -221,7 +241,7 @@ def _build(name: str, parsed: _Parsed, prefix: str) -> RegionSettings:
         health.expiration_time = values["expiration_time"] or None
     store = store_for(region.actual_backend)
     if store is None:  # pragma: no cover - _check_backend refuses these first
-        raise ConfigError(f"{where}.backend: cachedecor cannot use {backend!r}: it has {_NO_LEASES}")
+        raise ConfigError(f"{where}.backend: cachedecor cannot use {backend!r}: it has {NO_LEASES}")
     return RegionSettings(
         name=name,
         region=region,
@@ -266,9 +286,9 @@ def check_arguments(
         if kind is None:
             raise ConfigError(
                 f"{where}.{arg}: unknown argument for backend {backend};"
-                f"{_did_you_mean(str(arg), schema)} accepted: {', '.join(sorted(schema))}"
+                f"{did_you_mean(str(arg), schema)} accepted: {', '.join(sorted(schema))}"
             )
-        out[arg] = _coerce(value, kind, f"{where}.{arg}")
+        out[arg] = coerce(value, kind, f"{where}.{arg}")
         if arg in ranges:
             ranges[arg].check(out[arg], f"{where}.{arg}")
     if schema is MEMCACHED_ARGUMENTS and "url" in out:

@@ -9,45 +9,63 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cachedecor.config.options import _GLOBAL_OPTIONS, _closest, _did_you_mean
+from cachedecor.config.options import GLOBAL_OPTIONS
+from cachedecor.config.suggestions import closest, did_you_mean
 from cachedecor.errors import ConfigError
+
+__all__ = ["ENV_VAR", "Parsed", "check_region_name", "parse"]
 
 #: Environment variable naming the INI file used by ``configure_regions(None)``.
 ENV_VAR = "CACHEDECOR_CONFIG"
 
 
 @dataclass
-class _Parsed:
+class Parsed:
+    """A source in the one flat form every source is turned into, not yet validated.
+
+    Keys are as the user wrote them (without the prefix); values are raw (strings from an
+    INI file, whatever a dict held). A region named only by its ``arguments.*`` has an
+    empty entry in ``regions``.
+    """
+
+    #: the top-level options (those of :data:`~cachedecor.config.options.GLOBAL_OPTIONS`
+    #: found); a nested dict's ``regions`` becomes the list of its region names
     globals: dict[str, Any] = field(default_factory=dict)
+    #: region name -> option -> raw value (``arguments.*`` excluded)
     regions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: region name -> argument -> raw value (the ``arguments.*`` options)
     arguments: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: where the settings come from: "ini", "flat" or "nested" (to name a region's options)
     form: str = "flat"
 
 
-def _check_name(name: str, origin: str) -> str:
+def check_region_name(name: str, origin: str) -> str:
+    """``name`` if it is a valid region name (letters, digits, ``_`` and ``-``, not empty).
+
+    :raises ConfigError: naming ``origin`` (where the name was written) and the name.
+    """
     if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-" for c in name):
         raise ConfigError(f"{origin}: region name {name!r} must be letters, digits, '_' or '-'")
     return name
 
 
-def _from_flat(settings: Mapping[str, Any], prefix: str, form: str = "flat") -> _Parsed:
-    parsed = _Parsed(form=form)
+def _from_flat(settings: Mapping[str, Any], prefix: str, form: str = "flat") -> Parsed:
+    parsed = Parsed(form=form)
     for full_key, value in settings.items():
         if not isinstance(full_key, str) or not full_key.startswith(prefix):
             continue
         rest = full_key[len(prefix) :]
-        if rest in _GLOBAL_OPTIONS:
+        if rest in GLOBAL_OPTIONS:
             parsed.globals[rest] = value
             continue
         name, dot, option = rest.partition(".")
         if not dot or not option:
             raise ConfigError(
-                f"unknown option {full_key!r};{_did_you_mean(rest, _GLOBAL_OPTIONS)} expected "
+                f"unknown option {full_key!r};{did_you_mean(rest, GLOBAL_OPTIONS)} expected "
                 f"{prefix}regions, {prefix}secret, {prefix}outbox_url (and the other outbox_* options) "
                 f"or {prefix}<region>.<option>"
             )
-        _check_name(name, full_key)
+        check_region_name(name, full_key)
         if option.startswith("arguments."):
             arg = option[len("arguments.") :]
             if not arg:
@@ -59,22 +77,22 @@ def _from_flat(settings: Mapping[str, Any], prefix: str, form: str = "flat") -> 
     return parsed
 
 
-def _from_nested(source: Mapping[str, Any]) -> _Parsed:
-    parsed = _Parsed(form="nested")
+def _from_nested(source: Mapping[str, Any]) -> Parsed:
+    parsed = Parsed(form="nested")
     for key in source:
-        if key not in _GLOBAL_OPTIONS:
+        if key not in GLOBAL_OPTIONS:
             raise ConfigError(
-                f"unknown top-level option {key!r};{_did_you_mean(str(key), _GLOBAL_OPTIONS)} expected "
+                f"unknown top-level option {key!r};{did_you_mean(str(key), GLOBAL_OPTIONS)} expected "
                 f"'regions' (a dict of regions) and optionally 'secret' and the outbox_* options"
             )
     regions = source.get("regions")
     if not isinstance(regions, Mapping) or not regions:
         raise ConfigError("'regions' must be a non-empty dict of region name -> options")
-    for key in _GLOBAL_OPTIONS:
+    for key in GLOBAL_OPTIONS:
         if key != "regions" and key in source:
             parsed.globals[key] = source[key]
     for name, options in regions.items():
-        _check_name(name, "regions")
+        check_region_name(name, "regions")
         if not isinstance(options, Mapping):
             raise ConfigError(f"region {name!r}: options must be a dict, got {options!r}")
         opts = dict(options)
@@ -132,11 +150,21 @@ def _misspelled_section(section: str, sections: list[str]) -> str:
     return ""
 
 
-def _parse(source: Any, prefix: str) -> _Parsed:
+def parse(source: Any, prefix: str) -> Parsed:
+    """Any source :func:`~cachedecor.configure_regions` takes, in the flat form.
+
+    ``source`` is an INI path, a nested dict, a flat dotted dict (keys selected by
+    ``prefix``, which ends with ``"."``) or ``None`` (``$CACHEDECOR_CONFIG``, else one
+    memory region ``default``). Only the form is checked here (region names, known
+    top-level options, a readable file); the options are checked by
+    :mod:`cachedecor.config.regions`. Reads the file, nothing else.
+
+    :raises ConfigError: for a source of the wrong form, saying what was expected.
+    """
     if source is None:
         path = os.environ.get(ENV_VAR)
         if not path:
-            return _Parsed(
+            return Parsed(
                 globals={"regions": ["default"]},
                 regions={"default": {"backend": "dogpile.cache.memory"}},
                 arguments={"default": {}},
@@ -161,7 +189,7 @@ def _did_you_mean_key(source: Mapping[str, Any], prefix: str) -> str:
     for key in source:
         if not isinstance(key, str):
             continue
-        if key != "regions" and _closest(key, ["regions"]):
+        if key != "regions" and closest(key, ["regions"]):
             return f" did you mean 'regions' (not {key!r}) for a nested configuration?"
         dots = prefix.count(".")
         parts = key.split(".", dots)
