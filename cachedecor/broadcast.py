@@ -244,13 +244,23 @@ class Link:
 
     # -- receiving -----------------------------------------------------------------------
 
-    def _connect(self) -> Any:
+    def _connect(self, listener: bool = False) -> Any:
         if self.kind == "redis":
-            return self._client_module.Redis.from_url(
+            module = self._client_module
+            options: dict[str, Any] = {}
+            if listener:
+                # no automatic retry: redis-py's would reconnect the subscription on a
+                # new socket by itself (on a failed read or ping, e.g. a LOADING reply
+                # from a server that restarts with a dataset), out of sight of the
+                # listener's Ear, its cutter and the reads' epoll set; the listener
+                # reconnects through its own path instead (every 0.2 s)
+                options["retry"] = module.retry.Retry(module.backoff.NoBackoff(), 0)
+            return module.Redis.from_url(
                 self.url.render_as_string(hide_password=False),
                 socket_connect_timeout=1,
                 socket_timeout=2,
                 health_check_interval=1,
+                **options,
             )
         return self._client_module.connect(_libpq_url(self.url), autocommit=True, connect_timeout=2)
 
@@ -267,7 +277,7 @@ class Link:
         while not self._stop.is_set():
             conn: Any = None
             try:
-                conn = self._connect()
+                conn = self._connect(listener=True)
                 if self.kind == "redis":
                     self._listen_redis(conn)
                 else:
@@ -349,6 +359,7 @@ class Link:
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline:
             message = pubsub.get_message(timeout=0.5)
+            _same_socket(pubsub, sock)
             if message is not None and message["type"] == "subscribe":
                 break
         else:
@@ -357,6 +368,10 @@ class Link:
         self._up(fd)
         pinged = heard_at = time.monotonic()
         while not self._stop.is_set():
+            # every call into the client may have reconnected it (can_read() connects
+            # a connection whose socket is gone): the listener must not go on with a
+            # socket nobody reads any more (its fd closed, or reused by another file)
+            _same_socket(pubsub, sock)
             # everything on the socket or in the client's buffer: messages, and answers
             # to keep-alives. Near reads go to the remote cache from before the client
             # reads the socket (can_read() moves what is there into its buffer, where
@@ -364,7 +379,9 @@ class Link:
             ear.taking = True
             try:
                 while pubsub.connection.can_read(timeout=0):
+                    _same_socket(pubsub, sock)
                     message = pubsub.get_message(timeout=_KEEPALIVE)
+                    _same_socket(pubsub, sock)
                     if message is not None:  # (None: the client's own health check)
                         ear.heard()  # the server answered
                         heard_at = time.monotonic()
@@ -383,6 +400,7 @@ class Link:
                 # reads) would hide what arrives with it
                 ear.answer_due = True
                 pubsub.ping()  # answered by a "pong" message, which renews the hearing
+                _same_socket(pubsub, sock)
                 pinged = now
             ear.wait(_KEEPALIVE)  # the interpreter is free meanwhile (taking: reset above)
 
@@ -478,8 +496,20 @@ def _on_event_loop() -> bool:
     return True
 
 
+def _same_socket(pubsub: Any, sock: Any) -> None:
+    """Raise unless ``pubsub`` still reads the socket ``sock`` it subscribed on."""
+    connection = pubsub.connection
+    if connection is None or getattr(connection, "_sock", None) is not sock:
+        raise ConnectionError("the Redis client moved the subscription to another socket")
+
+
 def _cutter(fd: int) -> Any:
-    """A function that shuts down the socket ``fd`` (a blocked read then returns)."""
+    """A function that shuts down the socket ``fd`` (a blocked read then returns), unless
+    the number has meanwhile been closed and given to another file (never cut that)."""
+    try:
+        identity = _identity(os.fstat(fd))
+    except OSError:
+        identity = None
 
     def cut() -> None:
         try:
@@ -487,13 +517,18 @@ def _cutter(fd: int) -> Any:
         except OSError:
             return
         try:
-            dup.shutdown(socket.SHUT_RDWR)
+            if _identity(os.fstat(dup.fileno())) == identity:
+                dup.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         finally:
             dup.close()
 
     return cut
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino
 
 
 def _libpq_url(url: Any) -> str:

@@ -327,7 +327,10 @@ class Ear:
         if _libc is None or not _native():
             waiting = select.poll()
             waiting.register(fd, select.POLLIN)
-            return bool(waiting.poll(ms))
+            ready = waiting.poll(ms)
+            if ready and ready[0][1] & select.POLLNVAL:
+                raise ConnectionError(f"the listener's socket {fd} was closed under it")
+            return bool(ready)
         pollfd = self._pollfd
         pollfd.fd = fd
         self.arrived[3] = 0
@@ -339,6 +342,11 @@ class Ear:
         if self.arrived[3]:
             self.taking = True
         self.waiting = False
+        if self.arrived[3] & select.POLLNVAL:
+            # the number is no file any more (closed under the listener): every wait
+            # would return at once, and every look find it "unread"; the listener
+            # reconnects instead
+            raise ConnectionError(f"the listener's socket {fd} was closed under it")
         if ready < 0:
             import ctypes
 
