@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 import cachedecor
 from cachedecor import cached_by_pk, invalidates, key_for
-from cachedecor.backends import _metadump
+from cachedecor.backends.memcached.transport import metadump
 from cachedecor.config import region_settings
 from tests.conftest import memcached_config, once, redis_config
 from tests.models import Note, Post, User
@@ -535,7 +535,7 @@ class TestInvalidateModel:
         with fake_server(answer) as url:
             cachedecor.configure_regions(memcached_config(url))
             cluster = region_settings("default").store.client
-            assert _metadump(cluster, cluster.servers[0]) == ["cachedecor:cd_users:1"]
+            assert metadump(cluster, cluster.servers[0]) == ["cachedecor:cd_users:1"]
 
     def test_leases_of_the_model_are_removed(self, cached_rows: Engine) -> None:
         data, lease = store().lookup(user_key(9), 30)

@@ -15,9 +15,9 @@ leases: the memory store's operations run on the loop, Redis uses
 ``redis.asyncio``, memcached the asyncio transport in :mod:`.memcached.aio`.
 
 Modules: :mod:`.base` (the interfaces, leases, errors), :mod:`.memory`,
-:mod:`.redis`, and :mod:`.memcached` (``protocol``, ``cluster`` and the threaded
-transport, ``aio`` the asyncio transport, ``store`` and the dogpile backend in
-``dogpile``).
+:mod:`.redis`, and :mod:`.memcached` (``protocol``, ``transport`` the threaded
+transport, ``aio`` the asyncio transport, ``cluster``, ``store`` and the dogpile
+backend in ``dogpile``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from cachedecor.backends.base import (
     is_lease,
     new_lease_marker,
 )
-from cachedecor.backends.memcached.cluster import MemcachedCluster, NodeDown, NodeHealth, _metadump
+from cachedecor.backends.memcached.cluster import MemcachedCluster, NodeDown, NodeHealth
 from cachedecor.backends.memcached.dogpile import MEMCACHED_ARGUMENTS, MEMCACHED_DEFAULTS, PyMemcacheBackend
 from cachedecor.backends.memcached.protocol import MetaUnsupported, ProtocolError
 from cachedecor.backends.memcached.store import AsyncMemcachedStore, MemcachedStore
@@ -62,7 +62,6 @@ __all__ = [
     "Store",
     "UndeliveredInvalidation",
     "ValueRefused",
-    "_metadump",
     "async_store_for",
     "is_lease",
     "new_lease_marker",

@@ -1,1 +1,1 @@
-"""memcached: the protocol, a cluster of nodes, the store and the dogpile backend."""
+"""memcached: the protocol, its two transports, a cluster of nodes, the store and the dogpile backend."""

@@ -51,20 +51,20 @@ from cachedecor.backends.memcached.protocol import (
     MetaUnsupported,
     Reply,
     ReplyParser,
-    _classic_delete,
-    _classic_get,
-    _classic_store,
-    _fill_outcomes,
-    _lookup_result,
-    _md_release,
-    _mg_lookup,
-    _mg_peek,
-    _ms,
-    _peek_result,
-    _probe_verdict,
-    _server_spec,
-    _stale_connection,
-    _stored,
+    classic_delete,
+    classic_get,
+    classic_store,
+    fill_outcomes,
+    fill_result,
+    lookup_result,
+    md_release,
+    mg_lookup,
+    mg_peek,
+    ms_fill,
+    peek_result,
+    probe_verdict,
+    server_spec,
+    stale_connection,
 )
 
 __all__ = ["AsyncMemcachedCluster", "Item"]
@@ -143,7 +143,7 @@ class AsyncMemcachedCluster:
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self.max_connections = max(1, max_connections)
-        self._addresses = {s: _server_spec(s) for s in self.servers}
+        self._addresses = {s: server_spec(s) for s in self.servers}
         self._hash = RendezvousHash(list(self.servers))
         self._pools: dict[asyncio.AbstractEventLoop, dict[str, _Pool]] = {}
         register_fork_aware(self)
@@ -271,12 +271,12 @@ class AsyncMemcachedCluster:
                         sock.close()  # out of step: never reused
                     if isinstance(exc, MetaUnsupported) or not isinstance(exc, Exception):
                         raise  # the server answered; or this task was cancelled
-                    if reused and _stale_connection(exc):
+                    if reused and stale_connection(exc):
                         # closed by the server while idle (a restart, an idle timeout): so
                         # are the others of this pool; one retry on a new connection
                         pool.close()
                         continue
-                    if not classic and _stale_connection(exc) and await self._answers_classic(loop, node):
+                    if not classic and stale_connection(exc) and await self._answers_classic(loop, node):
                         raise MetaUnsupported(
                             "the server closed the connection on a meta command and answers classic "
                             "commands: a proxy without meta commands (such as twemproxy)"
@@ -297,7 +297,7 @@ class AsyncMemcachedCluster:
             try:
                 await loop.sock_sendall(sock, PROBE)
                 received = b""
-                while (verdict := _probe_verdict(received)) is None:
+                while (verdict := probe_verdict(received)) is None:
                     data = await loop.sock_recv(sock, _RECV_SIZE)
                     if not data:
                         return False
@@ -361,7 +361,7 @@ class AsyncMemcachedCluster:
         if claimed is None:
             return
         flush, pending = claimed
-        payload = b"flush_all\r\n" if flush else b"".join(_classic_delete(k) for k in pending)
+        payload = b"flush_all\r\n" if flush else b"".join(classic_delete(k) for k in pending)
         try:
             await self._classic(node, payload, 1 if flush else len(pending), owed=False, patient=True)
         except Exception:
@@ -414,47 +414,47 @@ class AsyncMemcachedCluster:
 
     async def lookup(self, key: str, ttl: int) -> tuple[bytes | None, Any]:
         """``mg <key> v c N<ttl>``: ``(entry, None)``, ``(None, lease token)`` or ``(None, None)``."""
-        return _lookup_result(*await self.meta(key, _mg_lookup(key, ttl)))
+        return lookup_result(*await self.meta(key, mg_lookup(key, ttl)))
 
     async def lookup_many(self, keys: Sequence[str], ttl: int) -> dict[str, tuple[bytes | None, Any]]:
         """:meth:`lookup` of several keys (:class:`PartialResult` holds the replies that came)."""
         try:
-            replies = await self.meta_many({k: _mg_lookup(k, ttl) for k in keys})
+            replies = await self.meta_many({k: mg_lookup(k, ttl) for k in keys})
         except PartialResult as exc:
-            out = {k: _lookup_result(*r) for k, r in exc.found.items()}
+            out = {k: lookup_result(*r) for k, r in exc.found.items()}
             raise PartialResult({k: out.get(k, (None, None)) for k in keys}, exc.error) from exc.error
-        return {k: _lookup_result(*replies[k]) for k in keys}
+        return {k: lookup_result(*replies[k]) for k in keys}
 
     async def peek(self, key: str) -> bytes | None:
         """The stored bytes of ``key`` (an entry, or a lease marker), taking no lease."""
-        return _peek_result(*await self.meta(key, _mg_peek(key)))
+        return peek_result(*await self.meta(key, mg_peek(key)))
 
     async def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
         """``ms <key> C<cas>``: store ``value`` only while lease ``token`` holds."""
-        code, flags, _ = await self.meta(key, _ms(key, value, token, ttl))
-        return _stored(code, flags)
+        code, flags, _ = await self.meta(key, ms_fill(key, value, token, ttl))
+        return fill_result(code, flags)
 
     async def fill_many(self, items: Sequence[tuple[str, bytes, Any]], ttl: int | None) -> dict[str, Any]:
         """:meth:`fill` of several keys: key -> True, False, or the exception it raised."""
-        commands = {key: _ms(key, value, token, ttl) for key, value, token in items}
+        commands = {key: ms_fill(key, value, token, ttl) for key, value, token in items}
         try:
-            return _fill_outcomes(commands, await self.meta_many(commands), None)
+            return fill_outcomes(commands, await self.meta_many(commands), None)
         except PartialResult as exc:
-            return _fill_outcomes(commands, exc.found, exc.error)
+            return fill_outcomes(commands, exc.found, exc.error)
 
     async def release(self, key: str, token: Any) -> None:
         """``md <key> C<cas>``: give up a lease without filling."""
-        await self.meta(key, _md_release(key, token))
+        await self.meta(key, md_release(key, token))
 
     # -- classic commands (the fallback, and deletes) -----------------------------------
 
     async def get(self, key: str) -> Item | None:
-        return _items(await self._classic(self.node_for(key), _classic_get([key]))).get(key)
+        return _items(await self._classic(self.node_for(key), classic_get([key]))).get(key)
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, Item]:
         """Items of the keys that are present. A failing node raises :class:`PartialResult`."""
         groups = self._by_node(keys)
-        results = await _each(self._classic(node, _classic_get(group)) for node, group in groups.items())
+        results = await _each(self._classic(node, classic_get(group)) for node, group in groups.items())
         out: dict[str, Item] = {}
         error: BaseException | None = None
         for result in results:
@@ -468,16 +468,16 @@ class AsyncMemcachedCluster:
 
     async def gets(self, key: str) -> Item | None:
         """The item of ``key`` with its cas token (``None`` when absent)."""
-        return _items(await self._classic(self.node_for(key), _classic_get([key], cas=True))).get(key)
+        return _items(await self._classic(self.node_for(key), classic_get([key], cas=True))).get(key)
 
     async def add(self, key: str, value: bytes, expire: int = 0, flags: int = 0) -> bool:
         """Store ``value`` if ``key`` is absent; whether it was stored."""
-        replies = await self._classic(self.node_for(key), _classic_store(b"add", key, value, flags, expire))
+        replies = await self._classic(self.node_for(key), classic_store(b"add", key, value, flags, expire))
         return replies[0][0] == b"STORED"
 
     async def cas(self, key: str, value: bytes, cas: Any, expire: int = 0, flags: int = 0) -> bool | None:
         """Store ``value`` if ``key``'s cas is still ``cas``: True, False (it changed), None (gone)."""
-        payload = _classic_store(b"cas", key, value, flags, expire, cas)
+        payload = classic_store(b"cas", key, value, flags, expire, cas)
         code = (await self._classic(self.node_for(key), payload))[0][0]
         return True if code == b"STORED" else None if code == b"NOT_FOUND" else False
 
@@ -493,7 +493,7 @@ class AsyncMemcachedCluster:
         groups = self._by_node(keys)
         try:
             results = await _each(
-                self._classic(node, b"".join(_classic_delete(k) for k in group), len(group), patient=True)
+                self._classic(node, b"".join(classic_delete(k) for k in group), len(group), patient=True)
                 for node, group in groups.items()
             )
         except BaseException:  # cancelled: owed to the nodes, delivered before they are read

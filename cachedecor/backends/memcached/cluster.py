@@ -8,18 +8,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from cachedecor.backends.base import PartialResult, UndeliveredInvalidation, register_fork_aware
-from cachedecor.backends.memcached.protocol import (
-    CommandRefused,
-    MetaUnsupported,
-    ProtocolError,
-    _answered,
-    _answers_classic,
-    _Exchange,
-    _server_spec,
-    _stale_connection,
-)
+from cachedecor.backends.memcached.protocol import MetaUnsupported, answered, server_spec, stale_connection
+from cachedecor.backends.memcached.transport import Exchange
 
-__all__ = ["MemcachedCluster", "NodeDown", "NodeHealth"]
+__all__ = ["ON_THEIR_WAY", "MemcachedCluster", "NodeDown", "NodeHealth"]
 
 
 #: :meth:`NodeHealth.claim`: the deletes owed to a node are being delivered by another caller
@@ -312,7 +304,7 @@ class MemcachedCluster:
         self.retry_delay = retry_delay
         self.retry_for = retry_for
         self.do_not_retry_for = do_not_retry_for
-        self.clients = {s: Client(_server_spec(s), **client_kwargs) for s in self.servers}
+        self.clients = {s: Client(server_spec(s), **client_kwargs) for s in self.servers}
         self._single = self.clients[self.servers[0]] if len(self.servers) == 1 else None
         self._hash = RendezvousHash(list(self.servers))
         register_fork_aware(self)
@@ -365,7 +357,7 @@ class MemcachedCluster:
     def meta(self, key: str, command: bytes) -> tuple[bytes, list[bytes], bytes | None]:
         """Send one meta command for ``key`` and return its reply (code, flags, value)."""
         replies: list[tuple[bytes, list[bytes], bytes | None]] = self._run(
-            self.node_for(key), _Exchange(command, 1)
+            self.node_for(key), Exchange(command, 1)
         )
         return replies[0]
 
@@ -376,7 +368,7 @@ class MemcachedCluster:
         for node, group in self._by_node(commands).items():
             payload = b"".join(commands[k] for k in group)
             try:
-                replies = self._run(node, _Exchange(payload, len(group)))
+                replies = self._run(node, Exchange(payload, len(group)))
             except MetaUnsupported:
                 raise
             except Exception as exc:
@@ -400,10 +392,10 @@ class MemcachedCluster:
             try:
                 result = operation(client)
             except Exception as exc:
-                if isinstance(exc, MetaUnsupported) or _answered(exc):
+                if isinstance(exc, MetaUnsupported) or answered(exc):
                     raise  # the server is fine: it answered, with an error about this request
                 client.close()
-                if reused and _stale_connection(exc):
+                if reused and stale_connection(exc):
                     # a connection the server closed while idle (a restart, an idle
                     # timeout): one immediate retry on a new connection, not a failure
                     continue
@@ -517,60 +509,3 @@ class MemcachedCluster:
         """
         for client in self.clients.values():
             client.close()
-
-
-def _metadump(cluster: MemcachedCluster, node: str) -> list[str]:
-    """Every key stored on ``node`` (``lru_crawler metadump``), on a connection of its own.
-
-    The crawler walks the hash table (``hash``): a walk of the LRUs (``all``, the
-    fallback for servers without ``hash``) misses items that reads are moving between
-    LRUs, which are the recently read ones (measured on memcached 1.6.18).
-    """
-    from urllib.parse import unquote
-
-    from pymemcache.client.base import Client
-
-    template = cluster.clients[node]
-    client = Client(
-        _server_spec(node),
-        connect_timeout=template.connect_timeout or 1.0,
-        timeout=max(template.timeout or 0, 5.0),
-        no_delay=True,
-    )
-    mode = b"hash"
-    try:
-        for attempt in range(50):
-            client._connect()
-            client.sock.sendall(b"lru_crawler metadump %b\r\n" % mode)
-            buf = b""
-            while not (buf.endswith(b"END\r\n") or buf.startswith((b"BUSY", b"ERROR", b"CLIENT_ERROR"))):
-                chunk = client.sock.recv(1 << 16)
-                if not chunk:
-                    if not buf and _answers_classic(client):
-                        raise CommandRefused(
-                            f"memcached node {node} closed the connection on 'lru_crawler metadump' "
-                            "and answers classic commands: a proxy (such as twemproxy), which cannot "
-                            "list keys"
-                        )
-                    raise ProtocolError("connection closed during metadump")
-                buf += chunk
-                if buf.startswith((b"BUSY", b"ERROR", b"CLIENT_ERROR")) and buf.endswith(b"\r\n"):
-                    break
-            if buf.startswith(b"BUSY"):  # another crawl is running: wait for it
-                client.close()
-                time.sleep(0.02 * (attempt + 1))
-                continue
-            if not buf.endswith(b"END\r\n"):
-                if mode == b"hash":  # a server without the hash-table walk
-                    client.close()
-                    mode = b"all"
-                    continue
-                raise ProtocolError(f"metadump refused: {buf[:80]!r}")
-            keys = []
-            for line in buf[:-5].split(b"\n"):
-                if line.startswith(b"key="):
-                    keys.append(unquote(line[4:].split(b" ", 1)[0].decode("ascii")))
-            return keys
-        raise ProtocolError("the LRU crawler stayed busy")
-    finally:
-        client.close()

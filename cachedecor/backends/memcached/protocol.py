@@ -1,10 +1,12 @@
 """memcached's protocol: building commands and reading replies, with no sockets.
 
-Both transports, the threaded one (:mod:`cachedecor.backends.memcached.cluster`) and
-the asyncio one (:mod:`cachedecor.backends.memcached.aio`), send the bytes built here
-and parse what they receive with :class:`ReplyParser`. Everything here is a pure
-function of bytes, except :func:`_exchange` and :func:`_answers_classic`, which run
-one exchange on a pymemcache connection they are given.
+Both transports, the threaded one (:mod:`cachedecor.backends.memcached.transport`)
+and the asyncio one (:mod:`cachedecor.backends.memcached.aio`), send the bytes built
+here and parse what they receive with :class:`ReplyParser`. Everything here is a pure
+function of its arguments (bytes, a server string, an exception): no socket, no I/O.
+Also here: the errors of the protocol and what a failed exchange means
+(:func:`stale_connection`, :func:`answered`), which both transports and the cluster
+decide by.
 """
 
 from __future__ import annotations
@@ -14,6 +16,34 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from cachedecor.backends.base import LEASE_PREFIX, ValueRefused
+
+__all__ = [
+    "PROBE",
+    "CommandRefused",
+    "ConnectionClosed",
+    "ErrorReply",
+    "MetaUnsupported",
+    "ProtocolError",
+    "Reply",
+    "ReplyParser",
+    "answered",
+    "classic_delete",
+    "classic_get",
+    "classic_store",
+    "fill_outcomes",
+    "fill_result",
+    "lookup_result",
+    "md_release",
+    "memcached_expire",
+    "mg_lookup",
+    "mg_peek",
+    "ms_fill",
+    "peek_result",
+    "probe_verdict",
+    "server_spec",
+    "single_meta_reply",
+    "stale_connection",
+]
 
 #: memcached treats an expiry above 30 days as a Unix timestamp.
 _MEMCACHED_MAX_RELATIVE = 30 * 24 * 3600
@@ -178,7 +208,7 @@ def _size(token: bytes) -> int:
 PROBE = b"get cachedecor:probe\r\n"
 
 
-def _probe_verdict(received: bytes) -> bool | None:
+def probe_verdict(received: bytes) -> bool | None:
     """Whether ``received`` (the start of the answer to :data:`PROBE`) shows a server
     speaking classic commands; ``None`` while its first line is incomplete.
 
@@ -190,86 +220,6 @@ def _probe_verdict(received: bytes) -> bool | None:
         return None
     line = received[:eol]
     return bool(line == b"END" or line.startswith((b"VALUE ", b"SERVER_ERROR")))
-
-
-def _exchange(client: Any, payload: bytes, count: int) -> list[Reply]:
-    """Write ``payload`` (``count`` meta commands) and read ``count`` replies.
-
-    Uses pymemcache's connection (timeouts, TCP_NODELAY, TLS) and parses with
-    :class:`ReplyParser`. A reply the protocol does not allow closes the connection,
-    so that a stream out of step is never reused.
-    """
-    if client.sock is None:
-        client._connect()
-    sock = client.sock
-    sock.sendall(payload)
-    data = _recv(sock)
-    if count == 1:
-        reply = single_meta_reply(data)
-        if reply is not None:
-            return [reply]
-    parser = ReplyParser(count)
-    try:
-        parser.feed(data)
-        while not parser.done:
-            parser.feed(_recv(sock))
-    except (ProtocolError, MetaUnsupported):
-        client.close()
-        raise
-    return parser.replies
-
-
-def _recv(sock: Any) -> bytes:
-    data: bytes = sock.recv(_RECV_SIZE)
-    if not data:
-        from pymemcache.exceptions import MemcacheUnexpectedCloseError
-
-        raise MemcacheUnexpectedCloseError()
-    return data
-
-
-_RECV_SIZE = 4096  # pymemcache's
-
-
-def _answers_classic(client: Any) -> bool:
-    """Whether a new connection to ``client``'s server answers a classic ``get``
-    (:func:`_probe_verdict`). The connection is closed after."""
-    try:
-        client._connect()
-        client.sock.sendall(PROBE)
-        received = b""
-        while (verdict := _probe_verdict(received)) is None:
-            received += _recv(client.sock)
-        return verdict
-    except Exception:
-        return False
-    finally:
-        client.close()
-
-
-class _Exchange:
-    """A pipelined meta exchange, as an operation for :meth:`MemcachedCluster._run`."""
-
-    __slots__ = ("count", "payload")
-
-    def __init__(self, payload: bytes, count: int) -> None:
-        self.payload = payload
-        self.count = count
-
-    def __call__(self, client: Any) -> list[tuple[bytes, list[bytes], bytes | None]]:
-        fresh = client.sock is None
-        try:
-            return _exchange(client, self.payload, self.count)
-        except Exception as exc:
-            # A new connection closed under a meta command, by a server that answers a
-            # classic command on the next one: a proxy that hangs up on meta commands
-            # (twemproxy). A reused connection is first retried on a new one by the caller.
-            if fresh and _stale_connection(exc) and _answers_classic(client):
-                raise MetaUnsupported(
-                    "the server closed the connection on a meta command and answers classic "
-                    "commands: a proxy without meta commands (such as twemproxy)"
-                ) from exc
-            raise
 
 
 class ProtocolError(Exception):
@@ -285,8 +235,14 @@ class ErrorReply(Exception):
     command: it refused this request, and the connection stays usable."""
 
 
-def _stale_connection(exc: BaseException) -> bool:
-    """Whether ``exc`` says the connection was closed by the other side (not a timeout)."""
+def stale_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection was closed by the other side (not a timeout).
+
+    True for :class:`ConnectionClosed` (the asyncio transport), pymemcache's
+    ``MemcacheUnexpectedCloseError`` (the threaded one), and a broken, reset or aborted
+    connection; false for anything else, timeouts included. A caller may retry such a
+    failure once on a new connection when the closed one had been reused.
+    """
     from pymemcache.exceptions import MemcacheUnexpectedCloseError
 
     return isinstance(
@@ -301,8 +257,13 @@ def _stale_connection(exc: BaseException) -> bool:
     )
 
 
-def _answered(exc: BaseException) -> bool:
-    """Whether ``exc`` is the server's answer to a request (not a failed connection)."""
+def answered(exc: BaseException) -> bool:
+    """Whether ``exc`` is the server's answer to a request (not a failed connection).
+
+    True for :class:`ErrorReply` and pymemcache's client and server errors (an
+    unexpectedly closed connection excepted): the server is up and the connection
+    usable, so the failure is not counted against the node.
+    """
     from pymemcache.exceptions import MemcacheClientError, MemcacheServerError, MemcacheUnexpectedCloseError
 
     if isinstance(exc, ErrorReply):
@@ -312,7 +273,12 @@ def _answered(exc: BaseException) -> bool:
     )
 
 
-def _server_spec(server: str) -> Any:
+def server_spec(server: str) -> Any:
+    """The address of a configured server, as pymemcache's ``Client`` takes it.
+
+    A path (``/...``) is a unix socket and returned as is; ``host:port`` (an IPv6 host
+    in brackets or not) gives ``(host, port)``; a host alone gives ``(host, 11211)``.
+    """
     if server.startswith("/"):
         return server  # unix socket
     host, sep, port = server.rpartition(":")
@@ -321,7 +287,12 @@ def _server_spec(server: str) -> Any:
     return (host.strip("[]"), int(port))
 
 
-def _memcached_expire(ttl: int | None) -> int:
+def memcached_expire(ttl: int | None) -> int:
+    """The exptime memcached takes for a ``ttl`` in seconds.
+
+    ``None``, 0 or a negative ttl gives 0 (no expiry); a ttl above 30 days, which
+    memcached would read as a Unix timestamp, gives ``now + ttl``; any other is as given.
+    """
     if not ttl or ttl <= 0:
         return 0
     if ttl > _MEMCACHED_MAX_RELATIVE:
@@ -333,51 +304,56 @@ def _cas_bytes(token: Any) -> bytes:
     return token if isinstance(token, bytes) else str(int(token)).encode()
 
 
-def _ms(key: str, value: bytes, token: Any, ttl: int | None) -> bytes:
-    return b"ms %b %d C%b T%d\r\n%b\r\n" % (
-        key.encode(),
-        len(value),
-        _cas_bytes(token),
-        _memcached_expire(ttl),
-        value,
-    )
-
-
 # -- requests: the bytes both transports send ---------------------------------------------
 
 
-def _mg_lookup(key: str, ttl: int) -> bytes:
+def mg_lookup(key: str, ttl: int) -> bytes:
     """Read ``key``; on a miss create its placeholder and win its lease (``N<ttl>``)."""
     return b"mg %b v c N%d\r\n" % (key.encode(), ttl)
 
 
-def _mg_peek(key: str) -> bytes:
+def mg_peek(key: str) -> bytes:
+    """Read ``key`` as it is stored, taking no lease (``mg <key> v``)."""
     return b"mg %b v\r\n" % key.encode()
 
 
-def _md_release(key: str, token: Any) -> bytes:
+def md_release(key: str, token: Any) -> bytes:
     """Delete ``key`` only while it is still the placeholder of lease ``token``."""
     return b"md %b C%b\r\n" % (key.encode(), _cas_bytes(token))
 
 
-def _classic_get(keys: Sequence[str], *, cas: bool = False) -> bytes:
+def ms_fill(key: str, value: bytes, token: Any, ttl: int | None) -> bytes:
+    """Store ``value`` under ``key`` only while it is the placeholder of lease ``token``
+    (``ms <key> C<cas>``), expiring after ``ttl`` (:func:`memcached_expire`)."""
+    return b"ms %b %d C%b T%d\r\n%b\r\n" % (
+        key.encode(),
+        len(value),
+        _cas_bytes(token),
+        memcached_expire(ttl),
+        value,
+    )
+
+
+def classic_get(keys: Sequence[str], *, cas: bool = False) -> bytes:
+    """One classic ``get`` of ``keys`` (``gets``, with their cas tokens, if ``cas``)."""
     return b"%b %b\r\n" % (b"gets" if cas else b"get", b" ".join(k.encode() for k in keys))
 
 
-def _classic_store(command: bytes, key: str, value: bytes, flags: int, expire: int, cas: Any = None) -> bytes:
+def classic_store(command: bytes, key: str, value: bytes, flags: int, expire: int, cas: Any = None) -> bytes:
     """``set``/``add``/``cas`` as pymemcache writes them (``noreply`` off)."""
     extra = b" " + _cas_bytes(cas) if cas is not None else b""
     return b"%b %b %d %d %d%b\r\n%b\r\n" % (command, key.encode(), flags, expire, len(value), extra, value)
 
 
-def _classic_delete(key: str) -> bytes:
+def classic_delete(key: str) -> bytes:
+    """A classic ``delete`` of ``key``, answered ``DELETED`` or ``NOT_FOUND``."""
     return b"delete %b\r\n" % key.encode()
 
 
 # -- replies: what they mean ---------------------------------------------------------------
 
 
-def _peek_result(code: bytes, flags: list[bytes], value: bytes | None) -> bytes | None:
+def peek_result(code: bytes, flags: list[bytes], value: bytes | None) -> bytes | None:
     """The stored bytes a ``mg <key> v`` reply shows: an entry, a lease marker, or ``None``."""
     if code != b"VA":
         return None
@@ -386,7 +362,10 @@ def _peek_result(code: bytes, flags: list[bytes], value: bytes | None) -> bytes 
     return value
 
 
-def _stored(code: bytes, flags: list[bytes]) -> bool:
+def fill_result(code: bytes, flags: list[bytes]) -> bool:
+    """Whether a fill (:func:`ms_fill`) with this reply stored its value: ``True``
+    (``HD``), ``False`` (the lease no longer held: ``EX``, ``NF``, ``NS``); any other
+    reply raises :class:`ValueRefused` (the server refused the value)."""
     if code == b"HD":
         return True
     if code in (b"EX", b"NF", b"NS"):
@@ -394,7 +373,7 @@ def _stored(code: bytes, flags: list[bytes]) -> bool:
     raise ValueRefused(b" ".join([code, *flags]).decode("ascii", "replace"))
 
 
-def _fill_outcomes(
+def fill_outcomes(
     keys: Iterable[str], replies: Mapping[str, Reply], error: BaseException | None
 ) -> dict[str, Any]:
     """What pipelined fills (``ms … C<cas>``) did, key by key: ``True`` (stored),
@@ -403,13 +382,16 @@ def _fill_outcomes(
     out: dict[str, Any] = {k: error for k in keys if k not in replies}
     for key, (code, flags, _) in replies.items():
         try:
-            out[key] = _stored(code, flags)
+            out[key] = fill_result(code, flags)
         except ValueRefused as exc:
             out[key] = exc
     return out
 
 
-def _lookup_result(code: bytes, flags: list[bytes], value: bytes | None) -> tuple[bytes | None, Any]:
+def lookup_result(code: bytes, flags: list[bytes], value: bytes | None) -> tuple[bytes | None, Any]:
+    """What a :func:`mg_lookup` reply means: ``(entry, None)`` for a stored entry,
+    ``(None, token)`` when this reader won the lease (``token`` is the cas to fill
+    with), ``(None, None)`` when another reader holds it or nothing was stored."""
     if code != b"VA":
         return None, None  # EN: nothing stored and nothing vivified; read through
     won = lost = False

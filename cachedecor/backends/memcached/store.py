@@ -13,21 +13,22 @@ from cachedecor.backends.base import (
     ValueRefused,
     new_lease_marker,
 )
-from cachedecor.backends.memcached.cluster import MemcachedCluster, _metadump
+from cachedecor.backends.memcached.cluster import MemcachedCluster
 from cachedecor.backends.memcached.protocol import (
     CommandRefused,
     MetaUnsupported,
-    _answered,
-    _fill_outcomes,
-    _lookup_result,
-    _md_release,
-    _memcached_expire,
-    _mg_lookup,
-    _mg_peek,
-    _ms,
-    _peek_result,
-    _stored,
+    answered,
+    fill_outcomes,
+    fill_result,
+    lookup_result,
+    md_release,
+    memcached_expire,
+    mg_lookup,
+    mg_peek,
+    ms_fill,
+    peek_result,
 )
+from cachedecor.backends.memcached.transport import metadump
 from cachedecor.keys import KeyPattern
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ class MemcachedStore(Store):
         refused: CommandRefused | None = None
         for node in client.servers:
             try:
-                keys = [k for k in _metadump(client, node) if any(p.matches(k) for p in patterns)]
+                keys = [k for k in metadump(client, node) if any(p.matches(k) for p in patterns)]
             except CommandRefused as exc:
                 refused = exc
                 continue
@@ -149,55 +150,55 @@ class MemcachedStore(Store):
     def lookup(self, key: str, ttl: int) -> tuple[bytes | None, Any]:
         if self.meta:
             try:
-                code, flags, value = self.client.meta(key, _mg_lookup(key, ttl))
+                code, flags, value = self.client.meta(key, mg_lookup(key, ttl))
             except MetaUnsupported:
                 self._unsupported()
             else:
-                return _lookup_result(code, flags, value)
+                return lookup_result(code, flags, value)
         return super().lookup(key, ttl)
 
     def lookup_many(self, keys: Sequence[str], ttl: int) -> dict[str, tuple[bytes | None, Any]]:
         if self.meta:
-            commands = {k: _mg_lookup(k, ttl) for k in keys}
+            commands = {k: mg_lookup(k, ttl) for k in keys}
             try:
                 replies = self.client.meta_many(commands)
             except MetaUnsupported:
                 self._unsupported()
             except PartialResult as exc:
-                out = {k: _lookup_result(*r) for k, r in exc.found.items()}
+                out = {k: lookup_result(*r) for k, r in exc.found.items()}
                 raise PartialResult({k: out.get(k, (None, None)) for k in keys}, exc.error) from exc.error
             else:
-                return {k: _lookup_result(*replies[k]) for k in keys}
+                return {k: lookup_result(*replies[k]) for k in keys}
         return super().lookup_many(keys, ttl)
 
     def peek(self, key: str) -> bytes | None:
         if self.meta:
-            return _peek_result(*self.client.meta(key, _mg_peek(key)))
+            return peek_result(*self.client.meta(key, mg_peek(key)))
         return self.get(key)
 
     def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
         if self.meta:
-            code, flags, _ = self.client.meta(key, _ms(key, value, token, ttl))
-            return _stored(code, flags)
+            code, flags, _ = self.client.meta(key, ms_fill(key, value, token, ttl))
+            return fill_result(code, flags)
         try:
-            return bool(self.client.cas(key, value, token, _memcached_expire(ttl)))
+            return bool(self.client.cas(key, value, token, memcached_expire(ttl)))
         except Exception as exc:
-            if _answered(exc):
+            if answered(exc):
                 raise ValueRefused(str(exc)) from exc
             raise
 
     def fill_many(self, items: Sequence[tuple[str, bytes, Any]], ttl: int | None) -> dict[str, Any]:
         if not self.meta:
             return super().fill_many(items, ttl)
-        commands = {key: _ms(key, value, token, ttl) for key, value, token in items}
+        commands = {key: ms_fill(key, value, token, ttl) for key, value, token in items}
         try:
-            return _fill_outcomes(commands, self.client.meta_many(commands), None)
+            return fill_outcomes(commands, self.client.meta_many(commands), None)
         except PartialResult as exc:
-            return _fill_outcomes(commands, exc.found, exc.error)
+            return fill_outcomes(commands, exc.found, exc.error)
 
     def release(self, key: str, token: Any) -> None:
         if self.meta:
-            self.client.meta(key, _md_release(key, token))
+            self.client.meta(key, md_release(key, token))
             return
         # memcached's classic protocol has no compare-and-delete. Deleting is safe:
         # if the lease is no longer ours the key holds another lease (whose fill then
@@ -272,7 +273,7 @@ class AsyncMemcachedStore(AsyncStore):
     async def lease(self, key: str, ttl: int) -> Any:
         cluster = self.cluster
         marker = new_lease_marker()
-        if not await cluster.add(key, marker, _memcached_expire(ttl)):
+        if not await cluster.add(key, marker, memcached_expire(ttl)):
             return None
         item = await cluster.gets(key)
         if item is None or item.value != marker:
@@ -316,9 +317,9 @@ class AsyncMemcachedStore(AsyncStore):
         if self.meta:
             return await self.cluster.fill(key, value, token, ttl)
         try:
-            return bool(await self.cluster.cas(key, value, token, _memcached_expire(ttl)))
+            return bool(await self.cluster.cas(key, value, token, memcached_expire(ttl)))
         except Exception as exc:
-            if _answered(exc):
+            if answered(exc):
                 raise ValueRefused(str(exc)) from exc
             raise
 
