@@ -13,15 +13,18 @@ pay for importing the extension.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from typing import Any
 
+import sqlalchemy
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 __all__ = [
     "async_session_types",
     "greenlet_missing",
     "registry_types",
+    "same_database",
     "session_classes",
     "session_factories",
     "session_types",
@@ -79,3 +82,13 @@ def sync_session_of(value: Any) -> Session | None:
 def greenlet_missing() -> bool:
     """Whether greenlet, which SQLAlchemy's asyncio extension needs, is not installed."""
     return importlib.util.find_spec("greenlet") is None
+
+
+def same_database(a: sqlalchemy.URL, b: sqlalchemy.URL) -> bool:
+    """Whether two URLs name the same database (driver and credentials aside): the same
+    file for SQLite, the same host, port and database name otherwise."""
+    if a.get_backend_name() != b.get_backend_name():
+        return False
+    if a.get_backend_name() == "sqlite":
+        return os.path.abspath(a.database or "") == os.path.abspath(b.database or "")
+    return (a.host or "localhost", a.port, a.database) == (b.host or "localhost", b.port, b.database)

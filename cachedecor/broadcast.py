@@ -40,10 +40,13 @@ import threading
 import time
 from typing import Any
 
+import sqlalchemy
+
 from cachedecor import near
+from cachedecor._sa import same_database
 from cachedecor.backends.base import register_fork_aware
-from cachedecor.invalidation import Plan, decode_plan, encode_plan
-from cachedecor.near import HEARD_FOR, evict_everywhere
+from cachedecor.keys import Plan, decode_plan, encode_plan
+from cachedecor.near import HEARD_FOR, evict_everywhere, flush_everywhere
 from cachedecor.stats import log_failure
 
 __all__ = ["Broadcast", "Link", "activate", "current"]
@@ -69,8 +72,6 @@ def _message(keys: Plan) -> str:
 def _receive(text: str) -> None:
     data = json.loads(text)
     if "*" in data:  # too many keys to name: everything of those regions
-        from cachedecor.near import flush_everywhere
-
         flush_everywhere()
         return
     evict_everywhere(decode_plan(text))
@@ -148,12 +149,8 @@ class Link:
         database; whether it was sent."""
         if self.kind != "postgresql":
             return False
-        from cachedecor.outbox import _same_database
-
-        if not _same_database(conn.engine.url, self.url):
+        if not same_database(conn.engine.url, self.url):
             return False
-        import sqlalchemy
-
         conn.execute(
             sqlalchemy.text("SELECT pg_notify(:channel, :payload)"),
             {

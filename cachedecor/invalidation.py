@@ -16,18 +16,20 @@ both run the same steps, :func:`deliveries`); queueing them until a session comm
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import threading
 from collections.abc import Generator, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from cachedecor import broadcast, near
+from cachedecor._runtime import configured_regions
 from cachedecor.backends import UndeliveredInvalidation
-from cachedecor.config import RegionSettings, configured_regions
-from cachedecor.keys import KeyPattern, key_maker
+from cachedecor.keys import KeyPattern, Plan, key_maker
 from cachedecor.stats import counters as region_counters
 from cachedecor.stats import log_failure
+
+if TYPE_CHECKING:
+    from cachedecor.config.regions import RegionSettings
 
 __all__ = [
     "EVERY_SPACE",
@@ -36,6 +38,7 @@ __all__ = [
     "Plan",
     "adeliver",
     "deliver",
+    "deliver_now",
     "deliveries",
     "hand_over",
     "plan",
@@ -61,11 +64,7 @@ def regions_for(model: Any, regions: dict[str, RegionSettings] | None = None) ->
 #: A delivery: yields ``(settings, keys)`` (delete these keys) or ``(settings,
 #: patterns)`` (delete every key matching these :class:`KeyPattern`), receives the
 #: number deleted or has the store's exception thrown in; counts and logs itself.
-Deliveries = Generator[tuple[RegionSettings, list[Any]], Any, bool]
-
-
-#: What to delete, by region name: (keys, patterns of model-wide invalidations).
-Plan = dict[str, tuple[list[str], list[KeyPattern]]]
+Deliveries = Generator[tuple["RegionSettings", list[Any]], Any, bool]
 
 
 def plan(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> Plan:
@@ -88,35 +87,6 @@ def plan(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> Plan:
             pattern = maker.every_space() if space is EVERY_SPACE else maker.pattern(space)
             out.setdefault(settings.name, ([], []))[1].append(pattern)
     return {name: (list(dict.fromkeys(keys)), patterns) for name, (keys, patterns) in out.items()}
-
-
-# --------------------------------------------------------------------------------------
-# plans as JSON: what the outbox stores and broadcasts carry
-
-
-def encode_plan(keys: Plan) -> str:
-    """The JSON of a :data:`~cachedecor.invalidation.Plan` (region -> keys, patterns)."""
-    out: dict[str, Any] = {}
-    for region, (names, patterns) in keys.items():
-        entry: dict[str, Any] = {}
-        if names:
-            entry["k"] = names
-        if patterns:
-            entry["p"] = [[p.prefix, p.regex.pattern if p.regex is not None else None] for p in patterns]
-        out[region] = entry
-    return json.dumps(out, separators=(",", ":"))
-
-
-def decode_plan(payload: str) -> Plan:
-    """The :data:`Plan` of :func:`encode_plan`'s JSON."""
-    out: Plan = {}
-    for region, entry in json.loads(payload).items():
-        patterns = [
-            KeyPattern(prefix, re.compile(rx) if rx is not None else None)
-            for prefix, rx in entry.get("p", [])
-        ]
-        out[region] = (list(entry.get("k", [])), patterns)
-    return out
 
 
 def deliveries(
@@ -256,19 +226,50 @@ def _deliver_rest(rest: Plan, durable: bool) -> None:
         log_failure(", ".join(sorted(rest)), "handed-over invalidation", exc)
 
 
+def deliver_now(keys: Plan) -> bool:
+    """Delete ``keys`` in every region this process configured, whatever the circuit
+    breakers say; whether every delete was delivered (to regions it knows).
+
+    The outbox's deliverer delivers its rows with it (wired by :mod:`cachedecor.config`):
+    a row is removed only once this returns ``True``.
+    """
+    regions = configured_regions()
+    evict_here(keys)
+    ok = True
+    for name, (names, patterns) in keys.items():
+        settings = regions.get(name)
+        if settings is None:
+            log_failure(
+                "outbox", "delivering to an unknown region", f"region {name!r} is not configured here"
+            )
+            ok = False
+            continue
+        counters = region_counters(name)
+        try:
+            if patterns:
+                counters.invalidations += settings.store.delete_matching(patterns)
+                counters.model_invalidations += len(patterns)
+            if names:
+                settings.store.delete_now(names)
+                counters.invalidations += len(names)
+        except Exception as exc:
+            counters.errors += 1
+            log_failure(name, "outbox delivery (kept in the outbox, retried)", exc)
+            ok = False
+    evict_here(keys)  # again: another thread may have refilled it from the old entry
+    broadcast_after(keys)
+    return ok
+
+
 def evict_here(keys: Plan) -> None:
     """Evict ``keys`` from this process's near caches, now (before the deletes: a commit
     returns with its own near entries gone)."""
-    from cachedecor import near
-
     if near.active():
         near.evict_everywhere(keys)
 
 
 def broadcast_after(keys: Plan) -> None:
     """Send ``keys`` to every process's near caches, once the remote deletes are done."""
-    from cachedecor import broadcast
-
     sender = broadcast.current()
     if sender is not None:
         sender.publish(keys)

@@ -24,6 +24,7 @@ import datetime
 import decimal
 import enum
 import hashlib
+import json
 import re
 import uuid
 from collections.abc import Iterable
@@ -40,7 +41,10 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "KeyMaker",
     "KeyPattern",
+    "Plan",
     "Space",
+    "decode_plan",
+    "encode_plan",
     "key_for",
     "key_maker",
     "table_label",
@@ -336,3 +340,36 @@ def mangle_key(key: str) -> str:
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
     readable = _UNSAFE_CHAR.sub("_", key)[: MAX_KEY_LENGTH - len(digest) - 1]
     return readable + "#" + digest
+
+
+# --------------------------------------------------------------------------------------
+# plans: the keys to delete, by region, and their JSON (what the outbox stores and
+# broadcasts carry)
+
+#: What to delete, by region name: (keys, patterns of model-wide invalidations).
+Plan = dict[str, tuple[list[str], list[KeyPattern]]]
+
+
+def encode_plan(keys: Plan) -> str:
+    """The JSON of a :data:`Plan` (region -> keys, patterns)."""
+    out: dict[str, Any] = {}
+    for region, (names, patterns) in keys.items():
+        entry: dict[str, Any] = {}
+        if names:
+            entry["k"] = names
+        if patterns:
+            entry["p"] = [[p.prefix, p.regex.pattern if p.regex is not None else None] for p in patterns]
+        out[region] = entry
+    return json.dumps(out, separators=(",", ":"))
+
+
+def decode_plan(payload: str) -> Plan:
+    """The :data:`Plan` of :func:`encode_plan`'s JSON."""
+    out: Plan = {}
+    for region, entry in json.loads(payload).items():
+        patterns = [
+            KeyPattern(prefix, re.compile(rx) if rx is not None else None)
+            for prefix, rx in entry.get("p", [])
+        ]
+        out[region] = (list(entry.get("k", [])), patterns)
+    return out

@@ -36,6 +36,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from cachedecor._runtime import configured_regions
 from cachedecor.backends.base import register_fork_aware
 
 if TYPE_CHECKING:
@@ -529,8 +530,6 @@ def hearing() -> bool:
 
 def evict_everywhere(keys_by_region: dict[str, tuple[list[str], list[Any]]]) -> None:
     """Evict keys (and key patterns) by region name, in this process's near caches."""
-    from cachedecor.config import configured_regions
-
     regions = configured_regions()
     for name, (keys, patterns) in keys_by_region.items():
         settings = regions.get(name)

@@ -29,11 +29,11 @@ session's transaction (plain connections) are delivered at once, as before.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy
@@ -41,11 +41,10 @@ from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, Table, Text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from cachedecor._sa import same_database
 from cachedecor.backends.base import register_fork_aware
-from cachedecor.config import OutboxSettings, configured_regions
 from cachedecor.errors import ConfigError
-from cachedecor.invalidation import Group, Plan, decode_plan, encode_plan, plan
-from cachedecor.stats import counters as region_counters
+from cachedecor.keys import Plan, decode_plan, encode_plan
 from cachedecor.stats import log_failure
 
 __all__ = [
@@ -70,6 +69,17 @@ _DELIVERER_PRIVILEGES = ("INSERT", "SELECT", "UPDATE", "DELETE")
 _CURRENT_USER: Any = sqlalchemy.literal_column("current_user")
 #: the role of a pooled connection, in its ``info`` (kept as long as the connection)
 _ROLE = "cachedecor.outbox_role"
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    """The top-level ``outbox_*`` options."""
+
+    url: Any  # sqlalchemy.URL
+    table: str = "cachedecor_outbox"
+    schema: str | None = None
+    interval: float = 0.1
+    grace: float = 0.25
 
 
 def outbox_table(
@@ -115,14 +125,6 @@ def _epoch(dialect: Any) -> Any:
     return None
 
 
-def _same_database(a: sqlalchemy.URL, b: sqlalchemy.URL) -> bool:
-    if a.get_backend_name() != b.get_backend_name():
-        return False
-    if a.get_backend_name() == "sqlite":
-        return os.path.abspath(a.database or "") == os.path.abspath(b.database or "")
-    return (a.host or "localhost", a.port, a.database) == (b.host or "localhost", b.port, b.database)
-
-
 def _sync_url(url: sqlalchemy.URL) -> sqlalchemy.URL:
     """``url`` with a blocking driver, for the deliverer's thread."""
     drivers = {
@@ -140,8 +142,9 @@ def _sync_url(url: sqlalchemy.URL) -> sqlalchemy.URL:
 class Outbox:
     """This process's outbox: writes rows in transactions, delivers and removes them."""
 
-    def __init__(self, settings: OutboxSettings) -> None:
+    def __init__(self, settings: OutboxSettings, deliver: Callable[[Plan], bool]) -> None:
         self.settings = settings
+        self._deliver = deliver
         self.table = outbox_table(name=settings.table, schema=settings.schema)
         self.engine: Engine = sqlalchemy.create_engine(
             _sync_url(settings.url), pool_size=1, max_overflow=1, pool_pre_ping=True
@@ -288,7 +291,7 @@ class Outbox:
     def connection_for(self, session: Session) -> Connection | None:
         """The connection of ``session``'s transaction to the outbox's database, if any."""
         for conn in connections(session):
-            if _same_database(conn.engine.url, self.settings.url):
+            if same_database(conn.engine.url, self.settings.url):
                 return conn
         return None
 
@@ -385,7 +388,7 @@ class Outbox:
             done: list[int] = []
             failed: list[int] = []
             for row_id, payload in rows:
-                if deliver_now(decode_plan(payload)):
+                if self._deliver(decode_plan(payload)):
                     done.append(row_id)
                 else:
                     failed.append(row_id)
@@ -431,39 +434,6 @@ def connections(session: Session) -> list[Connection]:
     return [entry[0] for entry in list(transaction._connections.values())]
 
 
-def deliver_now(keys: Plan) -> bool:
-    """Delete ``keys`` in every region this process configured, whatever the circuit
-    breakers say; whether every delete was delivered (to regions it knows)."""
-    from cachedecor.invalidation import broadcast_after, evict_here
-
-    regions = configured_regions()
-    evict_here(keys)
-    ok = True
-    for name, (names, patterns) in keys.items():
-        settings = regions.get(name)
-        if settings is None:
-            log_failure(
-                "outbox", "delivering to an unknown region", f"region {name!r} is not configured here"
-            )
-            ok = False
-            continue
-        counters = region_counters(name)
-        try:
-            if patterns:
-                counters.invalidations += settings.store.delete_matching(patterns)
-                counters.model_invalidations += len(patterns)
-            if names:
-                settings.store.delete_now(names)
-                counters.invalidations += len(names)
-        except Exception as exc:
-            counters.errors += 1
-            log_failure(name, "outbox delivery (kept in the outbox, retried)", exc)
-            ok = False
-    evict_here(keys)  # again: another thread may have refilled it from the old entry
-    broadcast_after(keys)
-    return ok
-
-
 # --------------------------------------------------------------------------------------
 # the configured outbox
 
@@ -475,9 +445,14 @@ def current() -> Outbox | None:
     return _current
 
 
-def prepare(settings: OutboxSettings) -> Outbox:
-    """An outbox for ``settings``, its table checked (:meth:`Outbox.check`), not yet running."""
-    box = Outbox(settings)
+def prepare(settings: OutboxSettings, deliver: Callable[[Plan], bool]) -> Outbox:
+    """An outbox for ``settings``, its table checked (:meth:`Outbox.check`), not yet running.
+
+    ``deliver`` deletes a row's keys everywhere and says whether every delete landed
+    (the commit pipeline's :func:`~cachedecor.invalidation.deliver_now`): the row is
+    removed only then.
+    """
+    box = Outbox(settings, deliver)
     try:
         box.check()
     except BaseException:
@@ -494,8 +469,3 @@ def activate(box: Outbox | None) -> None:
         old.stop()
     if box is not None:
         box.start()
-
-
-def plan_for(rows: Mapping[Group, Iterable[Any]], wide: Iterable[Group]) -> Plan:
-    """The keys, by region, that invalidate ``rows`` and ``wide`` here."""
-    return plan({g: list(p) for g, p in rows.items()}, wide)

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 import cachedecor
 from cachedecor import outbox
-from cachedecor.invalidation import decode_plan
+from cachedecor.keys import decode_plan
 from cachedecor.outbox import outbox_table
 from tests.apps import accounts_v2
 from tests.conftest import memcached_config

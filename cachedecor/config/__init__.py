@@ -23,6 +23,7 @@ from typing import Any
 import dogpile.cache
 from dogpile.cache import CacheRegion
 
+from cachedecor import _runtime, broadcast, invalidation, outbox
 from cachedecor.config.options import (
     ARGUMENT_RANGES,
     BACKEND_ARGUMENTS,
@@ -41,6 +42,7 @@ from cachedecor.config.regions import (
 )
 from cachedecor.config.sources import ENV_VAR, parse
 from cachedecor.errors import ConfigError, RegionNotConfigured
+from cachedecor.stats import reset_stats
 
 __all__ = [
     "ARGUMENT_RANGES",
@@ -67,7 +69,8 @@ dogpile.cache.register_backend(  # type: ignore[no-untyped-call]
 )
 
 _lock = threading.Lock()
-_settings: dict[str, RegionSettings] = {}
+#: the configured regions: the runtime's dict itself, which the layers below read
+_settings = _runtime.regions
 
 
 def _new_lock_in_child() -> None:
@@ -111,8 +114,6 @@ def configure_regions(
     built = {name: build_region(name, parsed, prefix) for name in names}
     durable = outbox_settings(parsed.globals, prefix)
     heard = broadcast_settings(parsed.globals, prefix)
-    from cachedecor import broadcast
-
     near = [name for name, s in built.items() if s.near is not None]
     if near and heard is None and broadcast.current() is None:
         raise ConfigError(
@@ -121,9 +122,8 @@ def configure_regions(
         )
     box = None
     if durable is not None:
-        from cachedecor import outbox
-
-        box = outbox.prepare(durable)  # checks the table: may raise ConfigError
+        # the deliverer delivers through the commit pipeline's loop, wired here
+        box = outbox.prepare(durable, invalidation.deliver_now)  # checks the table: may raise ConfigError
     with _lock:
         _settings.update(built)
         regions = {name: s.region for name, s in _settings.items()}
@@ -162,7 +162,7 @@ def get_region(name: str = "default") -> CacheRegion:
 
 def configured_regions() -> dict[str, RegionSettings]:
     """A snapshot of every configured region's settings."""
-    return dict(_settings)
+    return _runtime.configured_regions()
 
 
 def read_outbox_settings(
@@ -197,12 +197,8 @@ async def aclose() -> None:
 
 def reset() -> None:
     """Forget every configured region and zero the counters (for tests)."""
-    from cachedecor.stats import reset_stats
-
     with _lock:
         _settings.clear()
     reset_stats()
-    from cachedecor import broadcast, outbox
-
     outbox.activate(None)
     broadcast.activate(None)

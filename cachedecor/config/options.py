@@ -18,6 +18,7 @@ from cachedecor.backends import (
 )
 from cachedecor.errors import ConfigError, missing_extra
 from cachedecor.keys import DEFAULT_NAMESPACE
+from cachedecor.outbox import OutboxSettings
 
 __all__ = [
     "ARGUMENT_RANGES",
@@ -344,17 +345,6 @@ def coerce(value: Any, kind: type, where: str) -> Any:
 
 # --------------------------------------------------------------------------------------
 # top-level options of durable invalidation (see cachedecor.outbox)
-
-
-@dataclass(frozen=True)
-class OutboxSettings:
-    """The top-level ``outbox_*`` options."""
-
-    url: Any  # sqlalchemy.URL
-    table: str = "cachedecor_outbox"
-    schema: str | None = None
-    interval: float = 0.1
-    grace: float = 0.25
 
 
 #: Ranges of the numeric ``outbox_*`` options, read-only.
