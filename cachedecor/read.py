@@ -43,8 +43,7 @@ from cachedecor.readpath import (
 from cachedecor.rows import ModelPlan, model_plan
 from cachedecor.stats import counters as region_counters
 from cachedecor.stats import log_failure
-from cachedecor.tracking import session_space
-from cachedecor.tracking.session import _TRACKER
+from cachedecor.tracking import TRACKER_KEY, session_space
 from cachedecor.write import ainvalidate_many, invalidate_many
 
 __all__ = ["AsyncCachedFunction", "CachedFunction", "cached_by_pk"]
@@ -302,7 +301,7 @@ class CachedFunction(Generic[R]):
                 token, space = self._space(session, args, kwargs)
             key = r.maker(pk, space)
             if session is not None:
-                tracker = session.info.get(_TRACKER)  # session_tracker(), without the call
+                tracker = session.info.get(TRACKER_KEY)  # session_tracker(), without the call
                 if (
                     tracker is not None
                     and tracker.dirty

@@ -30,6 +30,7 @@ from __future__ import annotations
 from cachedecor.tracking import events, statements
 from cachedecor.tracking.scope import Scope, enter_scope, exit_scope
 from cachedecor.tracking.session import (
+    TRACKER_KEY,
     Tracker,
     may_fill,
     queue_rows,
@@ -41,6 +42,7 @@ from cachedecor.tracking.session import (
 )
 
 __all__ = [
+    "TRACKER_KEY",
     "Scope",
     "Tracker",
     "enter_scope",

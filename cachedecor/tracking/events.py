@@ -12,10 +12,10 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from cachedecor import broadcast, outbox
 from cachedecor.invalidation import deliver, plan
-from cachedecor.tracking.scope import _scope
-from cachedecor.tracking.session import _TRACKER, Tracker, _tracker, session_space
+from cachedecor.tracking.scope import current_scope
+from cachedecor.tracking.session import TRACKER_KEY, Tracker, ensure_tracker, session_space
 
-__all__: list[str] = []
+__all__ = ["connection_owner"]
 
 
 #: connection -> the session whose transaction it belongs to
@@ -42,22 +42,22 @@ def _record_instance(session: Session, tracker: Tracker, obj: Any) -> None:
 
 @event.listens_for(Session, "before_flush")
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
-    _tracker(session).flushing = True
+    ensure_tracker(session).flushing = True
 
 
 @event.listens_for(Session, "after_soft_rollback")
 def _after_soft_rollback(session: Session, previous_transaction: SessionTransaction) -> None:
-    tracker = session.info.get(_TRACKER)
+    tracker = session.info.get(TRACKER_KEY)
     if tracker is not None:
         tracker.flushing = False  # a flush that failed
 
 
 @event.listens_for(Session, "after_flush")
 def _after_flush(session: Session, flush_context: Any) -> None:
-    tracker = _tracker(session)
+    tracker = ensure_tracker(session)
     tracker.wrote = True
     tracker.flushing = False
-    scope = _scope.get()
+    scope = current_scope()
     if scope is None and not tracker.watched:
         return
     if scope is not None:
@@ -82,7 +82,7 @@ def _before_commit(session: Session) -> None:
         return  # a savepoint: the keys go with the outer transaction's commit
     if session.new or session.dirty or session.deleted:
         session.flush()  # the commit's own flush, done first so that its rows are recorded
-    tracker = session.info.get(_TRACKER)
+    tracker = session.info.get(TRACKER_KEY)
     if tracker is None or not (tracker.rows or tracker.wide):
         return
     keys = plan({group: list(pks) for group, pks in tracker.rows.items()}, tracker.wide)
@@ -104,11 +104,11 @@ def _before_commit(session: Session) -> None:
 
 @event.listens_for(Session, "after_commit")
 def _after_commit(session: Session) -> None:
-    scope = _scope.get()
+    scope = current_scope()
     while scope is not None:
         scope.committed = True
         scope = scope.parent
-    tracker = session.info.get(_TRACKER)
+    tracker = session.info.get(TRACKER_KEY)
     if tracker is None:
         return
     # watched instances were recorded by _after_flush: a commit flushes first
@@ -129,12 +129,19 @@ def _after_commit(session: Session) -> None:
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is not None:
         return  # a savepoint: its changes may still commit with the outer transaction
-    tracker = session.info.get(_TRACKER)
+    tracker = session.info.get(TRACKER_KEY)
     if tracker is not None:
         tracker.clear()  # a commit already delivered its keys; a rollback drops them
 
 
-def _owner(conn: Connection) -> Session | None:
+def connection_owner(conn: Connection) -> Session | None:
+    """The session whose current transaction holds ``conn``, or ``None``.
+
+    ``None`` for a connection no session began a transaction on (a plain
+    ``engine.connect()``) and for one its session has since released (its transaction
+    ended, or moved to another connection). The session is held weakly: asking never
+    keeps one alive.
+    """
     ref = _owners.get(conn)
     session = ref() if ref is not None else None
     if session is None:

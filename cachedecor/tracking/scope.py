@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextvars
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from cachedecor.invalidation import Group
-from cachedecor.tracking.session import _tracker
+from cachedecor.tracking.session import ensure_tracker
 
-__all__ = ["Scope", "enter_scope", "exit_scope"]
+__all__ = ["Scope", "current_scope", "enter_scope", "exit_scope"]
 
 
 class Scope:
@@ -35,6 +36,16 @@ class Scope:
 
 
 _scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("cachedecor_scope", default=None)
+
+current_scope: Callable[[], Scope | None] = _scope.get
+"""``current_scope()``: the innermost scope open in this context (thread, asyncio task), or ``None``.
+
+The scope :func:`enter_scope` opened last and :func:`exit_scope` has not closed; its
+``parent`` chain leads to the enclosing ones. Callers may read and add to its
+``sessions``, ``plain_rows``, ``plain_wide`` and ``committed``; scopes are opened and
+closed only through :func:`enter_scope` and :func:`exit_scope`. It is the context
+variable's own ``get``, so the statement and session hooks pay no extra call.
+"""
 
 
 def enter_scope(models: tuple[type, ...], name: str) -> tuple[Scope, contextvars.Token[Scope | None]]:
@@ -64,7 +75,7 @@ def exit_scope(
             continue
         for obj in pending:
             if isinstance(obj, models) or scope.covers(type(obj)):
-                tracker = _tracker(session)
+                tracker = ensure_tracker(session)
                 tracker.watched[id(obj)] = obj
                 scope.sessions.add(session)
     now = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import operator
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
@@ -14,7 +13,9 @@ from cachedecor.invalidation import Group
 from cachedecor.keys import Space, key_maker
 
 __all__ = [
+    "TRACKER_KEY",
     "Tracker",
+    "ensure_tracker",
     "may_fill",
     "queue_rows",
     "queue_wide",
@@ -24,10 +25,15 @@ __all__ = [
     "space_for_options",
 ]
 
-log = logging.getLogger("cachedecor")
+TRACKER_KEY = "cachedecor.tracker"
+"""The key of a session's :class:`Tracker` in ``session.info``.
 
-_TRACKER = "cachedecor.tracker"
-_INTERNAL = "cachedecor_internal"
+``session.info.get(TRACKER_KEY)`` is the session's tracker, or ``None`` if it has none
+yet: the same answer as :func:`session_tracker`, without the call, for the read path
+of every cached call. Callers may rely on that and on the key staying a constant
+string; they read it only. A tracker is created by :func:`ensure_tracker` (or by
+:func:`queue_rows` and :func:`queue_wide`), never stored under this key by hand.
+"""
 
 
 class Tracker:
@@ -81,22 +87,28 @@ class Tracker:
         self.outbox = None
 
 
-def _tracker(session: Session) -> Tracker:
-    tracker = session.info.get(_TRACKER)
+def ensure_tracker(session: Session) -> Tracker:
+    """The tracker of ``session``, created (and kept in ``session.info``) if it has none.
+
+    For the write side: a flush, a statement or a scope that records rows. Every call
+    for one session returns the same tracker until the session's ``info`` is cleared;
+    the tracker itself is cleared, not replaced, when a transaction ends.
+    """
+    tracker = session.info.get(TRACKER_KEY)
     if tracker is None:
-        tracker = session.info[_TRACKER] = Tracker()
+        tracker = session.info[TRACKER_KEY] = Tracker()
     return cast(Tracker, tracker)
 
 
 def session_tracker(session: Session) -> Tracker | None:
     """The tracker of ``session`` if it has one (read side, hot path)."""
-    tracker: Tracker | None = session.info.get(_TRACKER)
+    tracker: Tracker | None = session.info.get(TRACKER_KEY)
     return tracker
 
 
 def queue_rows(session: Session, model: type, pks: Iterable[Any]) -> None:
     """Invalidate these rows when ``session``'s transaction commits (dropped on rollback)."""
-    tracker = _tracker(session)
+    tracker = ensure_tracker(session)
     space = session_space(session, model)
     for pk in pks:
         tracker.add_row(model, pk, space)
@@ -104,7 +116,7 @@ def queue_rows(session: Session, model: type, pks: Iterable[Any]) -> None:
 
 def queue_wide(session: Session, model: type) -> None:
     """Invalidate every row of ``model`` when ``session``'s transaction commits."""
-    _tracker(session).add_wide(model, session_space(session, model))
+    ensure_tracker(session).add_wide(model, session_space(session, model))
 
 
 # --------------------------------------------------------------------------------------
@@ -193,22 +205,10 @@ def may_fill(session: Session | None) -> bool:
     """
     if session is None:
         return True
-    tracker: Tracker | None = session.info.get(_TRACKER)
+    tracker: Tracker | None = session.info.get(TRACKER_KEY)
     return tracker is None or not tracker.wrote
 
 
-_READ_ONLY_SQL = (
-    "SELECT",
-    "WITH",
-    "SHOW",
-    "EXPLAIN",
-    "VALUES",
-    "SET",
-    "BEGIN",
-    "COMMIT",
-    "ROLLBACK",
-    "PRAGMA",
-)
 _SNAPSHOT_LEVELS = frozenset({"REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT"})
 
 

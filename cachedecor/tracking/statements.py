@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -12,19 +13,31 @@ from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from sqlalchemy.sql import dml, elements
 
 from cachedecor.keys import Space, key_maker
-from cachedecor.tracking.events import _owner
-from cachedecor.tracking.scope import Scope, _scope
-from cachedecor.tracking.session import (
-    _INTERNAL,
-    _READ_ONLY_SQL,
-    _tracker,
-    log,
-    session_space,
-    space_for_options,
-)
+from cachedecor.tracking.events import connection_owner
+from cachedecor.tracking.scope import Scope, current_scope
+from cachedecor.tracking.session import ensure_tracker, session_space, space_for_options
 
 __all__: list[str] = []
 
+log = logging.getLogger("cachedecor")
+
+#: execution option marking the statements cachedecor runs itself (the SELECT of the rows
+#: an UPDATE or DELETE will write): the hooks here leave them alone
+_INTERNAL = "cachedecor_internal"
+
+#: the first words of SQL that writes nothing (textual and driver-level SQL is told apart by them)
+_READ_ONLY_SQL = (
+    "SELECT",
+    "WITH",
+    "SHOW",
+    "EXPLAIN",
+    "VALUES",
+    "SET",
+    "BEGIN",
+    "COMMIT",
+    "ROLLBACK",
+    "PRAGMA",
+)
 
 _table_models: dict[Any, tuple[type, ...]] = {}
 
@@ -65,13 +78,13 @@ def _before_execute(
         return
     if not isinstance(elem, dml.UpdateBase) or execution_options.get(_INTERNAL):
         return
-    session = _owner(conn)
+    session = connection_owner(conn)
     if session is not None:
-        tracker = _tracker(session)
+        tracker = ensure_tracker(session)
         tracker.wrote = True
         if tracker.flushing:
             return  # the unit of work: after_flush records its rows
-    scope = _scope.get()
+    scope = current_scope()
     if scope is None:
         return
     table = getattr(elem, "table", None)
@@ -163,7 +176,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     """An ORM INSERT ... RETURNING: read the new primary keys from its own rows."""
     if not state.is_insert:
         return None
-    scope = _scope.get()
+    scope = current_scope()
     statement: Any = state.statement
     if scope is None or not getattr(statement, "_returning", None) or state.execution_options.get(_INTERNAL):
         return None
@@ -190,7 +203,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
             scope.name,
             mapper.class_.__name__,
         )
-        _tracker(session).add_wide(mapper.class_, space)
+        ensure_tracker(session).add_wide(mapper.class_, space)
     else:
         _add_rows(session, scope, mapper.class_, space, pks)
     return frozen()
@@ -220,7 +233,7 @@ def _add_rows(
     session: Session | None, scope: Scope, model: type, space: Any, pks: list[tuple[Any, ...]]
 ) -> None:
     if session is not None:
-        tracker = _tracker(session)
+        tracker = ensure_tracker(session)
         base = key_maker(model).model
         tracker.bulk.add(base)  # until the commit, reads of the model see the transaction's writes
         for pk in pks:
@@ -242,16 +255,16 @@ def _unresolved(
     )
     for space in spaces:
         if session is not None:
-            _tracker(session).add_wide(model, space)
+            ensure_tracker(session).add_wide(model, space)
         else:
             scope.plain_wide.add((key_maker(model).model, space))
 
 
 def _untracked_write(conn: Connection, what: str, execution_options: Mapping[str, Any]) -> None:
-    session = _owner(conn)
+    session = connection_owner(conn)
     if session is not None:
-        _tracker(session).wrote = True
-    scope = _scope.get()
+        ensure_tracker(session).wrote = True
+    scope = current_scope()
     if scope is None:
         return
     if session is not None:
