@@ -16,13 +16,13 @@ import inspect
 import logging
 import warnings
 from collections.abc import Callable, Coroutine
-from typing import Any, Generic, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 import sqlalchemy
 from dogpile.cache import CacheRegion
 from sqlalchemy.orm import Session
 
-from cachedecor import config as _config
+from cachedecor import _runtime
 from cachedecor.binding import NO_PK, CallBinding, require_asyncio
 from cachedecor.drivers import drive, drive_async, lookup_async
 from cachedecor.errors import RegionNotConfigured, SessionWarning, UsageError
@@ -52,6 +52,9 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 
+if TYPE_CHECKING:
+    from cachedecor.config.regions import RegionSettings
+
 _log = logging.getLogger("cachedecor")
 
 
@@ -72,7 +75,7 @@ class _Resolved:
         "ttl",
     )
 
-    def __init__(self, fn: CachedFunction[Any], settings: _config.RegionSettings) -> None:
+    def __init__(self, fn: CachedFunction[Any], settings: RegionSettings) -> None:
         self.settings = settings
         self.name = settings.name
         self.region = settings.region
@@ -148,7 +151,10 @@ class CachedFunction(Generic[R]):
     @property
     def region(self) -> CacheRegion:
         """The dogpile region currently configured under this function's region name."""
-        return _config.get_region(self.region_name)
+        settings = _runtime.regions.get(self.region_name)
+        if settings is None:
+            raise RegionNotConfigured(self.region_name, _runtime.regions)
+        return settings.region
 
     def cache_key(self, pk: Any) -> str:
         """The cache key of the row with primary key ``pk`` in this function's region."""
@@ -202,9 +208,9 @@ class CachedFunction(Generic[R]):
     # -- resolution ---------------------------------------------------------------------
 
     def _resolve(self) -> _Resolved:
-        settings = _config._settings.get(self.region_name)
+        settings = _runtime.regions.get(self.region_name)
         if settings is None:
-            raise RegionNotConfigured(self.region_name, _config._settings)
+            raise RegionNotConfigured(self.region_name, _runtime.regions)
         resolved = self._resolved
         if resolved is None or resolved.settings is not settings:
             resolved = self._resolved = _Resolved(self, settings)
@@ -244,7 +250,7 @@ class CachedFunction(Generic[R]):
 
     def __call__(self, *args: Any, **kwargs: Any) -> R:
         r = self._resolved
-        if r is None or _config._settings.get(self.region_name) is not r.settings:
+        if r is None or _runtime.regions.get(self.region_name) is not r.settings:
             r = self._resolve()
         if self.many:
             return self._call_many(r, args, kwargs)  # type: ignore[no-any-return]
@@ -344,7 +350,7 @@ class AsyncCachedFunction(CachedFunction[T]):
 
     async def __call__(self, *args: Any, **kwargs: Any) -> T:  # type: ignore[override]
         r = self._resolved
-        if r is None or _config._settings.get(self.region_name) is not r.settings:
+        if r is None or _runtime.regions.get(self.region_name) is not r.settings:
             r = self._resolve()
         call: Any = self.__wrapped__
         if self.many:
