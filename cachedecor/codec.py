@@ -204,9 +204,6 @@ def _ext_hook(code: int, data: bytes) -> Any:
     raise BadEntry(f"unknown extension type {code}")
 
 
-_packer_options: dict[str, Any] = {"default": _default, "use_bin_type": True, "datetime": False}
-
-
 def pack_value(value: Any) -> bytes:
     """MessagePack ``value`` with cachedecor's extension types.
 
@@ -215,7 +212,7 @@ def pack_value(value: Any) -> bytes:
     which the reader refuses): nothing is stored that every later read would drop.
     """
     try:
-        packed: bytes = msgpack.packb(value, **_packer_options)
+        packed: bytes = msgpack.packb(value, default=_default, use_bin_type=True, datetime=False)
     except UnencodableValue:
         raise
     except (TypeError, ValueError, OverflowError) as exc:

@@ -9,7 +9,8 @@ decorated function: they are logged and counted instead (see :mod:`cachedecor.st
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 
 __all__ = [
     "CacheError",
@@ -103,14 +104,16 @@ class MissingExtra(ConfigError, ImportError):
 
 
 #: the optional extra that brings each importable package
-EXTRAS = {
-    "redis": "redis",
-    "psycopg": "postgresql",
-    "zstandard": "zstd",
-    "greenlet": "asyncio",
-    "prometheus_client": "prometheus",
-    "opentelemetry": "opentelemetry",
-}
+EXTRAS: Mapping[str, str] = MappingProxyType(
+    {
+        "redis": "redis",
+        "psycopg": "postgresql",
+        "zstandard": "zstd",
+        "greenlet": "asyncio",
+        "prometheus_client": "prometheus",
+        "opentelemetry": "opentelemetry",
+    }
+)
 
 
 def missing_extra(what: str, package: str, cause: BaseException | None = None) -> MissingExtra:

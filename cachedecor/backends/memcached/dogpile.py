@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from dogpile.cache.api import NO_VALUE, CachedValue
@@ -31,44 +32,48 @@ __all__ = ["MEMCACHED_ARGUMENTS", "MEMCACHED_DEFAULTS", "Flagged", "PyMemcacheBa
 
 
 #: Arguments of ``cachedecor.pymemcache`` (and ``dogpile.cache.pymemcache``), with types.
-MEMCACHED_ARGUMENTS: dict[str, type] = {
-    "url": list,
-    "connect_timeout": float,
-    "timeout": float,
-    "no_delay": bool,
-    "dead_timeout": float,
-    "hashclient_dead_timeout": float,
-    "hashclient_retry_timeout": float,
-    "hashclient_retry_attempts": int,
-    "enable_retry_client": bool,
-    "retry_attempts": int,
-    "retry_delay": float,
-    "retry_for": object,
-    "do_not_retry_for": object,
-    "default_noreply": bool,
-    "memcached_expire_time": int,
-    "distributed_lock": bool,
-    "lock_timeout": int,
-    "socket_keepalive": object,
-    "tls_context": object,
-    "invalidation_retry_interval": float,
-    "invalidation_retry_for": float,
-    "max_pending_invalidations": int,
-    "meta_protocol": bool,
-}
+MEMCACHED_ARGUMENTS: Mapping[str, type] = MappingProxyType(
+    {
+        "url": list,
+        "connect_timeout": float,
+        "timeout": float,
+        "no_delay": bool,
+        "dead_timeout": float,
+        "hashclient_dead_timeout": float,
+        "hashclient_retry_timeout": float,
+        "hashclient_retry_attempts": int,
+        "enable_retry_client": bool,
+        "retry_attempts": int,
+        "retry_delay": float,
+        "retry_for": object,
+        "do_not_retry_for": object,
+        "default_noreply": bool,
+        "memcached_expire_time": int,
+        "distributed_lock": bool,
+        "lock_timeout": int,
+        "socket_keepalive": object,
+        "tls_context": object,
+        "invalidation_retry_interval": float,
+        "invalidation_retry_for": float,
+        "max_pending_invalidations": int,
+        "meta_protocol": bool,
+    }
+)
 
 #: Defaults cachedecor applies where dogpile's backend would wait forever.
-MEMCACHED_DEFAULTS: dict[str, Any] = {
-    "connect_timeout": 0.25,
-    "timeout": 0.25,
-    "no_delay": True,
-    "dead_timeout": 5.0,
-    "hashclient_retry_attempts": 1,
-    "invalidation_retry_interval": 0.5,
-    "invalidation_retry_for": 300.0,
-    "max_pending_invalidations": 10_000,
-    "meta_protocol": True,
-}
+MEMCACHED_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "connect_timeout": 0.25,
+        "timeout": 0.25,
+        "no_delay": True,
+        "dead_timeout": 5.0,
+        "hashclient_retry_attempts": 1,
+        "invalidation_retry_interval": 0.5,
+        "invalidation_retry_for": 300.0,
+        "max_pending_invalidations": 10_000,
+        "meta_protocol": True,
+    }
+)
 
 # pymemcache's flags (pymemcache.serde), which dogpile's backend stores values under
 FLAG_BYTES = 0
