@@ -29,7 +29,6 @@ A message holds the keys by region, as JSON; one larger than PostgreSQL's 8000-b
 from __future__ import annotations
 
 import asyncio
-import atexit
 import importlib
 import json
 import logging
@@ -42,7 +41,7 @@ from typing import Any
 
 import sqlalchemy
 
-from cachedecor import near
+from cachedecor import _runtime, near
 from cachedecor._sa import same_database
 from cachedecor.backends.base import register_fork_aware
 from cachedecor.keys import Plan, decode_plan, encode_plan
@@ -465,7 +464,7 @@ class Broadcast:
         self.connected = threading.Event()
         for link in self.links:
             link.after_fork_in_child()
-        if _current is self:
+        if _runtime.current_broadcast is self:
             self.start()
 
     def notify_in_transaction(self, conn: Any, keys: Plan) -> bool:
@@ -535,27 +534,16 @@ def _libpq_url(url: Any) -> str:
 
 # --------------------------------------------------------------------------------------
 
-_current: Broadcast | None = None
-
 
 def current() -> Broadcast | None:
-    return _current
-
-
-def _drain_at_exit() -> None:
-    """Send what is queued before the interpreter exits (a script, a command, a worker
-    that invalidates and exits at once), within a few seconds."""
-    if _current is not None:
-        _current.stop(wait=2.0)
-
-
-atexit.register(_drain_at_exit)
+    """The broadcast of this process, or ``None`` (what it has queued is sent at
+    interpreter exit by the exit hook of :mod:`cachedecor._runtime`)."""
+    return _runtime.current_broadcast
 
 
 def activate(new: Broadcast | None) -> None:
     """Make ``new`` this process's broadcast (``None``: none) and start its threads."""
-    global _current
-    old, _current = _current, new
+    old, _runtime.current_broadcast = _runtime.current_broadcast, new
     if old is not None and old is not new:
         old.stop()
     if new is not None:

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy.util import greenlet_spawn
 
+from cachedecor import _runtime
 from cachedecor.backends import AsyncStore, Store
 from cachedecor.readpath import (
     CALL,
@@ -91,17 +91,10 @@ def _load(obj: Any, names: list[str]) -> None:
         getattr(obj, name)
 
 
-#: per event loop: key -> an event set when this loop's fill of the key (whose lease
-#: one of its coroutines won) is stored or given up
-_fills: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Event]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def _filling(loop: asyncio.AbstractEventLoop) -> dict[str, asyncio.Event]:
-    filling = _fills.get(loop)
+    filling = _runtime.fills.get(loop)
     if filling is None:
-        filling = _fills[loop] = {}
+        filling = _runtime.fills[loop] = {}
     return filling
 
 
@@ -112,7 +105,7 @@ def _won(loop: asyncio.AbstractEventLoop, key: str) -> None:
 
 def _done(loop: asyncio.AbstractEventLoop, keys: Any) -> None:
     """This loop's fills of ``keys`` are done: wake the coroutines waiting for them."""
-    filling = _fills.get(loop)
+    filling = _runtime.fills.get(loop)
     if filling:
         for key in keys:
             event = filling.pop(key, None)
@@ -123,7 +116,7 @@ def _done(loop: asyncio.AbstractEventLoop, keys: Any) -> None:
 async def _wait(loop: asyncio.AbstractEventLoop, seconds: float, key: str, longest: float) -> None:
     """Wait ``seconds`` for another reader's fill of ``key``; when the reader is a coroutine
     of this loop, wait for its fill itself, up to ``longest``."""
-    filling = _fills.get(loop)
+    filling = _runtime.fills.get(loop)
     event = filling.get(key) if filling else None
     if event is None:
         await asyncio.sleep(seconds)

@@ -34,6 +34,7 @@ from urllib.parse import quote
 import sqlalchemy
 from sqlalchemy.orm import Mapper
 
+from cachedecor import _runtime
 from cachedecor.errors import ConfigError, InvalidKeyError, UsageError
 
 __all__ = [
@@ -277,15 +278,12 @@ class KeyMaker:
         return [self(pk) for pk in pks]
 
 
-_makers: dict[tuple[type, str], KeyMaker] = {}
-
-
 def key_maker(model: Any, namespace: str = DEFAULT_NAMESPACE) -> KeyMaker:
     """The shared :class:`KeyMaker` of ``model``'s hierarchy in ``namespace``."""
     cls = _mapper(model).base_mapper.class_
-    maker = _makers.get((cls, namespace))
+    maker = _runtime.key_makers.get((cls, namespace))
     if maker is None:
-        maker = _makers[(cls, namespace)] = KeyMaker(cls, namespace)
+        maker = _runtime.key_makers[(cls, namespace)] = KeyMaker(cls, namespace)
     return maker
 
 

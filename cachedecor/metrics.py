@@ -22,11 +22,10 @@ import importlib
 import inspect
 import itertools
 import textwrap
-import threading
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
+from cachedecor import _runtime
 from cachedecor.errors import MissingExtra, missing_extra
 from cachedecor.stats import RegionStats, stats
 
@@ -257,11 +256,6 @@ def _state_family(core: Any, state: State) -> Any:
     return kind(state.prometheus, state.help, labels=[state.label])
 
 
-_lock = threading.Lock()
-_prometheus: weakref.WeakKeyDictionary[Any, PrometheusCollector] = weakref.WeakKeyDictionary()
-_opentelemetry: weakref.WeakKeyDictionary[Any, list[Instrument]] = weakref.WeakKeyDictionary()
-
-
 class _Global:
     """Stands for the global meter provider, also before one is set (its proxy forwards)."""
 
@@ -285,12 +279,12 @@ def register_prometheus(registry: CollectorRegistry | None = None) -> Prometheus
     """
     client = _require("prometheus_client", "cachedecor.metrics.register_prometheus")
     target = client.REGISTRY if registry is None else registry
-    with _lock:
-        collector = _prometheus.get(target)
+    with _runtime.exporters_lock:
+        collector = _runtime.prometheus_collectors.get(target)
         if collector is None:
             collector = PrometheusCollector()
             target.register(cast("Collector", collector))
-            _prometheus[target] = collector
+            _runtime.prometheus_collectors[target] = collector
     return collector
 
 
@@ -298,8 +292,8 @@ def unregister_prometheus(registry: CollectorRegistry | None = None) -> None:
     """Remove what :func:`register_prometheus` registered with ``registry`` (if anything)."""
     client = _require("prometheus_client", "cachedecor.metrics.unregister_prometheus")
     target = client.REGISTRY if registry is None else registry
-    with _lock:
-        collector = _prometheus.pop(target, None)
+    with _runtime.exporters_lock:
+        collector = _runtime.prometheus_collectors.pop(target, None)
         if collector is not None:
             target.unregister(cast("Collector", collector))
 
@@ -321,8 +315,8 @@ def instrument_opentelemetry(meter_provider: MeterProvider | None = None) -> lis
     from cachedecor import __version__
 
     key = _GLOBAL_PROVIDER if meter_provider is None else meter_provider
-    with _lock:
-        instruments = _opentelemetry.get(key)
+    with _runtime.exporters_lock:
+        instruments = _runtime.opentelemetry_instruments.get(key)
         if instruments is None:
             meter = api.get_meter("cachedecor", __version__, meter_provider=meter_provider)
             instruments = [
@@ -342,7 +336,7 @@ def instrument_opentelemetry(meter_provider: MeterProvider | None = None) -> lis
                         description=state.help,
                     )
                 )
-            _opentelemetry[key] = instruments
+            _runtime.opentelemetry_instruments[key] = instruments
     return instruments
 
 

@@ -41,6 +41,7 @@ from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, Table, Text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from cachedecor import _runtime
 from cachedecor._sa import same_database
 from cachedecor.backends.base import register_fork_aware
 from cachedecor.errors import ConfigError
@@ -283,7 +284,7 @@ class Outbox:
         self._stop = threading.Event()
         self._done = []
         self._thread = None
-        if _current is self:
+        if _runtime.current_outbox is self:
             self.start()
 
     # -- the write path (inside the writing transaction) ---------------------------------
@@ -437,12 +438,10 @@ def connections(session: Session) -> list[Connection]:
 # --------------------------------------------------------------------------------------
 # the configured outbox
 
-_current: Outbox | None = None
-
 
 def current() -> Outbox | None:
     """The configured outbox of this process, or ``None``."""
-    return _current
+    return _runtime.current_outbox
 
 
 def prepare(settings: OutboxSettings, deliver: Callable[[Plan], bool]) -> Outbox:
@@ -463,8 +462,7 @@ def prepare(settings: OutboxSettings, deliver: Callable[[Plan], bool]) -> Outbox
 
 def activate(box: Outbox | None) -> None:
     """Make ``box`` this process's outbox and start its deliverer (``None``: no outbox)."""
-    global _current
-    old, _current = _current, box
+    old, _runtime.current_outbox = _runtime.current_outbox, box
     if old is not None and old is not box:
         old.stop()
     if box is not None:

@@ -28,6 +28,7 @@ import enum
 import sys
 import uuid
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 import sqlalchemy
@@ -37,6 +38,7 @@ from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.instrumentation import ClassManager
 
+from cachedecor import _runtime
 from cachedecor.codec import ABSENT, BadEntry
 
 __all__ = [
@@ -444,7 +446,7 @@ class Row:
         self,
         plan: ClassPlan | None,
         ident: Any,
-        values: dict[str, Any],
+        values: dict[str, Any] | MappingProxyType[str, Any],
         expire: tuple[str, ...],
         written_at: float,
     ) -> None:
@@ -478,7 +480,8 @@ class Row:
         return self
 
 
-_NO_VALUES: dict[str, Any] = {}
+#: the values of a row that does not exist (never read: such a row has no plan)
+_NO_VALUES: MappingProxyType[str, Any] = MappingProxyType({})
 #: the row object, its identity tuple and the near cache's slot for it
 _ROW_SIZE = 200
 #: types whose values several instances may share: nothing can change them in place
@@ -568,12 +571,9 @@ def _refresh_expired(obj: Any, plan: ClassPlan, row: Row) -> None:
         state._commit(d, filled)
 
 
-_plans: dict[type, ModelPlan] = {}
-
-
 def model_plan(model: Any) -> ModelPlan:
     """The shared :class:`ModelPlan` of ``model``."""
-    plan = _plans.get(model)
+    plan = _runtime.model_plans.get(model)
     if plan is None:
-        plan = _plans[model] = ModelPlan(model)
+        plan = _runtime.model_plans[model] = ModelPlan(model)
     return plan

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
+
+from cachedecor import _runtime
 
 __all__ = ["RegionStats", "dump_stats", "reset_stats", "stats"]
 
@@ -69,14 +69,12 @@ class RegionStats:
         return asdict(self)
 
 
-_counters: defaultdict[str, RegionStats] = defaultdict(RegionStats)
-_last_logged: dict[tuple[str, str], float] = {}
-_log_lock = threading.Lock()
-
-
 def counters(region: str) -> RegionStats:
     """The live counter object of ``region`` (created on first use)."""
-    return _counters[region]
+    found = _runtime.counters.get(region)
+    if found is None:
+        found = _runtime.counters.setdefault(region, RegionStats())
+    return found
 
 
 def stats(region: str | None = None) -> dict[str, dict[str, int]]:
@@ -87,8 +85,8 @@ def stats(region: str | None = None) -> dict[str, dict[str, int]]:
     ['bad_entries', 'bypasses', 'errors']
     """
     if region is not None:
-        return {region: _counters[region].as_dict()}
-    return {name: c.as_dict() for name, c in sorted(_counters.items())}
+        return {region: counters(region).as_dict()}
+    return {name: c.as_dict() for name, c in sorted(_runtime.counters.items())}
 
 
 def dump_stats(path: str) -> None:
@@ -108,31 +106,18 @@ def dump_stats(path: str) -> None:
 
 def reset_stats() -> None:
     """Set every counter back to zero (for tests and benchmarks)."""
-    for c in _counters.values():
-        for name in c.__dataclass_fields__:
-            setattr(c, name, 0)
-    with _log_lock:
-        _last_logged.clear()
-
-
-def _after_fork_in_child() -> None:
-    global _log_lock
-    _log_lock = threading.Lock()
-    reset_stats()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+    _runtime.reset_counters()
 
 
 def log_failure(region: str, what: str, exc: BaseException | str, level: int = logging.WARNING) -> None:
     """Log a cache failure, at most once per :data:`LOG_INTERVAL` per region and kind."""
     now = time.monotonic()
     key = (region, what)
-    with _log_lock:
-        last = _last_logged.get(key)
+    with _runtime.log_lock:
+        last = _runtime.last_logged.get(key)
         if last is not None and now - last < LOG_INTERVAL:
             return
-        _last_logged[key] = now
+        _runtime.last_logged[key] = now
     log.log(
         level,
         "cache region %r: %s failed (%s); falling through to the database",

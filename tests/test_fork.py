@@ -27,6 +27,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 import cachedecor
+from cachedecor import _runtime
 from cachedecor.backends import MemcachedStore, MemoryStore, NodeHealth, RedisStore
 from cachedecor.config import region_settings
 from tests.conftest import memcached_config, redis_available, redis_config, wait_until
@@ -290,7 +291,7 @@ class TestPerProcessState:
         release = threading.Event()
 
         def hold() -> None:
-            with health._lock, memory.lock, stats_module._log_lock:
+            with health._lock, memory.lock, _runtime.log_lock:
                 holding.set()
                 release.wait(30)
 

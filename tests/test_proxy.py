@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 import cachedecor
-from cachedecor.backends.memcached import store as memcached_store
+from cachedecor import _runtime
 from cachedecor.config import region_settings
 from tests.conftest import SQLCounter, memcached_config, once, wait_until
 from tests.models import User
@@ -66,7 +66,7 @@ def sql(rows: Engine) -> Iterator[SQLCounter]:
 @pytest.fixture
 def proxied(nutcracker: Nutcracker, monkeypatch: pytest.MonkeyPatch) -> Nutcracker:
     """Region ``default`` on twemproxy, meta commands on (the default): it has to find out."""
-    monkeypatch.setattr(memcached_store, "_meta_fallback_logged", False)
+    monkeypatch.setattr(_runtime, "meta_fallback_logged", False)
     cachedecor.configure_regions(memcached_config(nutcracker.url))
     return nutcracker
 

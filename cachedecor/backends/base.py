@@ -11,10 +11,12 @@ committed can never put its older copy back.
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
+# a forked child gets connections, locks and queues of its own: a store that holds them
+# registers itself (the one fork hook, in the runtime, calls its _after_fork_in_child())
+from cachedecor._runtime import register_fork_aware
 from cachedecor.keys import KeyPattern
 
 __all__ = [
@@ -41,31 +43,6 @@ def is_lease(data: bytes) -> bool:
 def new_lease_marker() -> bytes:
     """A lease marker unique to this attempt."""
     return LEASE_PREFIX + os.urandom(10)
-
-
-# --------------------------------------------------------------------------------------
-# processes: a forked child gets connections, locks and queues of its own
-
-
-class _ForkAware(Protocol):
-    def _after_fork_in_child(self) -> None: ...
-
-
-#: Live objects that hold connections, locks or queues of the process that made them.
-_fork_aware: weakref.WeakSet[_ForkAware] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for obj in list(_fork_aware):
-        obj._after_fork_in_child()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def register_fork_aware(obj: _ForkAware) -> None:
-    """Call ``obj._after_fork_in_child()`` in every process forked after this."""
-    _fork_aware.add(obj)
 
 
 class UndeliveredInvalidation(Exception):

@@ -16,7 +16,6 @@ never fails later at the first cache call.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,7 +41,6 @@ from cachedecor.config.regions import (
 )
 from cachedecor.config.sources import ENV_VAR, parse
 from cachedecor.errors import ConfigError, RegionNotConfigured
-from cachedecor.stats import reset_stats
 
 __all__ = [
     "ARGUMENT_RANGES",
@@ -68,18 +66,8 @@ dogpile.cache.register_backend(  # type: ignore[no-untyped-call]
     "cachedecor.pymemcache", "cachedecor.backends", "PyMemcacheBackend"
 )
 
-_lock = threading.Lock()
 #: the configured regions: the runtime's dict itself, which the layers below read
 _settings = _runtime.regions
-
-
-def _new_lock_in_child() -> None:
-    # a lock another thread of the parent held at fork time would never be released
-    global _lock
-    _lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def configure_regions(
@@ -124,7 +112,7 @@ def configure_regions(
     if durable is not None:
         # the deliverer delivers through the commit pipeline's loop, wired here
         box = outbox.prepare(durable, invalidation.deliver_now)  # checks the table: may raise ConfigError
-    with _lock:
+    with _runtime.regions_lock:
         _settings.update(built)
         regions = {name: s.region for name, s in _settings.items()}
     if box is not None:
@@ -196,9 +184,7 @@ async def aclose() -> None:
 
 
 def reset() -> None:
-    """Forget every configured region and zero the counters (for tests)."""
-    with _lock:
-        _settings.clear()
-    reset_stats()
-    outbox.activate(None)
-    broadcast.activate(None)
+    """Return to the state of a fresh process (for tests): forget every configured
+    region, zero the counters, stop the outbox's deliverer and the broadcast's listeners
+    (see :func:`cachedecor._runtime.reset` for what is kept)."""
+    _runtime.reset()

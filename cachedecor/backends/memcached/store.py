@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from cachedecor import _runtime
 from cachedecor.backends.base import (
     AsyncStore,
     PartialResult,
@@ -391,13 +392,10 @@ def _entries(found: dict[str, Any]) -> dict[str, bytes]:
     return {k: v if type(v) is bytes else _NOT_AN_ENTRY for k, v in found.items()}
 
 
-_meta_fallback_logged = False
-
-
 def log_meta_fallback() -> None:
-    global _meta_fallback_logged
-    if not _meta_fallback_logged:
-        _meta_fallback_logged = True
+    """Warn, once per process, that a server refused the meta commands."""
+    if not _runtime.meta_fallback_logged:
+        _runtime.meta_fallback_logged = True
         from cachedecor.stats import log
 
         log.warning(
