@@ -1,4 +1,7 @@
-"""What cachedecor takes from SQLAlchemy's optional asyncio extension, without importing it.
+"""Every use cachedecor makes of SQLAlchemy's internals, and of its optional asyncio
+extension, in one place: an upgrade of SQLAlchemy is read here.
+
+Each internal below names the versions it was checked against. The asyncio part:
 
 ``sqlalchemy.ext.asyncio`` needs greenlet. SQLAlchemy 2.0 installed greenlet on
 common platforms; 2.1 does not, and importing the extension then raises
@@ -15,15 +18,20 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy
-from sqlalchemy.orm import Session, scoped_session, sessionmaker
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Mapper, Session, mapperlib, scoped_session, sessionmaker
 
 __all__ = [
+    "all_mappers",
     "async_session_types",
     "greenlet_missing",
+    "held_connections",
     "registry_types",
+    "root_connections",
     "same_database",
     "session_classes",
     "session_factories",
@@ -92,3 +100,45 @@ def same_database(a: sqlalchemy.URL, b: sqlalchemy.URL) -> bool:
     if a.get_backend_name() == "sqlite":
         return os.path.abspath(a.database or "") == os.path.abspath(b.database or "")
     return (a.host or "localhost", a.port, a.database) == (b.host or "localhost", b.port, b.database)
+
+
+# -- internals of the ORM's session and mapper registries ------------------------------
+# Checked against SQLAlchemy 2.0.2, 2.0.x and 2.1.9 (the versions the suite runs on).
+
+
+def held_connections(session: Session) -> Iterator[tuple[Any, Connection]]:
+    """``(bind, connection)`` of each connection held by ``session``'s current transaction
+    and the transactions it is nested in, innermost first.
+
+    Internals: ``Session._transaction`` (the innermost transaction),
+    ``SessionTransaction._connections`` (bind -> a tuple whose first item is the
+    connection) and ``SessionTransaction._parent``. A subtransaction (a flush's) holds
+    no connection of its own. No public API names the connection of a given bind
+    without opening one.
+    """
+    transaction = session._transaction
+    while transaction is not None:
+        for bind, entry in list(transaction._connections.items()):
+            yield bind, entry[0]
+        transaction = transaction._parent
+
+
+def root_connections(session: Session) -> list[Connection]:
+    """The connections the root transaction of ``session`` holds (none without one).
+
+    Internals: ``SessionTransaction._connections`` of ``Session.get_transaction()``.
+    """
+    transaction = session.get_transaction()
+    if transaction is None:
+        return []
+    return [entry[0] for entry in list(transaction._connections.values())]
+
+
+def all_mappers() -> Iterator[Mapper[Any]]:
+    """Every mapper of every registry this process has made.
+
+    Internal: ``sqlalchemy.orm.mapperlib._all_registries()`` (a weak set of the
+    registries); each registry's ``mappers`` is public.
+    """
+    for registry in list(mapperlib._all_registries()):
+        yield from list(registry.mappers)

@@ -11,6 +11,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, SessionTransaction
 
 from cachedecor import broadcast, outbox
+from cachedecor._sa import held_connections
 from cachedecor.invalidation import deliver, plan
 from cachedecor.tracking.scope import current_scope
 from cachedecor.tracking.session import TRACKER_KEY, Tracker, ensure_tracker, session_space
@@ -146,9 +147,6 @@ def connection_owner(conn: Connection) -> Session | None:
     session = ref() if ref is not None else None
     if session is None:
         return None
-    transaction = session._transaction
-    while transaction is not None:  # subtransactions (a flush's) hold no connections themselves
-        if any(e[0] is conn for e in list(transaction._connections.values())):
-            return session
-        transaction = transaction._parent
+    if any(held is conn for _, held in held_connections(session)):
+        return session
     return None  # the session has moved on: this connection is someone else's now

@@ -9,6 +9,7 @@ from typing import Any, cast
 import sqlalchemy
 from sqlalchemy.orm import Mapper, Session
 
+from cachedecor._sa import held_connections
 from cachedecor.invalidation import Group
 from cachedecor.keys import Space, key_maker
 
@@ -157,16 +158,13 @@ def session_space(session: Session | None, model: Any, token: Any = None) -> Spa
             except Exception:
                 bind = None
         if bind is not None:
-            transaction = session._transaction
-            while transaction is not None:
-                entry = transaction._connections.get(bind)
-                if entry is not None:
-                    translate = entry[0]._execution_options.get("schema_translate_map")
+            for held_bind, conn in held_connections(session):
+                if held_bind is bind:
+                    translate = conn.get_execution_options().get("schema_translate_map")
                     break
-                transaction = transaction._parent
             else:
-                options = getattr(bind, "_execution_options", None)
-                translate = None if options is None else options.get("schema_translate_map")
+                options = getattr(bind, "get_execution_options", None)
+                translate = None if options is None else options().get("schema_translate_map")
         if translate is not None and schema in translate:
             return (translate[schema], token)
     if token is not None:

@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from sqlalchemy.sql import dml, elements
 
+from cachedecor._sa import all_mappers
 from cachedecor.keys import Space, key_maker
 from cachedecor.tracking.events import connection_owner
 from cachedecor.tracking.scope import Scope, current_scope
@@ -51,13 +52,10 @@ def _models_of(table: Any) -> tuple[type, ...]:
     """The mapped classes whose rows live in ``table`` (hierarchy roots first)."""
     found = _table_models.get(table)
     if found is None:
-        from sqlalchemy.orm import mapperlib
-
         models: list[type] = []
-        for registry in list(mapperlib._all_registries()):
-            for mapper in list(registry.mappers):
-                if table in mapper.tables and mapper.class_ not in models:
-                    models.append(mapper.class_)
+        for mapper in all_mappers():
+            if table in mapper.tables and mapper.class_ not in models:
+                models.append(mapper.class_)
         found = _table_models[table] = tuple(models)
     return found
 
@@ -119,9 +117,9 @@ def _spaces(
     ``session.connection(bind_arguments={"shard_id": ...})``). Shards that share one
     engine cannot be told apart by the connection: the rows are then named in each.
     """
-    options = (
-        {**conn._execution_options, **execution_options} if execution_options else conn._execution_options
-    )
+    options: Mapping[str, Any] = conn.get_execution_options()
+    if execution_options:
+        options = {**options, **execution_options}
     token = options.get("identity_token")
     if token is not None or session is None:
         return [space_for_options(model, options, token)]
