@@ -32,13 +32,18 @@ from types import MappingProxyType
 from typing import Any
 
 import sqlalchemy
-import sqlalchemy.orm.identity
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.orm.instrumentation import ClassManager
 
 from cachedecor import _runtime
+from cachedecor._sa import (
+    ADD_UNPRESENT,
+    COMMIT_ATTRIBUTES,
+    EXPIRE_ATTRIBUTES,
+    identity_dict,
+    state_constructor,
+)
 from cachedecor.codec import ABSENT, BadEntry
 
 __all__ = [
@@ -154,8 +159,7 @@ class ClassPlan:
         self.manager = mapper.class_manager
         # what ClassManager.new_instance() does, taken apart once so that building an
         # instance costs one call less; only for the default instrumentation
-        default = type(self.manager) is ClassManager and self.manager.STATE_ATTR == "_sa_instance_state"
-        self.new_state = self.manager._state_constructor if default else None
+        self.new_state = state_constructor(self.manager)
         self.tag = class_tag(mapper)
         self.fingerprint = mapping_fingerprint(mapper)
         props, derived = _stored_props(mapper)
@@ -326,7 +330,7 @@ class ModelPlan:
             identity_map = session.identity_map
             # (the dictionary first: the identity map's get() is a call the usual,
             # absent case can do without)
-            existing = identity_map.get(ident) if ident in identity_map._dict else None
+            existing = identity_map.get(ident) if ident in identity_dict(identity_map) else None
             if existing is not None:
                 _refresh_expired(existing, plan, row)
                 return existing
@@ -346,7 +350,7 @@ class ModelPlan:
         for k, copy in row.copies:
             d[k] = copy(d[k])
         if row.expire:
-            state._expire_attributes(d, row.expire)
+            EXPIRE_ATTRIBUTES(state, d, row.expire)
         # what the ORM's loader does for a row it has just read: the instance is
         # persistent with this identity and all its values are committed
         state.key = ident
@@ -355,7 +359,7 @@ class ModelPlan:
         if session is not None:
             if _attach is _attach_loaded:  # the same, without the call: the hottest path
                 state.session_id = session.hash_key
-                session.identity_map._add_unpresent(state, ident)
+                ADD_UNPRESENT(session.identity_map, state, ident)  # type: ignore[misc]
                 dispatch = session.dispatch
                 if dispatch.loaded_as_persistent:
                     dispatch.loaded_as_persistent(session, state)
@@ -378,8 +382,7 @@ class ModelPlan:
         if session is not None:
             identity_map = session.identity_map
             present = identity_map.get
-            held = identity_map._dict  # looked in first, as instantiate() does
-            add = identity_map._add_unpresent
+            held = identity_dict(identity_map)  # looked in first, as instantiate() does
             hash_key = session.hash_key
             loaded = session.dispatch.loaded_as_persistent
         for key, row in rows.items():
@@ -412,13 +415,13 @@ class ModelPlan:
             for k, copy in row.copies:
                 d[k] = copy(d[k])
             if row.expire:
-                state._expire_attributes(d, row.expire)
+                EXPIRE_ATTRIBUTES(state, d, row.expire)
             state.key = ident
             if token is not None:
                 state.identity_token = token
             if attached:
                 state.session_id = hash_key
-                add(state, ident)
+                ADD_UNPRESENT(identity_map, state, ident)  # type: ignore[misc]
                 if loaded:
                     loaded(session, state)
             built[key] = obj
@@ -546,13 +549,13 @@ def _attach_loaded(session: Session, state: Any, obj: Any) -> None:
     # join the identity map under its key (known to be absent: checked by build())
     # and announce it as loaded, not as a detached instance being re-attached.
     state.session_id = session.hash_key
-    session.identity_map._add_unpresent(state, state.key)
+    ADD_UNPRESENT(session.identity_map, state, state.key)  # type: ignore[misc]
     dispatch = session.dispatch
     if dispatch.loaded_as_persistent:
         dispatch.loaded_as_persistent(session, state)
 
 
-_attach = _attach_loaded if hasattr(sqlalchemy.orm.identity.IdentityMap, "_add_unpresent") else _attach_public
+_attach = _attach_loaded if ADD_UNPRESENT is not None else _attach_public
 
 
 def _refresh_expired(obj: Any, plan: ClassPlan, row: Row) -> None:
@@ -568,7 +571,7 @@ def _refresh_expired(obj: Any, plan: ClassPlan, row: Row) -> None:
             d[key] = _copy_tree(value) if any(k == key for k, _ in row.copies) else value
             filled.append(key)
     if filled:
-        state._commit(d, filled)
+        COMMIT_ATTRIBUTES(state, d, filled)
 
 
 def model_plan(model: Any) -> ModelPlan:
