@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     import asyncio
 
     from opentelemetry.metrics import Instrument
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.orm import Session
 
     from cachedecor.broadcast import Broadcast
     from cachedecor.config.regions import RegionSettings
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ForkAware",
     "configured_regions",
+    "connection_owners",
     "counters",
     "current_broadcast",
     "current_outbox",
@@ -51,12 +54,15 @@ __all__ = [
     "meta_fallback_logged",
     "model_plans",
     "opentelemetry_instruments",
+    "pending_inserts",
     "prometheus_collectors",
     "regions",
     "regions_lock",
     "register_fork_aware",
     "reset",
     "reset_counters",
+    "table_models",
+    "tracked_models",
 ]
 
 # -- configuration (written by cachedecor.config) -------------------------------------
@@ -117,6 +123,17 @@ opentelemetry_instruments: weakref.WeakKeyDictionary[Any, list[Instrument]] = we
 key_makers: dict[tuple[type, str], KeyMaker] = {}
 #: mapped class -> its model plan
 model_plans: dict[type, ModelPlan] = {}
+
+# -- the session tracking (cachedecor.tracking) ---------------------------------------
+
+#: connection -> the session that began a transaction on it (held weakly)
+connection_owners: weakref.WeakKeyDictionary[Connection, weakref.ref[Session]] = weakref.WeakKeyDictionary()
+#: connection -> an ORM INSERT under way on it, whose keys its RETURNING rows name
+pending_inserts: weakref.WeakKeyDictionary[Connection, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+#: table -> the mapped classes whose rows live in it (emptied when a class is mapped)
+table_models: dict[Any, tuple[type, ...]] = {}
+#: mapped class -> (its mapper, the schema of its keys)
+tracked_models: dict[Any, tuple[Any, Any]] = {}
 
 # -- the async driver (cachedecor.drivers) --------------------------------------------
 

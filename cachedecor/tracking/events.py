@@ -10,7 +10,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, SessionTransaction
 
-from cachedecor import broadcast, outbox
+from cachedecor import _runtime, broadcast, outbox
 from cachedecor._sa import held_connections
 from cachedecor.invalidation import deliver, plan
 from cachedecor.tracking.scope import current_scope
@@ -20,12 +20,11 @@ __all__ = ["connection_owner"]
 
 
 #: connection -> the session whose transaction it belongs to
-_owners: weakref.WeakKeyDictionary[Connection, weakref.ref[Session]] = weakref.WeakKeyDictionary()
 
 
 @event.listens_for(Session, "after_begin")
 def _after_begin(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
-    _owners[connection] = weakref.ref(session)
+    _runtime.connection_owners[connection] = weakref.ref(session)
 
 
 def _record_instance(session: Session, tracker: Tracker, obj: Any) -> None:
@@ -143,7 +142,7 @@ def connection_owner(conn: Connection) -> Session | None:
     ended, or moved to another connection). The session is held weakly: asking never
     keeps one alive.
     """
-    ref = _owners.get(conn)
+    ref = _runtime.connection_owners.get(conn)
     session = ref() if ref is not None else None
     if session is None:
         return None

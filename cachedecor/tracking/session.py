@@ -7,8 +7,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import sqlalchemy
-from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm import Session
 
+from cachedecor import _runtime
 from cachedecor._sa import held_connections
 from cachedecor.invalidation import Group
 from cachedecor.keys import Space, key_maker
@@ -139,9 +140,9 @@ def session_space(session: Session | None, model: Any, token: Any = None) -> Spa
     model's bind, else the bind's own (read on every call: a connection's
     ``schema_translate_map`` is set when it is taken).
     """
-    found = _models.get(model)
+    found = _runtime.tracked_models.get(model)
     if found is None:
-        found = _models[model] = (sqlalchemy.inspect(model), key_maker(model).schema)
+        found = _runtime.tracked_models[model] = (sqlalchemy.inspect(model), key_maker(model).schema)
     mapper, schema = found
     if session is not None:
         translate: Mapping[Any, Any] | None = None
@@ -173,7 +174,6 @@ def session_space(session: Session | None, model: Any, token: Any = None) -> Spa
 
 
 #: model -> (mapper, schema of its hierarchy's root table)
-_models: dict[Any, tuple[Mapper[Any], Any]] = {}
 
 
 def _root_schema(model: Any) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -12,6 +11,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from sqlalchemy.sql import dml, elements
 
+from cachedecor import _runtime
 from cachedecor._sa import all_mappers
 from cachedecor.keys import Space, key_maker
 from cachedecor.tracking.events import connection_owner
@@ -40,23 +40,21 @@ _READ_ONLY_SQL = (
     "PRAGMA",
 )
 
-_table_models: dict[Any, tuple[type, ...]] = {}
-
 
 @event.listens_for(Mapper, "after_mapper_constructed")
 def _new_mapper(mapper: Mapper[Any], cls: type) -> None:
-    _table_models.clear()
+    _runtime.table_models.clear()
 
 
 def _models_of(table: Any) -> tuple[type, ...]:
     """The mapped classes whose rows live in ``table`` (hierarchy roots first)."""
-    found = _table_models.get(table)
+    found = _runtime.table_models.get(table)
     if found is None:
         models: list[type] = []
         for mapper in all_mappers():
             if table in mapper.tables and mapper.class_ not in models:
                 models.append(mapper.class_)
-        found = _table_models[table] = tuple(models)
+        found = _runtime.table_models[table] = tuple(models)
     return found
 
 
@@ -100,7 +98,7 @@ def _before_execute(
             _add_rows(session, scope, model, space, pks)
     elif isinstance(elem, dml.Insert) and getattr(elem, "_post_values_clause", None) is None:
         # new rows whose keys the database assigns: known once the statement has run
-        _inserts[conn] = (elem, session, scope, model, spaces)
+        _runtime.pending_inserts[conn] = (elem, session, scope, model, spaces)
     else:
         what = f"a {type(elem).__name__.upper()} on {getattr(table, 'name', table)} whose rows are not known"
         _unresolved(session, scope, model, spaces, what)
@@ -133,7 +131,6 @@ def _spaces(
 
 
 #: connection -> the INSERT it is running whose new primary keys are still to be read
-_inserts: weakref.WeakKeyDictionary[Connection, tuple[Any, ...]] = weakref.WeakKeyDictionary()
 
 
 @event.listens_for(Engine, "after_execute")
@@ -145,7 +142,7 @@ def _after_execute(
     execution_options: Mapping[str, Any],
     result: Any,
 ) -> None:
-    pending = _inserts.pop(conn, None) if _inserts else None
+    pending = _runtime.pending_inserts.pop(conn, None) if _runtime.pending_inserts else None
     if pending is None or pending[0] is not elem:
         return
     _, session, scope, model, spaces = pending
