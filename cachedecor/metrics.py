@@ -123,15 +123,12 @@ class State(NamedTuple):
 
 
 def _near_caches() -> dict[str, Any]:
-    from cachedecor.config import configured_regions
-
-    return {name: s.near for name, s in configured_regions().items() if getattr(s, "near", None) is not None}
+    regions = _runtime.configured_regions()
+    return {name: s.near for name, s in regions.items() if getattr(s, "near", None) is not None}
 
 
 def _links() -> dict[str, Any]:
-    from cachedecor import broadcast
-
-    sender = broadcast.current()
+    sender = _runtime.current_broadcast
     return {} if sender is None else {link.kind: link for link in sender.links}
 
 
@@ -197,9 +194,7 @@ def states() -> tuple[State, ...]:
 def _snapshot() -> dict[str, dict[str, int]]:
     """The counters of every configured region (zeros until it counts), and of any other
     region that has counted something since the last :func:`cachedecor.reset_stats`."""
-    from cachedecor.config import configured_regions
-
-    configured = configured_regions()
+    configured = _runtime.configured_regions()
     counted = {name: values for name, values in stats().items() if any(values.values())}
     names = sorted({*counted, *configured})
     return {name: counted.get(name) or stats(name)[name] for name in names}
