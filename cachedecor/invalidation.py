@@ -7,9 +7,13 @@ names the tables it caches with its ``tables`` option; then only rows of those
 tables are invalidated there (and ``@cached_by_pk`` refuses to cache other tables
 in it, so the narrowing can never hide a stale row).
 
-Deletes are sent now (:func:`deliver`, or :func:`adeliver` for asyncio callers;
-both run the same steps, :func:`deliveries`); queueing them until a session commits is
-:mod:`cachedecor.tracking`'s job, and the public functions are in
+One generator, :func:`deliveries`, makes every decision of a delivery (which keys in
+which region, counting, logging, what a failure means, the near caches evicted before
+and after, the broadcast after) as typed requests, and does no I/O. Three thin callers
+carry them out: :func:`deliver` (blocking stores, after a commit and for direct
+invalidation), :func:`adeliver` (asyncio stores) and :func:`deliver_now` (the outbox's
+deliverer: the same generator in its ``now`` mode). Queueing deletes until a session
+commits is :mod:`cachedecor.tracking`'s job, and the public functions are in
 :mod:`cachedecor.write`.
 """
 
@@ -19,7 +23,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Generator, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cachedecor import broadcast, near
 from cachedecor._runtime import configured_regions
@@ -33,14 +37,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EVERY_SPACE",
+    "Delete",
+    "DeleteMatching",
     "Deliveries",
+    "Evict",
     "Group",
+    "HandOver",
     "Plan",
+    "Publish",
+    "Request",
     "adeliver",
     "deliver",
     "deliver_now",
     "deliveries",
-    "hand_over",
     "plan",
     "regions_for",
 ]
@@ -61,10 +70,57 @@ def regions_for(model: Any, regions: dict[str, RegionSettings] | None = None) ->
     return [s for s in regions.values() if s.tables is None or table in s.tables]
 
 
-#: A delivery: yields ``(settings, keys)`` (delete these keys) or ``(settings,
-#: patterns)`` (delete every key matching these :class:`KeyPattern`), receives the
-#: number deleted or has the store's exception thrown in; counts and logs itself.
-Deliveries = Generator[tuple["RegionSettings", list[Any]], Any, bool]
+class Evict(NamedTuple):
+    """Evict ``keys`` from this process's near caches (memory only: before the deletes, so
+    that a commit returns with its own near entries gone, and again after them)."""
+
+    keys: Plan
+
+
+class Delete(NamedTuple):
+    """Delete ``keys`` in the region of ``settings``; answered with ``None``.
+
+    ``now``: on every node, whatever the circuit breakers say, and nothing queued (the
+    outbox keeps the keys: :meth:`~cachedecor.backends.Store.delete_now`); otherwise a
+    node that is down gets them queued as owed (:class:`UndeliveredInvalidation`)."""
+
+    settings: RegionSettings
+    keys: list[str]
+    now: bool
+
+
+class DeleteMatching(NamedTuple):
+    """Delete every key of the region of ``settings`` that one of ``patterns`` matches;
+    answered with how many were deleted."""
+
+    settings: RegionSettings
+    patterns: list[KeyPattern]
+
+
+class Publish(NamedTuple):
+    """Send ``keys`` to every process's near caches (after the deletes)."""
+
+    keys: Plan
+
+
+class HandOver(NamedTuple):
+    """The driver was interrupted (cancelled) after the transaction committed: deliver
+    ``rest`` from a thread of its own, with the sync stores (counted and logged already)."""
+
+    rest: Plan
+    durable: bool
+
+
+#: What a delivery asks its driver to do (:func:`deliveries`); only the deletes wait on a server.
+Request = Evict | Delete | DeleteMatching | Publish | HandOver
+
+#: A delivery: yields :data:`Request`\ s, is sent the answer of each (the count of a
+#: :class:`DeleteMatching`, else ``None``) or has the store's exception thrown in;
+#: counts and logs itself; returns whether every delete was delivered.
+Deliveries = Generator[Request, int | None, bool]
+
+#: A step of a delivery: (region, model-wide).
+_Step = tuple[str, bool]
 
 
 def plan(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> Plan:
@@ -90,21 +146,63 @@ def plan(rows: dict[Group, list[Any]], wide: Iterable[Group] = ()) -> Plan:
 
 
 def deliveries(
-    rows: dict[Group, list[Any]], wide: Iterable[Group] = (), keys: Plan | None = None, durable: bool = False
+    rows: dict[Group, list[Any]],
+    wide: Iterable[Group] = (),
+    keys: Plan | None = None,
+    durable: bool = False,
+    *,
+    now: bool = False,
 ) -> Deliveries:
-    """The deletes that invalidate ``rows`` (and every key of the ``wide`` groups) in every
-    region, or of the :data:`Plan` ``keys``, as steps: :func:`deliver` runs them with the
-    sync stores, :func:`adeliver` with the asyncio ones. Returns whether every delete
-    was delivered."""
+    """Every decision of a delivery, as requests, with no I/O: the deletes that invalidate
+    ``rows`` (and every key of the ``wide`` groups) in every region, or of the :data:`Plan`
+    ``keys``, between the near-cache evictions and before the broadcast.
+
+    ``durable``: the keys are in the outbox, so a failed delete is not lost. ``now``: the
+    outbox's deliverer (:func:`deliver_now`): deletes whatever the circuit breakers say,
+    queue nothing, and the result says whether its row may be removed (a region not
+    configured here fails it). Returns whether every delete was delivered.
+    A driver interrupted by a cancellation throws it in: the steps not done are handed
+    over (:class:`HandOver`), then it is re-raised.
+    """
     regions = configured_regions()
     todo = plan(rows, wide) if keys is None else keys
+    yield Evict(todo)
     ok = True
-    for name, (_, patterns) in todo.items():
-        if patterns and name in regions:
-            ok = (yield from _delete_matching(regions[name], patterns, durable)) and ok
-    for name, (names, _) in todo.items():
-        if names and name in regions:
-            ok = (yield from _delete_keys(regions[name], names, durable)) and ok
+    if now:
+        for name in todo:
+            if name not in regions:
+                log_failure(
+                    "outbox", "delivering to an unknown region", f"region {name!r} is not configured here"
+                )
+                ok = False
+    steps = [(name, True) for name, (_, patterns) in todo.items() if patterns and name in regions]
+    steps += [(name, False) for name, (names, _) in todo.items() if names and name in regions]
+    done: set[_Step] = set()
+    failed: set[str] = set()  # regions whose model-wide delete failed
+    for name, model_wide in steps:
+        settings = regions[name]
+        names, patterns = todo[name]
+        try:
+            if model_wide:
+                landed = yield from _delete_matching(settings, patterns, durable, now)
+            elif now and name in failed:
+                landed = False  # the outbox retries the region whole: its keys wait for that
+            else:
+                landed = yield from _delete_keys(settings, names, durable, now)
+        except GeneratorExit:
+            raise
+        except BaseException as exc:  # the driver was cancelled mid-delete, after the commit
+            rest = _rest(todo, done)
+            if rest:
+                _handed_over(rest, exc)
+                yield HandOver(rest, durable)
+            raise
+        done.add((name, model_wide))
+        if not landed:
+            ok = False
+            failed.add(name)
+    yield Evict(todo)  # again: another thread may have refilled it from the old entry
+    yield Publish(todo)
     return ok
 
 
@@ -121,84 +219,121 @@ def deliver(
         from sqlalchemy.util import await_only
 
         return await_only(adeliver(rows, wide, keys, durable))
-    keys = plan(rows, wide) if keys is None else keys
-    evict_here(keys)
-    steps = deliveries(rows, wide, keys, durable)
-    answer: Any = None
-    error: BaseException | None = None
-    while True:
+    return _drive(deliveries(rows, wide, keys, durable))
+
+
+def deliver_now(keys: Plan) -> bool:
+    """Delete ``keys`` in every region this process configured, whatever the circuit
+    breakers say; whether every delete was delivered (to regions it knows).
+
+    The outbox's deliverer delivers its rows with it (wired by :mod:`cachedecor.config`):
+    a row is removed only once this returns ``True``.
+    """
+    return _drive(deliveries({}, (), keys, now=True))
+
+
+def _drive(steps: Deliveries) -> bool:
+    """The sync driver: carry out the requests of ``steps`` with the blocking stores."""
+    outcome: int | Exception | None = None
+    while not isinstance(request := _resume(steps, outcome), _Finished):
+        outcome = None
         try:
-            settings, items = steps.send(answer) if error is None else steps.throw(error)
-        except StopIteration as done:
-            evict_here(keys)  # again: another thread may have refilled it from the old entry
-            broadcast_after(keys)
-            return bool(done.value)
-        answer = error = None
-        try:
-            if isinstance(items[0], KeyPattern):
-                answer = settings.store.delete_matching(items)
+            if isinstance(request, Delete):
+                store = request.settings.store
+                (store.delete_now if request.now else store.delete_many)(request.keys)
+            elif isinstance(request, DeleteMatching):
+                outcome = request.settings.store.delete_matching(request.patterns)
             else:
-                settings.store.delete_many(items)
+                _here(request)
         except Exception as exc:
-            error = exc
+            outcome = exc
+    return request.ok
 
 
 async def adeliver(
     rows: dict[Group, list[Any]], wide: Iterable[Group] = (), keys: Plan | None = None, durable: bool = False
 ) -> bool:
-    """:func:`deliver` for asyncio callers: the same deletes, through the asyncio stores."""
-    keys = plan(rows, wide) if keys is None else keys
-    evict_here(keys)
+    """:func:`deliver` for asyncio callers, its async driver: the same requests, the
+    deletes awaited on the asyncio stores."""
     steps = deliveries(rows, wide, keys, durable)
-    answer: Any = None
-    error: BaseException | None = None
-    taken: set[tuple[str, bool]] = set()  # (region, model-wide) steps the generator has handled
-    while True:
+    outcome: int | Exception | None = None
+    while not isinstance(request := _resume(steps, outcome), _Finished):
+        outcome = None
         try:
-            settings, items = steps.send(answer) if error is None else steps.throw(error)
-        except StopIteration as done:
-            evict_here(keys)  # again: another thread may have refilled it from the old entry
-            broadcast_after(keys)
-            return bool(done.value)
-        answer = error = None
-        wide_step = isinstance(items[0], KeyPattern)
-        try:
-            if wide_step:
-                answer = await settings.astore.delete_matching(items)
+            if isinstance(request, Delete):
+                if request.now:  # the outbox's mode (its deliverer is a thread): no asyncio twin
+                    await asyncio.to_thread(request.settings.store.delete_now, request.keys)
+                else:
+                    await request.settings.astore.delete_many(request.keys)
+            elif isinstance(request, DeleteMatching):
+                outcome = await request.settings.astore.delete_matching(request.patterns)
             else:
-                await settings.astore.delete_many(items)
+                _here(request)
         except Exception as exc:
-            error = exc
+            outcome = exc
         except BaseException as exc:  # cancelled (asyncio.wait_for, a closing loop), mid-delivery
+            handed = steps.throw(exc)  # the generator hands over the steps not done
+            if isinstance(handed, HandOver):
+                _here(handed)
             steps.close()
-            hand_over(_rest(keys, taken), exc, durable)
             raise
-        taken.add((settings.name, wide_step))
+    return request.ok
 
 
-def _rest(keys: Plan, taken: set[tuple[str, bool]]) -> Plan:
-    """The steps of ``keys`` not in ``taken``."""
+class _Finished(NamedTuple):
+    """The end of a delivery (what its generator returned)."""
+
+    ok: bool
+
+
+def _resume(steps: Deliveries, outcome: int | Exception | None) -> Request | _Finished:
+    """The next request of ``steps``, given the outcome of the last: its answer, or the
+    exception it raised (thrown in at its ``yield``); or the end of the delivery."""
+    try:
+        return steps.throw(outcome) if isinstance(outcome, Exception) else steps.send(outcome)
+    except StopIteration as finished:
+        return _Finished(bool(finished.value))
+
+
+def _here(request: Evict | Publish | HandOver) -> None:
+    """Carry out a request that waits on no cache server (both drivers)."""
+    if isinstance(request, Evict):
+        if near.active():
+            near.evict_everywhere(request.keys)
+    elif isinstance(request, Publish):
+        sender = broadcast.current()
+        if sender is not None:
+            sender.publish(request.keys)
+    else:
+        threading.Thread(
+            target=_deliver_rest,
+            args=(request.rest, request.durable),
+            name="cachedecor-handed-over",
+            daemon=True,
+        ).start()
+
+
+def _rest(keys: Plan, done: set[_Step]) -> Plan:
+    """The steps of ``keys`` not in ``done``."""
     rest: Plan = {}
     for name, (names, patterns) in keys.items():
-        names = [] if (name, False) in taken else names
-        patterns = [] if (name, True) in taken else patterns
+        names = [] if (name, False) in done else names
+        patterns = [] if (name, True) in done else patterns
         if names or patterns:
             rest[name] = (names, patterns)
     return rest
 
 
-def hand_over(rest: Plan, cause: BaseException, durable: bool = False) -> None:
-    """An asyncio delivery interrupted after its transaction committed: deliver ``rest``
-    from a thread of its own with the sync stores, logged and counted as queued.
+def _handed_over(rest: Plan, cause: BaseException) -> None:
+    """An asyncio delivery interrupted after its transaction committed: count ``rest`` as
+    queued and say so; the driver delivers it from a thread of its own (:class:`HandOver`).
 
-    The caller re-raises ``cause`` (a cancellation is honoured at once); the deletes
+    The driver re-raises ``cause`` (a cancellation is honoured at once); the deletes
     are not dropped with it. A memcached store has also queued the interrupted delete
     as owed to its node, so that no caller reads the node before it. What the thread
     cannot deliver is queued or logged as lost, with its count and bound, as any
     failed delete is (:func:`deliver`).
     """
-    if not rest:
-        return
     regions = configured_regions()
     count = sum(len(names) for names, _ in rest.values())
     wide = sum(len(patterns) for _, patterns in rest.values())
@@ -214,9 +349,6 @@ def hand_over(rest: Plan, cause: BaseException, durable: bool = False) -> None:
         count,
         f" and {wide} model-wide invalidation(s)" if wide else "",
     )
-    threading.Thread(
-        target=_deliver_rest, args=(rest, durable), name="cachedecor-handed-over", daemon=True
-    ).start()
 
 
 def _deliver_rest(rest: Plan, durable: bool) -> None:
@@ -224,55 +356,6 @@ def _deliver_rest(rest: Plan, durable: bool) -> None:
         deliver({}, (), rest, durable)
     except Exception as exc:  # deliver logs what it could not delete; anything else is logged here
         log_failure(", ".join(sorted(rest)), "handed-over invalidation", exc)
-
-
-def deliver_now(keys: Plan) -> bool:
-    """Delete ``keys`` in every region this process configured, whatever the circuit
-    breakers say; whether every delete was delivered (to regions it knows).
-
-    The outbox's deliverer delivers its rows with it (wired by :mod:`cachedecor.config`):
-    a row is removed only once this returns ``True``.
-    """
-    regions = configured_regions()
-    evict_here(keys)
-    ok = True
-    for name, (names, patterns) in keys.items():
-        settings = regions.get(name)
-        if settings is None:
-            log_failure(
-                "outbox", "delivering to an unknown region", f"region {name!r} is not configured here"
-            )
-            ok = False
-            continue
-        counters = region_counters(name)
-        try:
-            if patterns:
-                counters.invalidations += settings.store.delete_matching(patterns)
-                counters.model_invalidations += len(patterns)
-            if names:
-                settings.store.delete_now(names)
-                counters.invalidations += len(names)
-        except Exception as exc:
-            counters.errors += 1
-            log_failure(name, "outbox delivery (kept in the outbox, retried)", exc)
-            ok = False
-    evict_here(keys)  # again: another thread may have refilled it from the old entry
-    broadcast_after(keys)
-    return ok
-
-
-def evict_here(keys: Plan) -> None:
-    """Evict ``keys`` from this process's near caches, now (before the deletes: a commit
-    returns with its own near entries gone)."""
-    if near.active():
-        near.evict_everywhere(keys)
-
-
-def broadcast_after(keys: Plan) -> None:
-    """Send ``keys`` to every process's near caches, once the remote deletes are done."""
-    sender = broadcast.current()
-    if sender is not None:
-        sender.publish(keys)
 
 
 def _in_async_greenlet() -> bool:
@@ -291,20 +374,17 @@ except ImportError:  # pragma: no cover - SQLAlchemy without the helper
         return False
 
 
-def _delete_keys(settings: RegionSettings, keys: list[str], durable: bool = False) -> Deliveries:
+def _delete_keys(settings: RegionSettings, keys: list[str], durable: bool, now: bool) -> Deliveries:
     counters = region_counters(settings.name)
     try:
-        yield settings, keys
-    except UndeliveredInvalidation as exc:
-        counters.errors += 1
-        counters.invalidations_queued += len(exc.keys)
-        counters.invalidations += len(keys) - len(exc.keys)
-        log_failure(settings.name, "invalidation", f"{exc}; retrying in the background")
-        return False
+        yield Delete(settings, keys, now)
     except Exception as exc:
-        counters.errors += 1
-        log_failure(settings.name, "invalidation", exc)
-        if not durable:
+        if isinstance(exc, UndeliveredInvalidation) and not now:  # the store queued them as owed
+            counters.errors += 1
+            counters.invalidations_queued += len(exc.keys)
+            counters.invalidations += len(keys) - len(exc.keys)
+            log_failure(settings.name, "invalidation", f"{exc}; retrying in the background")
+        elif _failed(settings, "invalidation", exc, durable, now):
             _log_lost(
                 settings, f"{len(keys)} key(s)", ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "")
             )
@@ -314,20 +394,28 @@ def _delete_keys(settings: RegionSettings, keys: list[str], durable: bool = Fals
 
 
 def _delete_matching(
-    settings: RegionSettings, patterns: list[KeyPattern], durable: bool = False
+    settings: RegionSettings, patterns: list[KeyPattern], durable: bool, now: bool
 ) -> Deliveries:
     counters = region_counters(settings.name)
     try:
-        deleted = yield settings, patterns
+        deleted = yield DeleteMatching(settings, patterns)
     except Exception as exc:
-        counters.errors += 1
-        log_failure(settings.name, "model-wide invalidation", exc)
-        if not durable:
+        if _failed(settings, "model-wide invalidation", exc, durable, now):
             _log_lost(settings, "every key of " + ", ".join(map(repr, patterns)), "")
         return False
-    counters.invalidations += deleted
+    counters.invalidations += deleted or 0
     counters.model_invalidations += len(patterns)
     return True
+
+
+def _failed(settings: RegionSettings, step: str, exc: Exception, durable: bool, now: bool) -> bool:
+    """Count and log a delete that failed; whether its keys are lost (no outbox keeps them)."""
+    region_counters(settings.name).errors += 1
+    if now:
+        log_failure(settings.name, "outbox delivery (kept in the outbox, retried)", exc)
+        return False
+    log_failure(settings.name, step, exc)
+    return not durable
 
 
 def _log_lost(settings: RegionSettings, what: str, detail: str) -> None:
