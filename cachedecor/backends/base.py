@@ -27,6 +27,7 @@ __all__ = [
     "UndeliveredInvalidation",
     "ValueRefused",
     "is_lease",
+    "lookups",
     "new_lease_marker",
     "register_fork_aware",
 ]
@@ -65,6 +66,22 @@ class PartialResult(Exception):
 
 class ValueRefused(Exception):
     """The server refused to store a value (too large, out of memory, ...)."""
+
+
+def lookups(
+    keys: Sequence[str], found: dict[str, bytes], tokens: dict[str, Any], error: BaseException | None
+) -> dict[str, tuple[bytes | None, Any]]:
+    """What :meth:`Store.lookup_many` answers, from what it read (``found``), the leases
+    it took for the keys it did not find (``tokens``) and the error of a partial read:
+    ``(entry, None)`` for an entry, ``(None, lease or None)`` otherwise; with ``error``,
+    raised as :class:`PartialResult` holding every key."""
+    out: dict[str, tuple[bytes | None, Any]] = {}
+    for key in keys:
+        data = found.get(key)
+        out[key] = (data, None) if data is not None and not is_lease(data) else (None, tokens.get(key))
+    if error is not None:
+        raise PartialResult(out, error)
+    return out
 
 
 class Store:
@@ -123,13 +140,7 @@ class Store:
             found, error = exc.found, exc.error
         missing = [k for k in keys if k not in found]
         tokens = self.lease_many(missing, ttl) if missing and error is None else {}
-        out: dict[str, tuple[bytes | None, Any]] = {}
-        for key in keys:
-            data = found.get(key)
-            out[key] = (data, None) if data is not None and not is_lease(data) else (None, tokens.get(key))
-        if error is not None:
-            raise PartialResult(out, error)
-        return out
+        return lookups(keys, found, tokens, error)
 
     def peek(self, key: str) -> bytes | None:
         """The stored bytes of ``key`` (an entry or a lease marker), without taking a lease."""
@@ -218,13 +229,7 @@ class AsyncStore:
             found, error = exc.found, exc.error
         missing = [k for k in keys if k not in found]
         tokens = await self.lease_many(missing, ttl) if missing and error is None else {}
-        out: dict[str, tuple[bytes | None, Any]] = {}
-        for key in keys:
-            data = found.get(key)
-            out[key] = (data, None) if data is not None and not is_lease(data) else (None, tokens.get(key))
-        if error is not None:
-            raise PartialResult(out, error)
-        return out
+        return lookups(keys, found, tokens, error)
 
     async def peek(self, key: str) -> bytes | None:
         return await self.get(key)
