@@ -9,7 +9,8 @@ lookup is atomic.
 
 In a process forked from another, :func:`_after_fork_in_child` gives every lock a
 new one (one another thread of the parent held at the fork would never be
-released), sets every counter to zero and lets each registered object
+released), sets every counter to zero, runs each registered fork hook
+(:func:`register_fork_hook`) and lets each registered object
 (:func:`register_fork_aware`) drop the parent's connections, threads and queues.
 At interpreter exit, :func:`_at_exit` sends what the broadcast still has queued.
 """
@@ -21,6 +22,7 @@ import dataclasses
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -34,12 +36,14 @@ if TYPE_CHECKING:
     from cachedecor.config.regions import RegionSettings
     from cachedecor.keys import KeyMaker
     from cachedecor.metrics import PrometheusCollector
+    from cachedecor.near import Ear, NearCache
     from cachedecor.outbox import Outbox
     from cachedecor.rows import ModelPlan
     from cachedecor.stats import RegionStats
 
 __all__ = [
     "ForkAware",
+    "NearState",
     "configured_regions",
     "connection_owners",
     "counters",
@@ -53,12 +57,14 @@ __all__ = [
     "log_lock",
     "meta_fallback_logged",
     "model_plans",
+    "near_state",
     "opentelemetry_instruments",
     "pending_inserts",
     "prometheus_collectors",
     "regions",
     "regions_lock",
     "register_fork_aware",
+    "register_fork_hook",
     "reset",
     "reset_counters",
     "table_models",
@@ -143,6 +149,53 @@ fills: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Ev
     weakref.WeakKeyDictionary()
 )
 
+# -- the near caches and what the broadcast listeners tell them (cachedecor.near) ------
+
+
+class NearState:
+    """What this process's near caches and broadcast listeners share. One object whose
+    attributes :mod:`cachedecor.near` reads and writes (``near_state.listening``):
+    a near hit reads a few of them, one attribute lookup each (a function call per
+    hit would cost more than the lookups)."""
+
+    __slots__ = (
+        "caches",
+        "ears",
+        "ears_lock",
+        "heard_until",
+        "libc",
+        "libc_resolved",
+        "listening",
+        "next_check",
+        "pid",
+        "watching",
+    )
+
+    def __init__(self) -> None:
+        #: every near cache of this process (held weakly)
+        self.caches: weakref.WeakSet[NearCache] = weakref.WeakSet()
+        #: the broadcast listeners, as the near reads see them (attached, not yet detached)
+        self.ears: list[Ear] = []
+        #: held while :attr:`ears` and what is computed from them are written
+        self.ears_lock = threading.RLock()
+        #: whether invalidations reach this process (a listener is connected), and
+        #: until when at least (each listener renews it when it hears from its server)
+        self.listening = False
+        self.heard_until = 0.0
+        #: when the reading threads look at the listeners' sockets next (time.monotonic())
+        self.next_check = 0.0
+        #: an epoll set of the listeners' sockets (Linux), or ``None``
+        self.watching: Any = None
+        #: (the C library's poll, ctypes' ``struct pollfd``) or ``None``, once resolved
+        self.libc: tuple[Any, Any] | None = None
+        self.libc_resolved = False
+        #: the process this state is of: a forked child's differs until
+        #: :func:`cachedecor.near.after_fork` has run in it (once, whoever calls first)
+        self.pid = os.getpid()
+
+
+near_state = NearState()
+
 # -- processes ------------------------------------------------------------------------
 
 
@@ -154,9 +207,21 @@ class ForkAware(Protocol):
 fork_aware: weakref.WeakSet[ForkAware] = weakref.WeakSet()
 
 
+#: functions of the modules above, called in every forked child (in the order registered)
+#: before the objects of :data:`fork_aware`
+fork_hooks: list[Callable[[], None]] = []
+
+
 def register_fork_aware(obj: ForkAware) -> None:
     """Call ``obj._after_fork_in_child()`` in every process forked after this."""
     fork_aware.add(obj)
+
+
+def register_fork_hook(hook: Callable[[], None]) -> None:
+    """Call ``hook()`` in every process forked after this, before the fork-aware objects'
+    hooks (which may call it themselves: it must do its work once per process)."""
+    if hook not in fork_hooks:
+        fork_hooks.append(hook)
 
 
 def _after_fork_in_child() -> None:
@@ -165,6 +230,8 @@ def _after_fork_in_child() -> None:
     log_lock = threading.Lock()
     exporters_lock = threading.Lock()
     reset_counters()  # a child counts its own work (before the objects below count any)
+    for hook in list(fork_hooks):
+        hook()
     for obj in list(fork_aware):
         obj._after_fork_in_child()
 
@@ -182,11 +249,18 @@ atexit.register(_at_exit)
 
 def reset() -> None:
     """Return to the state of a fresh process: no configured region, every counter at
-    zero, no outbox deliverer and no broadcast listener (both stopped).
+    zero, no outbox deliverer and no broadcast listener (both stopped), every near
+    cache empty. Once no listener is left attached (those of the broadcast stopped
+    here detach themselves), the process is deaf, as a fresh one: not listening,
+    heard until 0, no epoll set of sockets; the next near read looks at the sockets.
 
     Kept: the exporters registered with Prometheus and OpenTelemetry (their registries
     still hold them), the async fills in flight (each belongs to a live event loop),
-    and the objects registered for forks (they unregister by being collected).
+    the objects registered for forks and the near caches still alive (they unregister
+    by being collected: a near cache still in use must go on being flushed with the
+    others), a listener still attached (one started outside :data:`current_broadcast`:
+    it is running), the lock of the listeners (another thread may hold it) and the C
+    library's poll() as resolved (the same in every process of this interpreter).
     """
     global current_outbox, current_broadcast, meta_fallback_logged
     with regions_lock:
@@ -199,3 +273,14 @@ def reset() -> None:
     sender, current_broadcast = current_broadcast, None
     if sender is not None:
         sender.stop()
+    near = near_state
+    with near.ears_lock:
+        if not near.ears:
+            near.listening = False
+            near.heard_until = 0.0
+            watching, near.watching = near.watching, None
+            if watching is not None:
+                watching.close()
+        near.next_check = 0.0
+    for cache in list(near.caches):
+        cache.flush()

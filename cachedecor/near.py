@@ -31,12 +31,11 @@ import sys
 import threading
 import time
 import types
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from cachedecor._runtime import configured_regions
+from cachedecor._runtime import configured_regions, near_state, register_fork_hook
 from cachedecor.backends.base import register_fork_aware
 
 if TYPE_CHECKING:
@@ -78,7 +77,7 @@ class NearCache:
         self.bytes = 0
         self.evictions = 0
         self.refused = 0
-        _caches.add(self)
+        near_state.caches.add(self)
         register_fork_aware(self)
 
     def _after_fork_in_child(self) -> None:
@@ -94,7 +93,8 @@ class NearCache:
         if entry is None:
             return None
         now = time.monotonic()
-        if now >= entry[1] or now >= _heard_until or not _listening or not caught_up(now):
+        state = near_state
+        if now >= entry[1] or now >= state.heard_until or not state.listening or not caught_up(now):
             if now >= entry[1]:
                 with self._lock:
                     self._drop(key)
@@ -108,7 +108,8 @@ class NearCache:
     def get_many(self, keys: Iterable[str]) -> dict[str, Row]:
         """:meth:`get` for many keys: the rows of the live entries among ``keys``, in order."""
         now = time.monotonic()
-        if now >= _heard_until or not _listening or not caught_up(now):
+        state = near_state
+        if now >= state.heard_until or not state.listening or not caught_up(now):
             return {}
         entries = self._entries
         move = entries.move_to_end
@@ -145,7 +146,7 @@ class NearCache:
         sequence when the read that produced the entry started), or when the
         eviction that would have told is forgotten.
         """
-        if not _listening or time.monotonic() >= _heard_until:
+        if not near_state.listening or time.monotonic() >= near_state.heard_until:
             return False
         size = row.size
         if size > self.max_bytes:
@@ -205,14 +206,14 @@ class NearCache:
 
 # --------------------------------------------------------------------------------------
 # every near cache of this process, and what its listeners hear
+#
+# The state lives in cachedecor._runtime's near_state: its near caches (caches),
+# whether invalidations reach this process (listening: a broadcast listener is
+# connected) and until when, at least (heard_until: a listener renews it each time it
+# hears from its server, a message or the answer to its keep-alive; a server that
+# stops answering without closing the connection makes the process deaf when it
+# passes).
 
-_caches: weakref.WeakSet[NearCache] = weakref.WeakSet()
-#: whether invalidations reach this process (a broadcast listener is connected)
-_listening = False
-#: and until when, at least: a listener renews this each time it hears from its
-#: server (a message, or the answer to its keep-alive); a server that stops
-#: answering without closing the connection makes the process deaf when it passes
-_heard_until = 0.0
 #: how long one answer of a server vouches for its connection
 HEARD_FOR = 1.5
 
@@ -237,22 +238,18 @@ HEARD_FOR = 1.5
 # their own). (Reads that relied on the memory alone served ten times more stale
 # reads in the race harness's storm on two busy CPUs.)
 
-#: seconds between two looks at the listeners' sockets by the reading threads
+#: seconds between two looks at the listeners' sockets by the reading threads (when
+#: the next look is due: ``near_state.next_check``)
 CHECK_EVERY = 0.0002
-_next_check = 0.0
-
-
-#: (the C library's poll, ctypes' ``struct pollfd``), ``None`` where ctypes cannot
-#: reach poll(); resolved when the first listener starts (:func:`_libc_poll`)
-_libc: tuple[Any, Any] | None = None
-_libc_resolved = False
 
 
 def _libc_poll() -> tuple[Any, Any] | None:
-    """(``poll``, ``struct pollfd``) of the C library, or ``None`` (imports ctypes once)."""
-    global _libc, _libc_resolved
-    if not _libc_resolved:
-        _libc_resolved = True
+    """(``poll``, ``struct pollfd``) of the C library, or ``None`` where ctypes cannot
+    reach poll(); resolved when the first listener starts, kept in ``near_state.libc``
+    (imports ctypes once)."""
+    state = near_state
+    if not state.libc_resolved:
+        state.libc_resolved = True
         if sys.platform != "win32":
             import ctypes
 
@@ -266,8 +263,8 @@ def _libc_poll() -> tuple[Any, Any] | None:
             nfds = ctypes.c_ulong if sys.platform.startswith("linux") else ctypes.c_uint
             poll.argtypes = (ctypes.POINTER(PollFd), nfds, ctypes.c_int)
             poll.restype = ctypes.c_int
-            _libc = (poll, PollFd)
-    return _libc
+            state.libc = (poll, PollFd)
+    return state.libc
 
 
 def _native() -> bool:
@@ -325,7 +322,8 @@ class Ear:
         if fd is None:
             raise ConnectionError("the listener is not connected")
         ms = max(0, int(timeout * 1000))
-        if _libc is None or not _native():
+        libc = near_state.libc
+        if libc is None or not _native():
             waiting = select.poll()
             waiting.register(fd, select.POLLIN)
             ready = waiting.poll(ms)
@@ -339,7 +337,7 @@ class Ear:
         # (no call into Python code): from here reads rely on the kernel to say what
         # arrives. ctypes lets go of the interpreter for the call itself.
         self.waiting = True
-        ready = _libc[0](pollfd, 1, ms)
+        ready = libc[0](pollfd, 1, ms)
         if self.arrived[3]:
             self.taking = True
         self.waiting = False
@@ -358,23 +356,25 @@ class Ear:
 
     def attach(self) -> None:
         """Count this ear among the process's (a listener starts)."""
-        with _ears_lock:
-            if self not in _ears:
-                _ears.append(self)
+        state = near_state
+        with state.ears_lock:
+            if self not in state.ears:
+                state.ears.append(self)
             _rewatch()
 
     def detach(self) -> None:
         """Stop counting it (its listener stopped for good)."""
         self.down()
-        with _ears_lock:
-            if self in _ears:
-                _ears.remove(self)
+        state = near_state
+        with state.ears_lock:
+            if self in state.ears:
+                state.ears.remove(self)
             _recount()
 
     def up(self, fd: int | None) -> None:
         """The listener is connected and subscribed, on socket ``fd``. A process that was
         deaf flushes first: what it missed meanwhile is unknown."""
-        with _ears_lock:
+        with near_state.ears_lock:
             deaf = not hearing()
             self.fd = fd
             self.listening = True
@@ -387,7 +387,7 @@ class Ear:
     def down(self) -> None:
         """The listener lost its connection. A process no longer hearing on any ear
         flushes, and bypasses its near caches until one is up again."""
-        with _ears_lock:
+        with near_state.ears_lock:
             self.fd = None
             self.taking = False
             self.answer_due = False
@@ -395,15 +395,15 @@ class Ear:
             self.waiting = False
             _recount()
             _rewatch()
-            if not _listening:
+            if not near_state.listening:
                 flush_everywhere()
 
     def heard(self) -> None:
         """The listener heard from its server just now. After a silence long enough to
         have made the process deaf, the near caches are flushed first."""
-        with _ears_lock:
+        with near_state.ears_lock:
             now = time.monotonic()
-            if now >= _heard_until:
+            if now >= near_state.heard_until:
                 flush_everywhere()
             self.heard_until = now + HEARD_FOR
             _recount()
@@ -413,16 +413,12 @@ class Ear:
         return self.listening and time.monotonic() < self.heard_until
 
 
-_ears: list[Ear] = []
-_ears_lock = threading.RLock()
-
-
 def _recount() -> None:
-    """The process's hearing from its ears' (under ``_ears_lock``)."""
-    global _listening, _heard_until
-    live = [ear.heard_until for ear in _ears if ear.listening]
-    _heard_until = max(live, default=0.0)
-    _listening = bool(live)
+    """The process's hearing from its ears' (under ``near_state.ears_lock``)."""
+    state = near_state
+    live = [ear.heard_until for ear in state.ears if ear.listening]
+    state.heard_until = max(live, default=0.0)
+    state.listening = bool(live)
 
 
 def caught_up(now: float) -> bool:
@@ -434,16 +430,17 @@ def caught_up(now: float) -> bool:
     with a system call: a woken listener's thread may wait for a CPU before its
     wait returns (on a machine whose CPUs are all busy, for milliseconds), while
     what arrived is on the socket at once."""
-    for ear in _ears:
+    state = near_state
+    for ear in state.ears:
         if ear.taking or (ear.waiting and ear.arrived[3]):
             return False
-    return now < _next_check or _look(now)
+    return now < state.next_check or _look(now)
 
 
 def _look(now: float) -> bool:
     """Look at the listeners' sockets (but not for a keep-alive's answer)."""
-    global _next_check
-    watching = _watching
+    state = near_state
+    watching = state.watching
     if watching is None:
         unread = _poll_sockets()
     else:
@@ -454,9 +451,9 @@ def _look(now: float) -> bool:
         else:
             unread = bool(ready) and _confirm(ready)
     if unread:
-        _next_check = 0.0  # the next read looks again
+        state.next_check = 0.0  # the next read looks again
         return False
-    _next_check = now + CHECK_EVERY
+    state.next_check = now + CHECK_EVERY
     return True
 
 
@@ -466,7 +463,7 @@ def _poll_sockets(fds: set[int] | None = None) -> bool:
     at once (CPython raises), and reading threads look concurrently."""
     looking = select.poll()
     try:
-        for ear in _ears:
+        for ear in near_state.ears:
             fd = ear.fd
             if fd is not None and not ear.answer_due and (fds is None or fd in fds):
                 looking.register(fd, select.POLLIN)
@@ -483,26 +480,22 @@ def _confirm(ready: list[tuple[int, int]]) -> bool:
     fds = {fd for fd, _ in ready}
     if _poll_sockets(fds):
         return True
-    if any(ear.fd in fds for ear in _ears if ear.answer_due):
+    if any(ear.fd in fds for ear in near_state.ears if ear.answer_due):
         return False
     _rewatch()
     return False
 
 
-#: an epoll set of the listeners' sockets (Linux): a look is then one epoll_wait, which
-#: reads the set's ready list (filled as data arrives) instead of asking each socket;
-#: ``None`` elsewhere, or while no listener has a socket
-_watching: Any = None
-
-
 def _rewatch() -> None:
-    """Make the epoll set of the listeners' sockets again (a listener came or went).
-    A new set, never an edited one: a socket closed while a forked child still holds
-    its file would otherwise stay in it."""
-    global _watching
-    with _ears_lock:
-        old = _watching
-        fds = {ear.fd for ear in _ears if ear.fd is not None}
+    """Make the epoll set of the listeners' sockets again (a listener came or went):
+    ``near_state.watching`` (Linux; a look is then one epoll_wait, which reads the set's
+    ready list, filled as data arrives, instead of asking each socket; ``None``
+    elsewhere, or while no listener has a socket). A new set, never an edited one: a
+    socket closed while a forked child still holds its file would otherwise stay in it."""
+    state = near_state
+    with state.ears_lock:
+        old = state.watching
+        fds = {ear.fd for ear in state.ears if ear.fd is not None}
         new = None
         if fds and hasattr(select, "epoll"):
             try:
@@ -513,19 +506,19 @@ def _rewatch() -> None:
                 if new is not None:
                     new.close()
                 new = None  # looks use poll objects
-        _watching = new
+        state.watching = new
         if old is not None:
             old.close()  # a read polling it meanwhile gets ValueError, and goes remote once
 
 
 def active() -> bool:
     """Whether any near cache exists in this process."""
-    return bool(_caches)
+    return bool(near_state.caches)
 
 
 def hearing() -> bool:
     """Whether invalidations are reaching this process now."""
-    return _listening and time.monotonic() < _heard_until
+    return near_state.listening and time.monotonic() < near_state.heard_until
 
 
 def evict_everywhere(keys_by_region: dict[str, tuple[list[str], list[Any]]]) -> None:
@@ -543,26 +536,24 @@ def evict_everywhere(keys_by_region: dict[str, tuple[list[str], list[Any]]]) -> 
 
 
 def flush_everywhere() -> None:
-    for near in list(_caches):
+    for near in list(near_state.caches):
         near.flush()
 
 
-_pid = os.getpid()
-
-
 def after_fork() -> None:
-    """In a forked child, once (whoever calls first: a listener restarting in the
-    child calls it before it starts): the parent's listeners are not this process's,
-    which is deaf until one of its own has connected."""
-    global _ears_lock, _pid, _watching
-    if _pid == os.getpid():
+    """In a forked child, once (whoever calls first: :mod:`cachedecor._runtime`'s fork
+    hook, or a listener restarting in the child, which calls it before it starts): the
+    parent's listeners are not this process's, which is deaf until one of its own has
+    connected. Whether it has run is ``near_state.pid``."""
+    state = near_state
+    if state.pid == os.getpid():
         return
-    _pid = os.getpid()
-    _ears_lock = threading.RLock()
-    if _watching is not None:
-        _watching.close()  # the parent's set (shared with it until closed here)
-        _watching = None
-    for ear in _ears:
+    state.pid = os.getpid()
+    state.ears_lock = threading.RLock()
+    if state.watching is not None:
+        state.watching.close()  # the parent's set (shared with it until closed here)
+        state.watching = None
+    for ear in state.ears:
         ear.fd = None
         ear.taking = False
         ear.answer_due = False
@@ -572,4 +563,4 @@ def after_fork() -> None:
     _recount()
 
 
-os.register_at_fork(after_in_child=after_fork)
+register_fork_hook(after_fork)

@@ -47,6 +47,7 @@ from sqlalchemy.orm import Session
 import cachedecor
 from cachedecor import ConfigError, broadcast, cached_by_pk, invalidates
 from cachedecor import near as near_module
+from cachedecor._runtime import near_state
 from cachedecor.config import region_settings
 from cachedecor.near import NearCache
 from cachedecor.rows import Row
@@ -614,7 +615,7 @@ def test_a_near_read_goes_remote_while_the_listeners_socket_holds_something_unre
     assert read(users, 1) == "user-1"
     assert reads.local == 1
     with stand_in_listener() as (_, mine, other):
-        near_module._next_check = 0.0  # look at once, not after CHECK_EVERY
+        near_state.next_check = 0.0  # look at once, not after CHECK_EVERY
         other.send(b"an invalidation the listener has not read")
         assert read(users, 1) == "user-1"
         assert read(users, 1) == "user-1"
@@ -635,11 +636,11 @@ def test_a_near_read_does_not_wait_for_a_keep_alives_answer(
     reads = Reads(memcached)
     with stand_in_listener(answer_due=True) as (stand_in, _, other):
         other.send(b"the answer")
-        near_module._next_check = 0.0  # look at once
+        near_state.next_check = 0.0  # look at once
         assert read(users, 1) == "user-1"
         assert (reads.local, reads.remote_hits) == (1, 0)
         stand_in.answer_due = False  # answered: now it would be a message
-        near_module._next_check = 0.0
+        near_state.next_check = 0.0
         assert read(users, 1) == "user-1"
         assert (reads.local, reads.remote_hits) == (1, 1)
 
@@ -662,7 +663,7 @@ def test_a_socket_that_lives_on_elsewhere_does_not_keep_reads_remote(
     number = old_mine.fileno()
     stand_in.fd = number
     stand_in.attach()
-    watching = near_module._watching
+    watching = near_state.watching
     assert watching is not None
     elsewhere = os.dup(number)  # the old socket's file lives on
     try:
@@ -670,9 +671,9 @@ def test_a_socket_that_lives_on_elsewhere_does_not_keep_reads_remote(
         old_other.send(b"for the old socket")
         reads = Reads(memcached)
         for _ in range(3):
-            near_module._next_check = 0.0  # look at once
+            near_state.next_check = 0.0  # look at once
             assert read(users, 1) == "user-1"
-        assert near_module._watching is not watching  # made again
+        assert near_state.watching is not watching  # made again
         assert reads.local >= 2  # near again at once, not remote for good
     finally:
         stand_in.detach()
@@ -785,8 +786,8 @@ def test_without_ctypes_poll_the_listener_hears_and_reads_look(
 ) -> None:
     """Where ctypes cannot reach the C library's poll() (as on Windows), a listener waits
     in :func:`select.poll` and reads see arrivals by looking at its socket alone."""
-    monkeypatch.setattr(near_module, "_libc", None)
-    monkeypatch.setattr(near_module, "_libc_resolved", True)
+    monkeypatch.setattr(near_state, "libc", None)
+    monkeypatch.setattr(near_state, "libc_resolved", True)
     configure_near(memcached, transport)
     read(users, 1)
     sender = listener()
@@ -794,7 +795,7 @@ def test_without_ctypes_poll_the_listener_hears_and_reads_look(
     received = sender.received
     get_user.invalidate(2)
     wait_until(lambda: sender.received > received)
-    assert not any(ear.waiting for ear in near_module._ears)
+    assert not any(ear.waiting for ear in near_state.ears)
     reads = Reads(memcached)
     assert read(users, 1) == "user-1"
     assert reads.local == 1
@@ -821,7 +822,7 @@ def held_listener_sends_reads_remote(
         assert (reads.local, reads.remote_hits) == (0, 1)
     finally:
         release.set()
-    wait_until(lambda: not any(ear.taking for ear in near_module._ears))
+    wait_until(lambda: not any(ear.taking for ear in near_state.ears))
 
     def near_again() -> bool:
         assert read(users, 1) == "user-1"
@@ -1205,7 +1206,7 @@ def test_an_entry_is_not_served_while_deaf_whatever_the_cache_holds(
     configure_near(memcached, transport)
     read(users, 1)
     assert len(near()) == 1
-    monkeypatch.setattr(near_module, "_listening", False)
+    monkeypatch.setattr(near_state, "listening", False)
     reads = Reads(memcached)
     assert read(users, 1) == "user-1"
     assert (reads.local, reads.remote_hits) == (0, 1)
