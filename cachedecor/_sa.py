@@ -35,6 +35,7 @@ __all__ = [
     "EXPIRE_ATTRIBUTES",
     "all_mappers",
     "async_session_types",
+    "dml_parts",
     "greenlet_missing",
     "held_connections",
     "identity_dict",
@@ -183,3 +184,31 @@ def state_constructor(manager: ClassManager[Any]) -> Callable[..., InstanceState
         constructor: Callable[..., InstanceState[Any]] = manager._state_constructor
         return constructor
     return None
+
+
+# -- internals of Core DML statements: what a statement writes, read before it runs ----
+# Checked against SQLAlchemy 2.0.2, 2.0.x and 2.1.9; each is read with a default, so a
+# version without one reads as "not known" (the statement then invalidates its model).
+
+
+class DmlParts:
+    """What an INSERT/UPDATE/DELETE statement holds, read from its internals.
+
+    ``values``: ``_values``, the single VALUES/SET mapping (column or name -> value);
+    ``multi_values``: ``_multi_values``, the value sets of a multi-row ``values()``;
+    ``returning``: ``_returning``, the RETURNING columns; ``post_values_clause``:
+    ``_post_values_clause``, an ``ON CONFLICT``/``ON DUPLICATE KEY`` clause.
+    """
+
+    __slots__ = ("multi_values", "post_values_clause", "returning", "values")
+
+    def __init__(self, statement: Any) -> None:
+        self.values: Any = getattr(statement, "_values", None)
+        self.multi_values: Any = getattr(statement, "_multi_values", None)
+        self.returning: Any = getattr(statement, "_returning", None)
+        self.post_values_clause: Any = getattr(statement, "_post_values_clause", None)
+
+
+def dml_parts(statement: Any) -> DmlParts:
+    """The :class:`DmlParts` of ``statement``."""
+    return DmlParts(statement)

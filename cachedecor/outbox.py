@@ -42,7 +42,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from cachedecor import _runtime
-from cachedecor._sa import same_database
+from cachedecor._sa import root_connections, same_database
 from cachedecor.backends.base import register_fork_aware
 from cachedecor.errors import ConfigError
 from cachedecor.keys import Plan, decode_plan, encode_plan
@@ -429,10 +429,7 @@ class Outbox:
 
 def connections(session: Session) -> list[Connection]:
     """The connections that ``session``'s transaction holds."""
-    transaction = session.get_transaction()
-    if transaction is None:
-        return []
-    return [entry[0] for entry in list(transaction._connections.values())]
+    return root_connections(session)
 
 
 # --------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import sqlalchemy
 from sqlalchemy.orm import Session
 
 from cachedecor import _runtime
-from cachedecor._sa import held_connections
+from cachedecor._sa import held_connections, root_connections
 from cachedecor.invalidation import Group
 from cachedecor.keys import Space, key_maker
 
@@ -219,12 +219,10 @@ def reads_old_snapshot(session: Session) -> bool:
     not be cached. SQLite is left out: without WAL its readers block writers, and
     its isolation level is always reported as SERIALIZABLE.
     """
-    transaction = session.get_transaction()
-    connections = getattr(transaction, "_connections", None) if transaction is not None else None
+    connections = root_connections(session)
     if not connections:
         return False  # no statement yet: the snapshot will start after the lease
-    for entry in list(connections.values()):
-        connection = entry[0]
+    for connection in connections:
         if connection.dialect.name == "sqlite":
             continue
         level = (

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from sqlalchemy.sql import dml, elements
 
 from cachedecor import _runtime
-from cachedecor._sa import all_mappers
+from cachedecor._sa import all_mappers, dml_parts
 from cachedecor.keys import Space, key_maker
 from cachedecor.tracking.events import connection_owner
 from cachedecor.tracking.scope import Scope, current_scope
@@ -96,7 +96,7 @@ def _before_execute(
     if pks is not None:
         for space in spaces:
             _add_rows(session, scope, model, space, pks)
-    elif isinstance(elem, dml.Insert) and getattr(elem, "_post_values_clause", None) is None:
+    elif isinstance(elem, dml.Insert) and dml_parts(elem).post_values_clause is None:
         # new rows whose keys the database assigns: known once the statement has run
         _runtime.pending_inserts[conn] = (elem, session, scope, model, spaces)
     else:
@@ -173,7 +173,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         return None
     scope = current_scope()
     statement: Any = state.statement
-    if scope is None or not getattr(statement, "_returning", None) or state.execution_options.get(_INTERNAL):
+    if scope is None or not dml_parts(statement).returning or state.execution_options.get(_INTERNAL):
         return None
     mapper = state.bind_mapper
     if mapper is None or not scope.covers(mapper.class_):
@@ -297,7 +297,7 @@ def _affected(
     if isinstance(elem, dml.Insert):
         return _inserted(elem, names, params)
     if isinstance(elem, dml.Update):
-        values = getattr(elem, "_values", None) or {}
+        values = dml_parts(elem).values or {}
         if {getattr(k, "key", k) for k in values} & set(names):
             return None  # the statement changes primary keys
     if len(params) > 1:  # executemany: the ORM's bulk UPDATE/DELETE by primary key
@@ -328,12 +328,13 @@ def _inserted(elem: Any, names: list[str], params: list[Mapping[str, Any]]) -> l
                 return None
             rows.append(tuple(p[n] for n in names))
         return rows
-    multi = getattr(elem, "_multi_values", None)
+    parts = dml_parts(elem)
+    multi = parts.multi_values
     value_sets: list[Mapping[Any, Any]] = []
     if multi:
         for group in multi:
             value_sets.extend(group)
-    values = getattr(elem, "_values", None)
+    values = parts.values
     if values:
         value_sets.append(values)
     if not value_sets:
