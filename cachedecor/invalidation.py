@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cachedecor import broadcast, near
 from cachedecor._runtime import configured_regions
+from cachedecor._sa import await_only, in_async_greenlet
 from cachedecor.backends import UndeliveredInvalidation
 from cachedecor.keys import KeyPattern, Plan, key_maker
 from cachedecor.stats import counters as region_counters
@@ -215,9 +216,7 @@ def deliver(
     code an ``AsyncSession`` runs), the deletes go through the asyncio stores and
     this returns when they are done: the event loop is never blocked on a socket.
     """
-    if _in_async_greenlet():
-        from sqlalchemy.util import await_only
-
+    if in_async_greenlet():
         return await_only(adeliver(rows, wide, keys, durable))
     return _drive(deliveries(rows, wide, keys, durable))
 
@@ -356,22 +355,6 @@ def _deliver_rest(rest: Plan, durable: bool) -> None:
         deliver({}, (), rest, durable)
     except Exception as exc:  # deliver logs what it could not delete; anything else is logged here
         log_failure(", ".join(sorted(rest)), "handed-over invalidation", exc)
-
-
-def _in_async_greenlet() -> bool:
-    """Whether this code runs inside SQLAlchemy's asyncio greenlet (may ``await_only``)."""
-    try:
-        return bool(_in_greenlet())
-    except Exception:  # no greenlet installed: no async session either
-        return False
-
-
-try:
-    from sqlalchemy.util.concurrency import in_greenlet as _in_greenlet
-except ImportError:  # pragma: no cover - SQLAlchemy without the helper
-
-    def _in_greenlet() -> bool:
-        return False
 
 
 def _delete_keys(settings: RegionSettings, keys: list[str], durable: bool, now: bool) -> Deliveries:

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from cachedecor._sa import live_sessions
 from cachedecor.invalidation import Group
 from cachedecor.tracking.session import ensure_tracker
 
@@ -90,9 +91,5 @@ def _live_sessions(scope: Scope) -> list[Session]:
     Watching a session of another thread costs at most an extra invalidation; missing
     one would leave a stale row, so all are scanned.
     """
-    try:
-        from sqlalchemy.orm.session import _sessions
-
-        return list(_sessions.values())
-    except Exception:  # pragma: no cover - private registry gone: the scope's own sessions
-        return list(scope.sessions)
+    sessions = live_sessions()
+    return list(scope.sessions) if sessions is None else sessions
