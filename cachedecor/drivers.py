@@ -16,30 +16,31 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
-
-from sqlalchemy.util import greenlet_spawn
+from typing import Any, TypeVar
 
 from cachedecor import _runtime
+from cachedecor._sa import greenlet_spawn
 from cachedecor.backends import AsyncStore, Store
 from cachedecor.readpath import (
-    CALL,
-    DELETE,
-    FILL,
-    FILL_MANY,
-    LOAD,
-    LOOKUP,
-    LOOKUP_MANY,
-    PEEK,
-    RELEASE,
-    SLEEP,
+    Call,
+    Delete,
+    Fill,
+    FillMany,
+    Load,
+    Lookup,
+    LookupMany,
+    Peek,
+    Release,
+    Sleep,
     Steps,
 )
 
 __all__ = ["drive", "drive_async", "lookup_async"]
 
+T = TypeVar("T")
 
-def drive(steps: Steps, store: Store, call: Callable[..., Any]) -> Any:
+
+def drive(steps: Steps[T], store: Store, call: Callable[..., Any]) -> T:
     """Run ``steps`` to completion: each request on ``store`` (or ``call``), in this thread.
 
     An exception an operation raises is thrown into the generator at its ``yield``;
@@ -51,34 +52,34 @@ def drive(steps: Steps, store: Store, call: Callable[..., Any]) -> Any:
         try:
             request = steps.send(answer) if error is None else steps.throw(error)
         except StopIteration as done:
-            return done.value
+            value: T = done.value
+            return value
         error = None
-        op = request[0]
         try:
-            if op == LOOKUP:
-                answer = store.lookup(request[1], request[2])
-            elif op == CALL:
-                answer = call(*request[1], **request[2])
-            elif op == FILL:
-                answer = store.fill(request[1], request[2], request[3], request[4])
-            elif op == LOOKUP_MANY:
-                answer = store.lookup_many(request[1], request[2])
-            elif op == FILL_MANY:
-                answer = store.fill_many(request[1], request[2])
-            elif op == RELEASE:
+            if type(request) is Lookup:
+                answer = store.lookup(request.key, request.lease_ttl)
+            elif type(request) is Call:
+                answer = call(*request.args, **request.kwargs)
+            elif type(request) is Fill:
+                answer = store.fill(request.key, request.entry, request.lease, request.ttl)
+            elif type(request) is LookupMany:
+                answer = store.lookup_many(request.keys, request.lease_ttl)
+            elif type(request) is FillMany:
+                answer = store.fill_many(request.entries, request.ttl)
+            elif type(request) is Release:
                 answer = None
-                store.release(request[1], request[2])
-            elif op == DELETE:
+                store.release(request.key, request.lease)
+            elif type(request) is Delete:
                 answer = None
-                store.delete_many(request[1])
-            elif op == PEEK:
-                answer = store.peek(request[1])
-            elif op == SLEEP:
+                store.delete_many(request.keys)
+            elif type(request) is Peek:
+                answer = store.peek(request.key)
+            elif type(request) is Sleep:
                 answer = None
-                time.sleep(request[1])
-            elif op == LOAD:
+                time.sleep(request.seconds)
+            elif type(request) is Load:
                 answer = None
-                _load(request[1], request[2])
+                _load(request.instance, request.names)
             else:  # pragma: no cover - a request no driver knows is a programming error
                 raise AssertionError(f"unknown request {request!r}")
         except BaseException as exc:
@@ -135,7 +136,7 @@ async def lookup_async(store: AsyncStore, key: str, ttl: int) -> tuple[bytes | N
     return answer
 
 
-async def drive_async(steps: Steps, store: AsyncStore, call: Callable[..., Awaitable[Any]]) -> Any:
+async def drive_async(steps: Steps[T], store: AsyncStore, call: Callable[..., Awaitable[Any]]) -> T:
     """Run ``steps`` to completion on the running event loop: each request awaited on
     ``store`` (or ``call``, the wrapped coroutine function). Same contract as :func:`drive`."""
     answer: Any = None
@@ -145,48 +146,48 @@ async def drive_async(steps: Steps, store: AsyncStore, call: Callable[..., Await
         try:
             request = steps.send(answer) if error is None else steps.throw(error)
         except StopIteration as done:
-            return done.value
+            value: T = done.value
+            return value
         error = None
-        op = request[0]
         try:
-            if op == LOOKUP:
-                answer = await store.lookup(request[1], request[2])
+            if type(request) is Lookup:
+                answer = await store.lookup(request.key, request.lease_ttl)
                 if answer[1] is not None:
-                    _won(loop, request[1])
-            elif op == CALL:
-                answer = await call(*request[1], **request[2])
-            elif op == FILL:
+                    _won(loop, request.key)
+            elif type(request) is Call:
+                answer = await call(*request.args, **request.kwargs)
+            elif type(request) is Fill:
                 try:
-                    answer = await store.fill(request[1], request[2], request[3], request[4])
+                    answer = await store.fill(request.key, request.entry, request.lease, request.ttl)
                 finally:
-                    _done(loop, (request[1],))
-            elif op == LOOKUP_MANY:
-                answer = await store.lookup_many(request[1], request[2])
+                    _done(loop, (request.key,))
+            elif type(request) is LookupMany:
+                answer = await store.lookup_many(request.keys, request.lease_ttl)
                 for key, (_, lease) in answer.items():
                     if lease is not None:
                         _won(loop, key)
-            elif op == FILL_MANY:
+            elif type(request) is FillMany:
                 try:
-                    answer = await store.fill_many(request[1], request[2])
+                    answer = await store.fill_many(request.entries, request.ttl)
                 finally:
-                    _done(loop, [item[0] for item in request[1]])
-            elif op == RELEASE:
+                    _done(loop, [item[0] for item in request.entries])
+            elif type(request) is Release:
                 answer = None
                 try:
-                    await store.release(request[1], request[2])
+                    await store.release(request.key, request.lease)
                 finally:
-                    _done(loop, (request[1],))
-            elif op == DELETE:
+                    _done(loop, (request.key,))
+            elif type(request) is Delete:
                 answer = None
-                await store.delete_many(request[1])
-            elif op == PEEK:
-                answer = await store.peek(request[1])
-            elif op == SLEEP:
+                await store.delete_many(request.keys)
+            elif type(request) is Peek:
+                answer = await store.peek(request.key)
+            elif type(request) is Sleep:
                 answer = None
-                await _wait(loop, request[1], request[2], request[3])
-            elif op == LOAD:
+                await _wait(loop, request.seconds, request.key, request.longest)
+            elif type(request) is Load:
                 answer = None
-                await greenlet_spawn(_load, request[1], request[2])
+                await greenlet_spawn(_load, request.instance, request.names)
             else:  # pragma: no cover - a request no driver knows is a programming error
                 raise AssertionError(f"unknown request {request!r}")
         except BaseException as exc:

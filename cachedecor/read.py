@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger("cachedecor")
 
 
-class _Resolved:
+class Resolved:
     """Per (function, region configuration): what a call needs, looked up once."""
 
     __slots__ = (
@@ -144,7 +144,7 @@ class CachedFunction(Generic[R]):
             )
         self._token = CallBinding(fn, identity_token) if identity_token is not None else None
         self._plan: ModelPlan | None = None
-        self._resolved: _Resolved | None = None
+        self._resolved: Resolved | None = None
 
     # -- public attributes --------------------------------------------------------------
 
@@ -207,13 +207,13 @@ class CachedFunction(Generic[R]):
 
     # -- resolution ---------------------------------------------------------------------
 
-    def _resolve(self) -> _Resolved:
+    def _resolve(self) -> Resolved:
         settings = _runtime.regions.get(self.region_name)
         if settings is None:
             raise RegionNotConfigured(self.region_name, _runtime.regions)
         resolved = self._resolved
         if resolved is None or resolved.settings is not settings:
-            resolved = self._resolved = _Resolved(self, settings)
+            resolved = self._resolved = Resolved(self, settings)
         if self._plan is None:
             self._plan = model_plan(self.model)
         return resolved
@@ -242,7 +242,7 @@ class CachedFunction(Generic[R]):
         _log.warning(message)
         warnings.warn(message, SessionWarning, stacklevel=4)
 
-    def _uncacheable(self, r: _Resolved, why: str) -> None:
+    def _uncacheable(self, r: Resolved, why: str) -> None:
         r.counters.uncacheable += 1
         log_failure(r.name, f"caching a call of {self._name}", why)
 
@@ -285,7 +285,7 @@ class CachedFunction(Generic[R]):
 
     def _target(
         self,
-        r: _Resolved,
+        r: Resolved,
         session: Session | None,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -323,7 +323,7 @@ class CachedFunction(Generic[R]):
     # -- many=True ----------------------------------------------------------------------
 
     def _call_many(
-        self, r: _Resolved, args: tuple[Any, ...], kwargs: dict[str, Any], mode: int = CACHED
+        self, r: Resolved, args: tuple[Any, ...], kwargs: dict[str, Any], mode: int = CACHED
     ) -> Any:
         return drive(read_many(self, r, args, kwargs, mode), r.store, self.__wrapped__)
 
@@ -354,7 +354,7 @@ class AsyncCachedFunction(CachedFunction[T]):
             r = self._resolve()
         call: Any = self.__wrapped__
         if self.many:
-            return await drive_async(read_many(self, r, args, kwargs), r.astore, call)  # type: ignore[no-any-return]
+            return await drive_async(read_many(self, r, args, kwargs), r.astore, call)
         session, pk = self.binding.session_and_pk(args, kwargs)
         target = self._target(r, session, args, kwargs, pk)
         if target is None:
@@ -382,19 +382,19 @@ class AsyncCachedFunction(CachedFunction[T]):
                     r.counters.hits += 1
                     return value  # type: ignore[no-any-return]
         steps = read_one(self, r, session, target, args, kwargs, first, status, since)
-        return await drive_async(steps, r.astore, call)  # type: ignore[no-any-return]
+        return await drive_async(steps, r.astore, call)
 
     async def refresh(self, *args: Any, **kwargs: Any) -> T:  # type: ignore[override]
         """See :meth:`CachedFunction.refresh`; awaited."""
         r = self._resolve()
         call: Any = self.__wrapped__
         if self.many:
-            return await drive_async(read_many(self, r, args, kwargs, REFRESH), r.astore, call)  # type: ignore[no-any-return]
+            return await drive_async(read_many(self, r, args, kwargs, REFRESH), r.astore, call)
         session = self.binding.session(args, kwargs)
         target = self._target(r, session, args, kwargs)
         if target is None:
             return await call(*args, **kwargs)  # type: ignore[no-any-return]
-        return await drive_async(refresh_one(self, r, session, target, args, kwargs), r.astore, call)  # type: ignore[no-any-return]
+        return await drive_async(refresh_one(self, r, session, target, args, kwargs), r.astore, call)
 
     async def uncached(self, *args: Any, **kwargs: Any) -> T:  # type: ignore[override]
         """See :meth:`CachedFunction.uncached`; awaited."""
@@ -402,7 +402,7 @@ class AsyncCachedFunction(CachedFunction[T]):
         if not self.many:
             return await call(*args, **kwargs)  # type: ignore[no-any-return]
         r = self._resolve()
-        return await drive_async(read_many(self, r, args, kwargs, UNCACHED), r.astore, call)  # type: ignore[no-any-return]
+        return await drive_async(read_many(self, r, args, kwargs, UNCACHED), r.astore, call)
 
     async def invalidate(self, pk: Any) -> None:  # type: ignore[override]
         """Delete the cached entry of ``pk`` in every region that may cache the model, now."""
