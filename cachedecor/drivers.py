@@ -1,7 +1,11 @@
 """Drivers: they carry out the requests of :mod:`cachedecor.readpath`'s generators.
 
 :func:`drive` does it with blocking calls, for threads; :func:`drive_async` with
-coroutines, for asyncio. The decisions stay in :mod:`cachedecor.readpath`.
+coroutines, for asyncio. The decisions stay in :mod:`cachedecor.readpath`, and what
+is not I/O is shared here too, as psycopg's ``wait()`` and ``wait_async()`` share
+their generators: :class:`_Run` resumes the generator with an answer or an
+exception, and :func:`_perform` turns a request into the call that carries it out.
+The two drivers differ only in whether they await that call.
 
 The async driver also knows which fill leases the coroutines of its event loop
 hold. A reader that finds the lease of its key held by a coroutine of the same
@@ -15,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy.util import greenlet_spawn
 
 from cachedecor import _runtime
-from cachedecor._sa import greenlet_spawn
 from cachedecor.backends import AsyncStore, Store
 from cachedecor.readpath import (
     Call,
@@ -31,6 +36,7 @@ from cachedecor.readpath import (
     LookupMany,
     Peek,
     Release,
+    Request,
     Sleep,
     Steps,
 )
@@ -46,50 +52,103 @@ def drive(steps: Steps[T], store: Store, call: Callable[..., Any]) -> T:
     An exception an operation raises is thrown into the generator at its ``yield``;
     what the generator raises (the wrapped function's own exception) propagates.
     """
-    answer: Any = None
-    error: BaseException | None = None
-    while True:
+    run = _Run(steps)
+    for request in run:
         try:
-            request = steps.send(answer) if error is None else steps.throw(error)
-        except StopIteration as done:
-            value: T = done.value
-            return value
-        error = None
-        try:
-            if type(request) is Lookup:
-                answer = store.lookup(request.key, request.lease_ttl)
-            elif type(request) is Call:
-                answer = call(*request.args, **request.kwargs)
-            elif type(request) is Fill:
-                answer = store.fill(request.key, request.entry, request.lease, request.ttl)
-            elif type(request) is LookupMany:
-                answer = store.lookup_many(request.keys, request.lease_ttl)
-            elif type(request) is FillMany:
-                answer = store.fill_many(request.entries, request.ttl)
-            elif type(request) is Release:
-                answer = None
-                store.release(request.key, request.lease)
-            elif type(request) is Delete:
-                answer = None
-                store.delete_many(request.keys)
-            elif type(request) is Peek:
-                answer = store.peek(request.key)
-            elif type(request) is Sleep:
-                answer = None
-                time.sleep(request.seconds)
-            elif type(request) is Load:
-                answer = None
-                _load(request.instance, request.names)
-            else:  # pragma: no cover - a request no driver knows is a programming error
-                raise AssertionError(f"unknown request {request!r}")
+            run.answer = _perform(request, store, call, _sleep, _load)
         except BaseException as exc:
-            answer = None
-            error = exc
+            run.error = exc
+    return run.result
 
 
-def _load(obj: Any, names: list[str]) -> None:
+async def drive_async(steps: Steps[T], store: AsyncStore, call: Callable[..., Awaitable[Any]]) -> T:
+    """Run ``steps`` to completion on the running event loop: each request awaited on
+    ``store`` (or ``call``, the wrapped coroutine function). Same contract as :func:`drive`."""
+    run = _Run(steps)
+    tracked = _LoopStore(store, asyncio.get_running_loop())
+    for request in run:
+        try:
+            run.answer = await _perform(request, tracked, call, tracked.wait, _load_in_greenlet)
+        except BaseException as exc:
+            run.error = exc
+    return run.result
+
+
+class _Run(Generic[T]):
+    """A read being driven, iterated for its requests: each step resumes the generator
+    with :attr:`answer` (the last request's answer) or throws :attr:`error` (what carrying
+    it out raised) in at its ``yield``. When the generator returns, the iteration ends
+    and :attr:`result` holds what it returned; what it raises propagates."""
+
+    __slots__ = ("answer", "error", "result", "steps")
+
+    def __init__(self, steps: Steps[T]) -> None:
+        self.steps = steps
+        self.answer: Any = None
+        self.error: BaseException | None = None
+        self.result: T
+
+    def __iter__(self) -> _Run[T]:
+        return self
+
+    def __next__(self) -> Request:
+        error = self.error
+        answer = self.answer
+        self.answer = self.error = None
+        try:
+            return self.steps.send(answer) if error is None else self.steps.throw(error)
+        except StopIteration as done:
+            self.result = done.value
+            raise StopIteration from None
+
+
+def _perform(
+    request: Request,
+    store: Store | _LoopStore,
+    call: Callable[..., Any],
+    wait: Callable[[float, str, float], Any],
+    load: Callable[[object, list[str]], Any],
+) -> Any:
+    """Make the call that carries ``request`` out, and return what it returns: the answer
+    (a blocking ``store``), or an awaitable of it (an asyncio one)."""
+    if type(request) is Lookup:
+        return store.lookup(request.key, request.lease_ttl)
+    if type(request) is Call:
+        return call(*request.args, **request.kwargs)
+    if type(request) is Fill:
+        return store.fill(request.key, request.entry, request.lease, request.ttl)
+    if type(request) is LookupMany:
+        return store.lookup_many(request.keys, request.lease_ttl)
+    if type(request) is FillMany:
+        return store.fill_many(request.entries, request.ttl)
+    if type(request) is Release:
+        return store.release(request.key, request.lease)
+    if type(request) is Delete:
+        return store.delete_many(request.keys)
+    if type(request) is Peek:
+        return store.peek(request.key)
+    if type(request) is Sleep:
+        return wait(request.seconds, request.key, request.longest)
+    if type(request) is Load:
+        return load(request.instance, request.names)
+    raise AssertionError(f"unknown request {request!r}")  # pragma: no cover - a programming error
+
+
+def _sleep(seconds: float, key: str, longest: float) -> None:
+    """A thread waits the time asked for (it cannot be woken by another thread's fill)."""
+    time.sleep(seconds)
+
+
+def _load(obj: object, names: list[str]) -> None:
     for name in names:
         getattr(obj, name)
+
+
+def _load_in_greenlet(obj: object, names: list[str]) -> Awaitable[None]:
+    return greenlet_spawn(_load, obj, names)
+
+
+# -- the async driver's fills in progress ----------------------------------------------
 
 
 def _filling(loop: asyncio.AbstractEventLoop) -> dict[str, asyncio.Event]:
@@ -104,7 +163,7 @@ def _won(loop: asyncio.AbstractEventLoop, key: str) -> None:
     _filling(loop).setdefault(key, asyncio.Event())
 
 
-def _done(loop: asyncio.AbstractEventLoop, keys: Any) -> None:
+def _done(loop: asyncio.AbstractEventLoop, keys: Iterable[str]) -> None:
     """This loop's fills of ``keys`` are done: wake the coroutines waiting for them."""
     filling = _runtime.fills.get(loop)
     if filling:
@@ -112,20 +171,6 @@ def _done(loop: asyncio.AbstractEventLoop, keys: Any) -> None:
             event = filling.pop(key, None)
             if event is not None:
                 event.set()
-
-
-async def _wait(loop: asyncio.AbstractEventLoop, seconds: float, key: str, longest: float) -> None:
-    """Wait ``seconds`` for another reader's fill of ``key``; when the reader is a coroutine
-    of this loop, wait for its fill itself, up to ``longest``."""
-    filling = _runtime.fills.get(loop)
-    event = filling.get(key) if filling else None
-    if event is None:
-        await asyncio.sleep(seconds)
-        return
-    try:
-        await asyncio.wait_for(event.wait(), longest)
-    except asyncio.TimeoutError:
-        pass
 
 
 async def lookup_async(store: AsyncStore, key: str, ttl: int) -> tuple[bytes | None, Any]:
@@ -136,60 +181,56 @@ async def lookup_async(store: AsyncStore, key: str, ttl: int) -> tuple[bytes | N
     return answer
 
 
-async def drive_async(steps: Steps[T], store: AsyncStore, call: Callable[..., Awaitable[Any]]) -> T:
-    """Run ``steps`` to completion on the running event loop: each request awaited on
-    ``store`` (or ``call``, the wrapped coroutine function). Same contract as :func:`drive`."""
-    answer: Any = None
-    error: BaseException | None = None
-    loop = asyncio.get_running_loop()
-    while True:
+class _LoopStore:
+    """An :class:`AsyncStore` as :func:`drive_async` uses it: it notes the fill leases the
+    coroutines of ``loop`` win, wakes the coroutines waiting for a fill when it is done,
+    and lets a wait for a fill of this loop end with it."""
+
+    __slots__ = ("delete_many", "loop", "peek", "store")
+
+    def __init__(self, store: AsyncStore, loop: asyncio.AbstractEventLoop) -> None:
+        self.store = store
+        self.loop = loop
+        self.peek = store.peek
+        self.delete_many = store.delete_many
+
+    def lookup(self, key: str, ttl: int) -> Awaitable[tuple[bytes | None, Any]]:
+        return lookup_async(self.store, key, ttl)
+
+    async def lookup_many(self, keys: Sequence[str], ttl: int) -> dict[str, tuple[bytes | None, Any]]:
+        answer = await self.store.lookup_many(keys, ttl)
+        for key, (_, lease) in answer.items():
+            if lease is not None:
+                _won(self.loop, key)
+        return answer
+
+    async def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
         try:
-            request = steps.send(answer) if error is None else steps.throw(error)
-        except StopIteration as done:
-            value: T = done.value
-            return value
-        error = None
+            return await self.store.fill(key, value, token, ttl)
+        finally:
+            _done(self.loop, (key,))
+
+    async def fill_many(self, items: Sequence[tuple[str, bytes, Any]], ttl: int | None) -> dict[str, Any]:
         try:
-            if type(request) is Lookup:
-                answer = await store.lookup(request.key, request.lease_ttl)
-                if answer[1] is not None:
-                    _won(loop, request.key)
-            elif type(request) is Call:
-                answer = await call(*request.args, **request.kwargs)
-            elif type(request) is Fill:
-                try:
-                    answer = await store.fill(request.key, request.entry, request.lease, request.ttl)
-                finally:
-                    _done(loop, (request.key,))
-            elif type(request) is LookupMany:
-                answer = await store.lookup_many(request.keys, request.lease_ttl)
-                for key, (_, lease) in answer.items():
-                    if lease is not None:
-                        _won(loop, key)
-            elif type(request) is FillMany:
-                try:
-                    answer = await store.fill_many(request.entries, request.ttl)
-                finally:
-                    _done(loop, [item[0] for item in request.entries])
-            elif type(request) is Release:
-                answer = None
-                try:
-                    await store.release(request.key, request.lease)
-                finally:
-                    _done(loop, (request.key,))
-            elif type(request) is Delete:
-                answer = None
-                await store.delete_many(request.keys)
-            elif type(request) is Peek:
-                answer = await store.peek(request.key)
-            elif type(request) is Sleep:
-                answer = None
-                await _wait(loop, request.seconds, request.key, request.longest)
-            elif type(request) is Load:
-                answer = None
-                await greenlet_spawn(_load, request.instance, request.names)
-            else:  # pragma: no cover - a request no driver knows is a programming error
-                raise AssertionError(f"unknown request {request!r}")
-        except BaseException as exc:
-            answer = None
-            error = exc
+            return await self.store.fill_many(items, ttl)
+        finally:
+            _done(self.loop, [item[0] for item in items])
+
+    async def release(self, key: str, token: Any) -> None:
+        try:
+            await self.store.release(key, token)
+        finally:
+            _done(self.loop, (key,))
+
+    async def wait(self, seconds: float, key: str, longest: float) -> None:
+        """Wait ``seconds`` for another reader's fill of ``key``; when the reader is a
+        coroutine of this loop, wait for its fill itself, up to ``longest``."""
+        filling = _runtime.fills.get(self.loop)
+        event = filling.get(key) if filling else None
+        if event is None:
+            await asyncio.sleep(seconds)
+            return
+        try:
+            await asyncio.wait_for(event.wait(), longest)
+        except asyncio.TimeoutError:
+            pass
