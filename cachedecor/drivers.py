@@ -22,9 +22,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy.util import greenlet_spawn
-
 from cachedecor import _runtime
+from cachedecor._sa import greenlet_spawn
 from cachedecor.backends import AsyncStore, Store
 from cachedecor.readpath import (
     Call,
