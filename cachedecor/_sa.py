@@ -30,7 +30,6 @@ from sqlalchemy.orm.identity import IdentityMap
 from sqlalchemy.orm.instrumentation import ClassManager
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.util import await_only, greenlet_spawn
-from sqlalchemy.util.concurrency import in_greenlet
 
 __all__ = [
     "ADD_UNPRESENT",
@@ -224,6 +223,25 @@ def dml_parts(statement: Any) -> DmlParts:
 # -- running async code from SQLAlchemy's greenlet, and the greenlet's own helpers ------
 # ``sqlalchemy.util``'s greenlet adapter, documented for writing async dialects; checked
 # against 2.0.2, 2.0.x and 2.1.9. Importing them needs no greenlet; calling them does.
+
+
+try:
+    from sqlalchemy.util.concurrency import in_greenlet
+except ImportError:  # SQLAlchemy 2.0 releases before in_greenlet() (2.0.2 checked)
+    try:
+        from sqlalchemy.util._concurrency_py3k import (  # type: ignore[import-not-found]
+            _AsyncIoGreenlet,
+            getcurrent,
+        )
+
+        def in_greenlet() -> bool:
+            """What later releases' ``in_greenlet()`` answers, from the same internals."""
+            return isinstance(getcurrent(), _AsyncIoGreenlet)
+
+    except ImportError:  # no greenlet installed: no async session either
+
+        def in_greenlet() -> bool:
+            return False
 
 
 def in_async_greenlet() -> bool:

@@ -11,6 +11,7 @@ dogpile.cache's own backend suites for ``cachedecor.pymemcache``
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import importlib.util
 import os
@@ -177,6 +178,18 @@ class TestMissingExtras:
             assert isinstance(raised.value, ImportError) and raised.value.extra == "asyncio"
         else:  # SQLAlchemy 2.0 brings greenlet itself: async works without the extra
             assert decorate().__name__ == "aget_account"
+
+    def test_sqlalchemys_greenlet_is_told_apart_from_plain_code(self) -> None:
+        # what decides whether an async commit's deletes are awaited or made blocking
+        from cachedecor._sa import greenlet_spawn, in_async_greenlet
+
+        assert in_async_greenlet() is False
+        if importlib.util.find_spec("greenlet") is not None:
+
+            async def inside() -> bool:
+                return bool(await greenlet_spawn(in_async_greenlet))
+
+            assert asyncio.run(inside()) is True
 
     @pytest.mark.parametrize(
         ("region", "extra"),
