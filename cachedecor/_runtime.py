@@ -42,8 +42,10 @@ if TYPE_CHECKING:
     from cachedecor.stats import RegionStats
 
 __all__ = [
+    "AsyncClasses",
     "ForkAware",
     "NearState",
+    "async_classes",
     "configured_regions",
     "connection_owners",
     "counters",
@@ -140,6 +142,29 @@ pending_inserts: weakref.WeakKeyDictionary[Connection, tuple[Any, ...]] = weakre
 table_models: dict[Any, tuple[type, ...]] = {}
 #: mapped class -> (its mapper, the schema of its keys)
 tracked_models: dict[Any, tuple[Any, Any]] = {}
+
+# -- SQLAlchemy's asyncio extension (cachedecor._sa) -----------------------------------
+
+
+class AsyncClasses:
+    """The classes of ``sqlalchemy.ext.asyncio`` that tell sessions apart, found once the
+    application has imported it (it is never imported for the sync API)."""
+
+    __slots__ = ("all_sessions", "async_sessions", "scoped", "session", "sessionmaker")
+
+    def __init__(
+        self, session: type[Any], scoped: type[Any], sessionmaker: type[Any], sync: tuple[type[Any], ...]
+    ) -> None:
+        self.session = session
+        self.scoped = scoped
+        self.sessionmaker = sessionmaker
+        self.async_sessions = (session, scoped)
+        #: ``sync`` (the sync session types) and the two async ones
+        self.all_sessions = (*sync, session, scoped)
+
+
+#: the asyncio extension's classes, once it is imported (``None`` before)
+async_classes: AsyncClasses | None = None
 
 # -- the async driver (cachedecor.drivers) --------------------------------------------
 

@@ -31,6 +31,8 @@ from sqlalchemy.orm.instrumentation import ClassManager
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.util import await_only, greenlet_spawn
 
+from cachedecor import _runtime
+
 __all__ = [
     "ADD_UNPRESENT",
     "COMMIT_ATTRIBUTES",
@@ -59,45 +61,74 @@ _ASYNC_MODULE = "sqlalchemy.ext.asyncio"
 _SYNC_TYPES: tuple[type[Any], ...] = (Session, scoped_session)
 
 
-def _async(*names: str) -> tuple[type[Any], ...]:
-    module = sys.modules.get(_ASYNC_MODULE)
-    if module is None:
-        return ()
-    found = tuple(getattr(module, name, None) for name in names)
-    return found if None not in found else ()  # type: ignore[return-value]
+def _async() -> _runtime.AsyncClasses | None:
+    """The extension's classes, found once it is imported (then kept in ``_runtime``: a
+    call costs one attribute read; looking in ``sys.modules`` and building the tuples on
+    every call cost a read without a session argument about 10% of a near hit)."""
+    found = _runtime.async_classes
+    if found is None:
+        module = sys.modules.get(_ASYNC_MODULE)
+        if module is None:
+            return None
+        try:
+            found = _runtime.AsyncClasses(
+                module.AsyncSession, module.async_scoped_session, module.async_sessionmaker, _SYNC_TYPES
+            )
+        except AttributeError:  # imported half-way (another thread is importing it)
+            return None
+        _runtime.async_classes = found
+    return found
 
 
 def async_session_types() -> tuple[type[Any], ...]:
     """``(AsyncSession, async_scoped_session)`` once the extension is imported, else ``()``."""
-    return _async("AsyncSession", "async_scoped_session")
+    found = _async()
+    return () if found is None else (found.session, found.scoped)
 
 
 def session_types() -> tuple[type[Any], ...]:
-    """Every kind of object that is, or resolves to, a session."""
-    return _SYNC_TYPES + async_session_types()
+    """Every kind of object that is, or resolves to, a session (read as
+    :func:`sync_session_of` reads the classes: on the path of a call)."""
+    found = _runtime.async_classes
+    if found is None:
+        if _ASYNC_MODULE not in sys.modules:
+            return _SYNC_TYPES
+        found = _async()
+    return _SYNC_TYPES if found is None else found.all_sessions
 
 
 def registry_types() -> tuple[type[Any], ...]:
     """The session registries: ``scoped_session``, and ``async_scoped_session`` once imported."""
-    return (scoped_session, *_async("async_scoped_session"))
+    found = _async()
+    return (scoped_session,) if found is None else (scoped_session, found.scoped)
 
 
 def session_classes() -> tuple[type[Any], ...]:
     """The session classes (a class passed where a session is expected is a mistake)."""
-    return (Session, *_async("AsyncSession"))
+    found = _async()
+    return (Session,) if found is None else (Session, found.session)
 
 
 def session_factories() -> tuple[type[Any], ...]:
     """The factories that make a new session on every call (never where a function's session is)."""
-    return (sessionmaker, *_async("async_sessionmaker"))
+    found = _async()
+    return (sessionmaker,) if found is None else (sessionmaker, found.sessionmaker)
 
 
 def sync_session_of(value: Any) -> Session | None:
-    """The ``Session`` an ``AsyncSession`` or ``async_scoped_session`` runs on, else ``None``."""
-    types = async_session_types()
-    if not types or not isinstance(value, types):
+    """The ``Session`` an ``AsyncSession`` or ``async_scoped_session`` runs on, else ``None``.
+
+    On the path of every call whose session is not an argument: the found classes are
+    read first, and ``sys.modules`` only while the extension is not imported.
+    """
+    found = _runtime.async_classes
+    if found is None:
+        if _ASYNC_MODULE not in sys.modules:
+            return None
+        found = _async()
+    if found is None or not isinstance(value, found.async_sessions):
         return None
-    if not isinstance(value, types[0]):
+    if not isinstance(value, found.session):
         value = value()  # an async_scoped_session: its current AsyncSession
     session: Session = value.sync_session
     return session
