@@ -7,7 +7,7 @@ and the same installed dependencies (each side's own ``cachedecor`` first on
 benchmark reports (µs, lower is better), the median over the rounds of each side and
 the ratio now/before, marking those more than ``--tolerance`` slower.
 
-    python benchmarks/compare.py --base 268d2c1 [--rounds 3] [--full]
+    python benchmarks/compare.py --base 268d2c1 [--rounds 3] [--full] [--pin]
 
 Exit status 0 whatever the numbers say: a benchmark on a shared machine informs, it
 does not gate.
@@ -39,13 +39,15 @@ def worktree(rev: str) -> str:
     return path
 
 
-def run(side: str, quick: bool) -> dict[str, Any]:
+def run(side: str, quick: bool, pin: bool) -> dict[str, Any]:
     """One run of ``side``'s benchmark: its JSON results."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         output = fh.name
     args = [sys.executable, os.path.join(side, "benchmarks", "bench.py"), "--output", output]
     if quick:
         args.append("--quick")
+    if pin:
+        args.append("--pin")
     env = {**os.environ, "PYTHONPATH": side}
     subprocess.run(args, cwd=side, env=env, check=True, stdout=subprocess.DEVNULL)
     with open(output) as fh:
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", required=True, help="the earlier commit")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each side (default 3)")
     parser.add_argument("--full", action="store_true", help="full benchmark runs (default: --quick ones)")
+    parser.add_argument("--pin", action="store_true", help="bench.py --pin (a quieter comparison)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="slower by more than this is marked")
     args = parser.parse_args(argv)
     sides = {"before": worktree(args.base), "now": HERE}
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         random.shuffle(order)
         for name in order:
             print(f"round {round_ + 1}/{args.rounds}: {name}", file=sys.stderr)
-            for label, value in times(run(sides[name], not args.full)).items():
+            for label, value in times(run(sides[name], not args.full, args.pin)).items():
                 samples[name].setdefault(label, []).append(value)
     print(f"{'':70} {'before':>9} {'now':>9} {'now/before':>10}")
     slower = 0
