@@ -188,8 +188,6 @@ class NearState:
         "ears",
         "ears_lock",
         "heard_until",
-        "libc",
-        "libc_resolved",
         "listening",
         "next_check",
         "pid",
@@ -199,8 +197,10 @@ class NearState:
     def __init__(self) -> None:
         #: every near cache of this process (held weakly)
         self.caches: weakref.WeakSet[NearCache] = weakref.WeakSet()
-        #: the broadcast listeners, as the near reads see them (attached, not yet detached)
-        self.ears: list[Ear] = []
+        #: the broadcast listeners, as the near reads see them (attached, not yet
+        #: detached): a tuple, replaced under :attr:`ears_lock`, which reads iterate
+        #: without taking the lock
+        self.ears: tuple[Ear, ...] = ()
         #: held while :attr:`ears` and what is computed from them are written
         self.ears_lock = threading.RLock()
         #: whether invalidations reach this process (a listener is connected), and
@@ -211,9 +211,6 @@ class NearState:
         self.next_check = 0.0
         #: an epoll set of the listeners' sockets (Linux), or ``None``
         self.watching: Any = None
-        #: (the C library's poll, ctypes' ``struct pollfd``) or ``None``, once resolved
-        self.libc: tuple[Any, Any] | None = None
-        self.libc_resolved = False
         #: the process this state is of: a forked child's differs until
         #: :func:`cachedecor.near.after_fork` has run in it (once, whoever calls first)
         self.pid = os.getpid()

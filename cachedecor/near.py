@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import os
 import select
-import sys
 import threading
 import time
-import types
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -88,16 +86,21 @@ class NearCache:
     # -- reads ---------------------------------------------------------------------------
 
     def get(self, key: str) -> Row | None:
-        """The row of a live entry, or ``None``. Not while deaf."""
+        """The row of a live entry, or ``None``. Not while deaf.
+
+        The listeners are checked before the entry is read: an entry read after the
+        check is one the listener had not evicted when the check found it caught up.
+        """
+        now = time.monotonic()
+        state = near_state
+        if now >= state.heard_until or not state.listening or not caught_up(now):
+            return None
         entry = self._entries.get(key)
         if entry is None:
             return None
-        now = time.monotonic()
-        state = near_state
-        if now >= entry[1] or now >= state.heard_until or not state.listening or not caught_up(now):
-            if now >= entry[1]:
-                with self._lock:
-                    self._drop(key)
+        if now >= entry[1]:
+            with self._lock:
+                self._drop(key)
             return None
         try:
             self._entries.move_to_end(key)
@@ -220,75 +223,43 @@ HEARD_FOR = 1.5
 # --------------------------------------------------------------------------------------
 # reading what a listener has not taken yet
 #
-# A listener is a thread: while the process's other threads keep the interpreter
-# busy (serving near hits, say), an invalidation can wait on its socket for the
-# interpreter's switch interval (5 ms) and longer. So a near read first checks that
-# no listener has something it has not taken; if one has, the read goes to the
-# remote cache, and so does every read after it until the listener has taken it (a
-# remote read waits on its socket, which lets the listener run).
+# A listener is a thread: while the process's other threads keep the CPUs (or, on a
+# CPython with the GIL, the interpreter) busy serving near hits, an invalidation can
+# wait on its socket for milliseconds. So a near read first checks that no listener
+# has something it has not taken; if one has, the read goes to the remote cache, and
+# so does every read after it until the listener has taken it.
 #
-# Two ways of seeing it. A listener waits for its socket in the C library's poll(),
-# called through ctypes, which lets go of the interpreter for the call; the kernel
-# writes what it found into the listener's own pollfd as the call returns, before
-# the thread needs the interpreter back: reads check that memory (Ear.arrived) on
-# every read, without a system call. But the woken thread must first get a CPU
-# to return from poll(), and on a machine whose CPUs are all busy that can take
-# milliseconds; so reads also look at the sockets themselves, at most every
-# CHECK_EVERY seconds (one epoll_wait on a set of them on Linux, else a poll() of
-# their own). (Reads that relied on the memory alone served ten times more stale
-# reads in the race harness's storm on two busy CPUs.)
+# Two facts are checked, neither of which depends on when threads are scheduled:
+# the listener's own flag (Ear.taking), set before its client reads anything from
+# the socket and cleared once everything read is handled; and the sockets
+# themselves, looked at by the reading threads with one system call (epoll_wait on a
+# set of them on Linux, else a poll() of their own), at most every CHECK_EVERY
+# seconds. An invalidation that is on a listener's socket CHECK_EVERY seconds before
+# a near read begins is therefore seen by it: either still on the socket, or being
+# handled. A message that arrived less than that before the read may still be
+# missed. (The listener once also waited in the C library's poll() through
+# ctypes, and reads checked the ``revents`` the kernel wrote as that wait ended. In
+# the race harness it cut near-redis stale reads from 5-12 to 2-7 per 15 s storm,
+# all within milliseconds, but it relied on no other thread entering the
+# interpreter between two lines of the listener: true of CPython with the GIL only.)
 
 #: seconds between two looks at the listeners' sockets by the reading threads (when
-#: the next look is due: ``near_state.next_check``)
+#: the next look is due: ``near_state.next_check``); an unread message is seen by
+#: every near read that begins this long after it reached the socket
 CHECK_EVERY = 0.0002
-
-
-def _libc_poll() -> tuple[Any, Any] | None:
-    """(``poll``, ``struct pollfd``) of the C library, or ``None`` where ctypes cannot
-    reach poll(); resolved when the first listener starts, kept in ``near_state.libc``
-    (imports ctypes once)."""
-    state = near_state
-    if not state.libc_resolved:
-        state.libc_resolved = True
-        if sys.platform != "win32":
-            import ctypes
-
-            class PollFd(ctypes.Structure):
-                _fields_ = (("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short))
-
-            try:
-                poll = ctypes.CDLL(None, use_errno=True).poll
-            except (OSError, AttributeError):
-                return None
-            nfds = ctypes.c_ulong if sys.platform.startswith("linux") else ctypes.c_uint
-            poll.argtypes = (ctypes.POINTER(PollFd), nfds, ctypes.c_int)
-            poll.restype = ctypes.c_int
-            state.libc = (poll, PollFd)
-    return state.libc
-
-
-def _native() -> bool:
-    """Whether threads are the operating system's: not where gevent or eventlet has
-    patched the standard library (a listener is then a green thread, and a call into
-    the C library's poll() would block every one of them; its wait is then the
-    patched ``select.poll``)."""
-    return isinstance(select.poll, types.BuiltinFunctionType) and isinstance(
-        time.sleep, types.BuiltinFunctionType
-    )
 
 
 class Ear:
     """One broadcast listener, as this process's near reads see it.
 
-    The listener keeps it current: its socket (:attr:`fd`), whether it is waiting for
-    the socket (:meth:`wait`), reading or handling messages (:attr:`taking`), whether
-    what arrives is the answer to its keep-alive (:attr:`answer_due`), and when it
-    last heard from its server. The process hears while at least one attached ear
-    does: with two transports, every invalidation is sent on both, so either alone is
-    enough.
+    The listener keeps it current: its socket (:attr:`fd`), whether it is reading or
+    handling messages (:attr:`taking`), whether what arrives is the answer to its
+    keep-alive (:attr:`answer_due`), and when it last heard from its server. The
+    process hears while at least one attached ear does: with two transports, every
+    invalidation is sent on both, so either alone is enough.
     """
 
-    __slots__ = ("_pollfd", "answer_due", "arrived", "fd", "heard_until", "listening", "taking", "waiting")
+    __slots__ = ("answer_due", "fd", "heard_until", "listening", "taking")
 
     def __init__(self) -> None:
         self.fd: int | None = None  #: the listener's socket; ``None``: not connected
@@ -299,67 +270,36 @@ class Ear:
         self.answer_due = False
         self.listening = False
         self.heard_until = 0.0
-        #: in :meth:`wait`'s poll(): :attr:`arrived` tells what the socket holds
-        self.waiting = False
-        libc = _libc_poll()
-        self._pollfd: Any = None if libc is None else libc[1](-1, select.POLLIN, 0)
-        #: ``arrived[3]`` is the pollfd's ``revents``, written by the kernel as the
-        #: wait returns: non-zero once the socket has something (or was closed);
-        #: always 0 without ctypes' poll()
-        self.arrived = memoryview(bytearray(8) if self._pollfd is None else self._pollfd).cast("B").cast("h")
 
     def wait(self, timeout: float) -> bool:
-        """Block (without the interpreter) until the socket has something to read, or
-        ``timeout`` seconds have passed; whether it has. When it has, the listener
-        counts as :attr:`taking` from then on: the caller resets that once it has
-        taken everything.
-
-        Meanwhile near reads see an arrival in :attr:`arrived` as soon as the kernel
-        has ended the wait, whoever holds the interpreter. Where ctypes cannot reach
-        poll(), the wait is a :func:`select.poll` (the reads then only look).
-        """
+        """Block until the socket has something to read, or ``timeout`` seconds have
+        passed; whether it has. When it has, the listener counts as :attr:`taking`
+        from then on (before its client reads the socket): the caller resets that
+        once it has taken everything. Meanwhile near reads see what arrives by
+        looking at the socket. Where gevent or eventlet has patched the standard
+        library, this is the patched poll, and the listener a green thread."""
         fd = self.fd
         if fd is None:
             raise ConnectionError("the listener is not connected")
-        ms = max(0, int(timeout * 1000))
-        libc = near_state.libc
-        if libc is None or not _native():
-            waiting = select.poll()
-            waiting.register(fd, select.POLLIN)
-            ready = waiting.poll(ms)
-            if ready and ready[0][1] & select.POLLNVAL:
-                raise ConnectionError(f"the listener's socket {fd} was closed under it")
-            return bool(ready)
-        pollfd = self._pollfd
-        pollfd.fd = fd
-        self.arrived[3] = 0
-        # nothing between these two lines may let another thread into the interpreter
-        # (no call into Python code): from here reads rely on the kernel to say what
-        # arrives. ctypes lets go of the interpreter for the call itself.
-        self.waiting = True
-        ready = libc[0](pollfd, 1, ms)
-        if self.arrived[3]:
-            self.taking = True
-        self.waiting = False
-        if self.arrived[3] & select.POLLNVAL:
+        waiting = select.poll()
+        waiting.register(fd, select.POLLIN)
+        ready = waiting.poll(max(0, int(timeout * 1000)))
+        if not ready:
+            return False
+        if ready[0][1] & select.POLLNVAL:
             # the number is no file any more (closed under the listener): every wait
             # would return at once, and every look find it "unread"; the listener
             # reconnects instead
             raise ConnectionError(f"the listener's socket {fd} was closed under it")
-        if ready < 0:
-            import ctypes
-
-            errno = ctypes.get_errno()
-            if errno != 4:  # EINTR: a signal; the caller waits again
-                raise OSError(errno, os.strerror(errno))
-        return bool(ready > 0)
+        self.taking = True
+        return True
 
     def attach(self) -> None:
         """Count this ear among the process's (a listener starts)."""
         state = near_state
         with state.ears_lock:
             if self not in state.ears:
-                state.ears.append(self)
+                state.ears = (*state.ears, self)  # a new tuple: reads iterate without the lock
             _rewatch()
 
     def detach(self) -> None:
@@ -368,7 +308,7 @@ class Ear:
         state = near_state
         with state.ears_lock:
             if self in state.ears:
-                state.ears.remove(self)
+                state.ears = tuple(ear for ear in state.ears if ear is not self)
             _recount()
 
     def up(self, fd: int | None) -> None:
@@ -392,7 +332,6 @@ class Ear:
             self.taking = False
             self.answer_due = False
             self.listening = False
-            self.waiting = False
             _recount()
             _rewatch()
             if not near_state.listening:
@@ -424,15 +363,14 @@ def _recount() -> None:
 def caught_up(now: float) -> bool:
     """Whether this process has taken every invalidation its listeners' sockets hold.
 
-    Called by every near read. It reads memory first: a listener taking, or one
-    whose wait (:meth:`Ear.wait`) the kernel has ended with something to read. Then,
-    at most every :data:`CHECK_EVERY` seconds, it looks at the sockets themselves,
-    with a system call: a woken listener's thread may wait for a CPU before its
-    wait returns (on a machine whose CPUs are all busy, for milliseconds), while
-    what arrived is on the socket at once."""
+    Called by every near read, before it reads its entry. It reads memory first: a
+    listener taking (reading or handling what its socket held). Then, at most every
+    :data:`CHECK_EVERY` seconds, it looks at the sockets themselves, with a system
+    call: a woken listener's thread may wait for a CPU (or the interpreter) before it
+    takes anything, while what arrived is on the socket at once."""
     state = near_state
     for ear in state.ears:
-        if ear.taking or (ear.waiting and ear.arrived[3]):
+        if ear.taking:
             return False
     return now < state.next_check or _look(now)
 
@@ -494,7 +432,6 @@ def _rewatch() -> None:
     socket closed while a forked child still holds its file would otherwise stay in it."""
     state = near_state
     with state.ears_lock:
-        old = state.watching
         fds = {ear.fd for ear in state.ears if ear.fd is not None}
         new = None
         if fds and hasattr(select, "epoll"):
@@ -506,9 +443,10 @@ def _rewatch() -> None:
                 if new is not None:
                     new.close()
                 new = None  # looks use poll objects
+        # the old set is not closed here: a reading thread may be polling it, and its
+        # number could be reused by another file meanwhile. It closes when the last
+        # reference to it goes (a read in flight finishes with it first).
         state.watching = new
-        if old is not None:
-            old.close()  # a read polling it meanwhile gets ValueError, and goes remote once
 
 
 def active() -> bool:
@@ -558,8 +496,6 @@ def after_fork() -> None:
         ear.taking = False
         ear.answer_due = False
         ear.listening = False
-        ear.waiting = False
-        ear.arrived[3] = 0
     _recount()
 
 

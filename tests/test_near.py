@@ -718,87 +718,67 @@ def test_a_gevent_process_listens_without_blocking_its_loop(
     assert report["longest_gap"] < 0.25, report  # 0.5 s and more if the wait blocked
 
 
-_PUBLISH = """
-import sys
-kind, url, channel, text = sys.argv[1:]
-if kind == "redis":
-    import redis
-
-    redis.Redis.from_url(url).publish(channel, text)
-else:
-    import psycopg
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SELECT pg_notify(%s, %s)", (channel, text))
-"""
-
-
-def test_a_near_read_sees_an_arrival_while_the_listener_is_kept_out_of_the_interpreter(
-    transport: Transport, memcached: Memcached, users: Engine, monkeypatch: pytest.MonkeyPatch
+def test_a_near_read_goes_remote_while_a_listeners_socket_holds_what_it_has_not_taken(
+    transport: Transport, memcached: Memcached, users: Engine
 ) -> None:
-    """The listener waits for its socket without the interpreter, and the kernel tells
-    what arrived in memory the reads check: a read goes remote as soon as the wait has
-    ended, though the listener thread cannot run. The test keeps it from running by
-    holding the interpreter (a switch interval of a minute, and no call that lets go
-    of it) between the arrival and the read; the message comes from another process,
-    sent after the hold began. The listener's wait is made long (a keep-alive every
-    5 s, heard for 10 s), so that it cannot end by its timeout before the message
-    comes, however slowly the sending process starts."""
-    monkeypatch.setattr(broadcast, "_KEEPALIVE", 5.0)
-    monkeypatch.setattr(near_module, "HEARD_FOR", 10.0)
+    """Reads look at the listeners' sockets themselves: what waits there unread sends
+    them to the remote cache, however long the listener's thread goes without running
+    (no CPU, or no interpreter). The listener that has not run here is an ear on a real
+    socket pair that no thread reads: nothing it does, or fails to do, can help. Once
+    what the socket held is taken, reads are near again."""
     configure_near(memcached, transport)
-    for user_id in (1, 2):
-        read(users, user_id)
-    sender = listener()
-    link = sender.links[0]
-    ear = link.ear
-    wait_until(lambda: ear.waiting)
-    text = broadcast._message({"default": ([get_user.cache_key(2)], [])})
-    url = link.url.render_as_string(hide_password=False)
-    reads = Reads(memcached)
-    received = sender.received
-    publisher = subprocess.Popen([sys.executable, "-c", _PUBLISH, link.kind, url, transport.channel, text])
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(60)
+    read(users, 1)
+    listener()
+    idle = near_module.Ear()
+    ours, theirs = socket.socketpair()
     try:
-        deadline = time.monotonic() + 20
-        while not ear.arrived[3] and time.monotonic() < deadline:
-            pass  # pure Python: the interpreter is not let go
-        arrived = bool(ear.arrived[3])
-        taken = sender.received - received  # the listener could not have run since
-        with Session(users) as s:
-            user = get_user(s, 1)
+        idle.attach()
+        idle.up(ours.fileno())
+        reads = Reads(memcached)
+        assert read(users, 1) == "user-1"
+        assert reads.local == 1  # near: nothing unread
+        theirs.sendall(b"an invalidation nobody has taken")
+        looked = near_state.next_check
+        wait_until(lambda: time.monotonic() >= looked)  # the next read looks at the sockets
+        for _ in range(3):  # and so does every read after it, until the message is taken
+            assert read(users, 1) == "user-1"
+        assert (reads.local, reads.remote_hits) == (1, 3)
+        assert ours.recv(100) == b"an invalidation nobody has taken"
+        assert read(users, 1) == "user-1"
+        assert (reads.local, reads.remote_hits) == (2, 3)
     finally:
-        sys.setswitchinterval(interval)
-    assert publisher.wait(30) == 0
-    assert arrived, "the message did not arrive"
-    assert taken == 0
-    assert user is not None and user.name == "user-1"
-    assert (reads.local, reads.remote_hits) == (0, 1)  # near, but the read went remote
-    wait_until(lambda: sender.received > received and not ear.taking)
-    assert read(users, 1) == "user-1"
-    assert (reads.local, reads.remote_hits) == (1, 1)
-    assert get_user.cache_key(2) not in near()._entries  # the message evicted row 2
+        idle.detach()
+        ours.close()
+        theirs.close()
 
 
-def test_without_ctypes_poll_the_listener_hears_and_reads_look(
-    transport: Transport, memcached: Memcached, users: Engine, monkeypatch: pytest.MonkeyPatch
+def test_a_listener_counts_as_taking_from_its_wait_to_the_end_of_its_handling(
+    transport: Transport, memcached: Memcached, users: Engine
 ) -> None:
-    """Where ctypes cannot reach the C library's poll() (as on Windows), a listener waits
-    in :func:`select.poll` and reads see arrivals by looking at its socket alone."""
-    monkeypatch.setattr(near_state, "libc", None)
-    monkeypatch.setattr(near_state, "libc_resolved", True)
+    """The listener's wait marks it as taking as soon as its socket has something, before
+    its client reads the socket (out of the reads' sight); once it has handled what it
+    read, it no longer is, and reads are near again."""
     configure_near(memcached, transport)
     read(users, 1)
     sender = listener()
-    assert all(link.ear._pollfd is None for link in sender.links)
     received = sender.received
     get_user.invalidate(2)
-    wait_until(lambda: sender.received > received)
-    assert not any(ear.waiting for ear in near_state.ears)
+    wait_until(lambda: sender.received > received and not any(ear.taking for ear in near_state.ears))
     reads = Reads(memcached)
     assert read(users, 1) == "user-1"
     assert reads.local == 1
+    idle = near_module.Ear()
+    ours, theirs = socket.socketpair()
+    try:
+        idle.fd = ours.fileno()
+        assert not idle.wait(0.01)
+        assert not idle.taking
+        theirs.sendall(b"x")
+        assert idle.wait(5)
+        assert idle.taking  # from the moment the wait found something
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def held_listener_sends_reads_remote(
