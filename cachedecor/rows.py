@@ -334,8 +334,7 @@ class ModelPlan:
             if existing is not None:
                 _refresh_expired(existing, plan, row)
                 return existing
-        # building the instance: the same steps as instantiate_many's loop, written in
-        # line in both (a call per instance is what a hit would pay); keep them in step
+        # building the instance (in line: a call here is what every hit would pay)
         cls: Any = plan.cls
         new_state = plan.new_state
         if new_state is not None:
@@ -373,58 +372,16 @@ class ModelPlan:
         """:meth:`instantiate` for many rows by key: (instances by key, in order; what
         each row that could not be instantiated raised, by key).
 
-        The same as one :meth:`instantiate` per row, in one loop: the cost of a
-        batch is the instances' own.
+        One :meth:`instantiate` per row: a row of a batch is built as a single hit's is.
         """
         built: dict[str, Any] = {}
         failed: dict[str, Exception] = {}
-        attached = session is not None and _attach is _attach_loaded
-        if session is not None:
-            identity_map = session.identity_map
-            present = identity_map.get
-            held = identity_dict(identity_map)  # looked in first, as instantiate() does
-            hash_key = session.hash_key
-            loaded = session.dispatch.loaded_as_persistent
+        instantiate = self.instantiate
         for key, row in rows.items():
-            plan = row.plan
-            ident = row.ident
-            if (
-                plan is None
-                or plan.owner is not self
-                or not plan.readable
-                or ident[2] is not token
-                or (session is not None and (not attached or (ident in held and present(ident) is not None)))
-            ):
-                try:
-                    built[key] = self.instantiate(row, session, token)
-                except Exception as exc:
-                    failed[key] = exc
-                continue
-            # the same steps as instantiate()'s, in line (keep them in step)
-            cls: Any = plan.cls
-            new_state = plan.new_state
-            if new_state is not None:
-                obj = cls.__new__(cls)
-                obj.__dict__ = d = row.values.copy()  # at its size at once, not grown key by key
-                d["_sa_instance_state"] = state = new_state(obj, plan.manager)
-            else:
-                obj = plan.manager.new_instance()
-                state = instance_state(obj)
-                d = obj.__dict__  # what state.dict is, without the weak reference's call
-                d.update(row.values)
-            for k, copy in row.copies:
-                d[k] = copy(d[k])
-            if row.expire:
-                EXPIRE_ATTRIBUTES(state, d, row.expire)
-            state.key = ident
-            if token is not None:
-                state.identity_token = token
-            if attached:
-                state.session_id = hash_key
-                ADD_UNPRESENT(identity_map, state, ident)  # type: ignore[misc]
-                if loaded:
-                    loaded(session, state)
-            built[key] = obj
+            try:
+                built[key] = instantiate(row, session, token)
+            except Exception as exc:
+                failed[key] = exc
         return built, failed
 
     def _adopt(self, plan: ClassPlan) -> ClassPlan:
