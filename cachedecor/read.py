@@ -11,9 +11,11 @@ takes no step of the generator (the wrapper makes the first lookup itself).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
+import sys
 import warnings
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
@@ -341,12 +343,15 @@ class AsyncCachedFunction(CachedFunction[T]):
 
     def __init__(self, fn: Callable[..., Any], model: Any, **options: Any) -> None:
         super().__init__(fn, model, **options)
-        # what asyncio.iscoroutinefunction and (3.12+) inspect.iscoroutinefunction look for,
-        # so that frameworks (FastAPI, Starlette) await the wrapper
-        self._is_coroutine = getattr(__import__("asyncio").coroutines, "_is_coroutine", None)
-        marker = getattr(inspect, "_is_coroutine_mark", None)
-        if marker is not None:
-            self._is_coroutine_marker = marker
+        # frameworks (FastAPI, Starlette) await what inspect.iscoroutinefunction or
+        # asyncio.iscoroutinefunction calls a coroutine function: from Python 3.12 an
+        # object says so through inspect.markcoroutinefunction (both functions check
+        # it); before 3.12 the only way is asyncio's own marker, which its
+        # iscoroutinefunction checks (inspect's has no way for an object then)
+        if sys.version_info >= (3, 12):
+            inspect.markcoroutinefunction(self)
+        else:
+            self._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
 
     async def __call__(self, *args: Any, **kwargs: Any) -> T:  # type: ignore[override]
         r = self._resolved

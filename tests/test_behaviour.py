@@ -9,7 +9,9 @@ kind (see :mod:`tests.kinds`); the tests themselves are written once.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -645,6 +647,11 @@ class TestWrappers:
         assert fn.__doc__ == "Load one user."
         assert list(inspect.signature(fn).parameters) == ["session", "user_id"]
         assert inspect.iscoroutinefunction(fn.__call__) is kind.is_async
+        # what frameworks (FastAPI, Starlette) ask of the wrapper itself, before awaiting it
+        if sys.version_info >= (3, 12):
+            assert inspect.iscoroutinefunction(fn) is kind.is_async
+        else:
+            assert asyncio.iscoroutinefunction(fn) is kind.is_async
         assert fn.cache_key(1) == get_user.cache_key(1)
         assert fn.region is cachedecor.get_region()
 
