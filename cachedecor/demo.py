@@ -70,20 +70,15 @@ class DemoApp:
             return list(session.scalars(select(Person).where(Person.id.in_(person_ids))))
 
         @invalidates(Person)
-        def rename_person(session: Session, person_id: int, name: str) -> None:
-            """Rename a person and commit."""
+        def rename_person(session: Session, person_id: int, name: str, commit: bool = True) -> None:
+            """Rename a person and commit; with ``commit=False`` only flush (the caller decides)."""
             person = session.get(Person, person_id)
             assert person is not None
             person.name = name
-            session.commit()
-
-        @invalidates(Person)
-        def rename_person_uncommitted(session: Session, person_id: int, name: str) -> None:
-            """Rename a person without committing (the caller decides)."""
-            person = session.get(Person, person_id)
-            assert person is not None
-            person.name = name
-            session.flush()
+            if commit:
+                session.commit()
+            else:
+                session.flush()
 
         self.table = table
         self.metadata = Base.metadata
@@ -91,7 +86,6 @@ class DemoApp:
         self.get_person = get_person
         self.get_people = get_people
         self.rename_person = rename_person
-        self.rename_person_uncommitted = rename_person_uncommitted
 
 
 class _Statements:
@@ -251,7 +245,7 @@ def _run(
     say("\n3. a write that rolls back invalidates nothing")
     invalidations = _counters()["invalidations"]
     with Session(engine) as s:
-        step("rename person 1, flush, no commit", lambda: app.rename_person_uncommitted(s, 1, "Grace"))
+        step("rename person 1, flush, no commit", lambda: app.rename_person(s, 1, "Grace", commit=False))
         step("  same session reads its own write", lambda: get_person(s, 1).name)  # type: ignore[union-attr]
         step("  another session reads the committed row", lambda: read(1))
         s.rollback()
