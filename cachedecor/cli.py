@@ -20,13 +20,16 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import MappingProxyType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 
 import cachedecor
 from cachedecor.config import ENV_VAR, read_outbox_settings
 from cachedecor.config.suggestions import did_you_mean
+
+if TYPE_CHECKING:
+    from cachedecor.outbox import Outbox
 
 __all__ = ["PrimaryKeyParser", "main"]
 
@@ -635,6 +638,17 @@ def _outbox_settings(config_path: str | None) -> Any:
     return durable
 
 
+def _configured_outbox(config_path: str | None, action: str) -> Outbox:
+    """The outbox of the configured regions; refuses when the configuration sets none."""
+    from cachedecor import outbox as durable
+
+    _configure(config_path)
+    box = durable.current()
+    if box is None:
+        raise Refused(f"{config_path} sets no outbox_url: there is no outbox to {action}")
+    return box
+
+
 @main.group()
 def outbox() -> None:
     """The outbox of durable invalidation (see the outbox_url option)."""
@@ -666,13 +680,7 @@ def outbox_create(config_path: str | None) -> None:
 @_config_option
 def outbox_status(config_path: str | None) -> None:
     """Show the invalidations waiting in the outbox."""
-    from cachedecor import outbox as durable
-
-    _configure(config_path)
-    box = durable.current()
-    if box is None:
-        raise Refused(f"{config_path} sets no outbox_url: there is no outbox to show")
-    state = box.status()
+    state = _configured_outbox(config_path, "show").status()
     age = state["oldest_age"]
     click.echo(
         f"pending {state['pending']}"
@@ -684,12 +692,7 @@ def outbox_status(config_path: str | None) -> None:
 @_config_option
 def outbox_deliver(config_path: str | None) -> None:
     """Deliver every invalidation waiting in the outbox now; exit 1 if some could not be."""
-    from cachedecor import outbox as durable
-
-    _configure(config_path)
-    box = durable.current()
-    if box is None:
-        raise Refused(f"{config_path} sets no outbox_url: there is no outbox to deliver")
+    box = _configured_outbox(config_path, "deliver")
     total = 0
     while True:
         delivered, left = box.deliver_pending(grace=0)
