@@ -62,6 +62,7 @@ __all__ = [
     "near_state",
     "opentelemetry_instruments",
     "pending_inserts",
+    "pending_returns",
     "prometheus_collectors",
     "regions",
     "regions_lock",
@@ -138,6 +139,9 @@ model_plans: dict[type, ModelPlan] = {}
 connection_owners: weakref.WeakKeyDictionary[Connection, weakref.ref[Session]] = weakref.WeakKeyDictionary()
 #: connection -> an ORM INSERT under way on it, whose keys its RETURNING rows name
 pending_inserts: weakref.WeakKeyDictionary[Connection, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+#: connection -> the UPDATE or DELETE it is running, made to return the primary keys
+#: of its rows, and where to record them (cachedecor.tracking.statements)
+pending_returns: weakref.WeakKeyDictionary[Connection, tuple[Any, ...]] = weakref.WeakKeyDictionary()
 #: table -> the mapped classes whose rows live in it (emptied when a class is mapped)
 table_models: dict[Any, tuple[type, ...]] = {}
 #: mapped class -> (its mapper, the schema of its keys)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import sqlalchemy
 from sqlalchemy import delete, insert, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
@@ -283,6 +284,66 @@ INSERTS = {
     "upsert of a new row": upsert_of_a_new_row,
     "textual insert": textual_insert,
 }
+
+
+@invalidates(User)
+def rename_by_name(session: Session, old: str, new: str) -> int:
+    """A Core UPDATE by another column than the primary key: its rows are not named."""
+    users = User.__table__
+    result = session.execute(users.update().where(users.c.name == old).values(name=new))
+    return int(result.rowcount)
+
+
+@invalidates(User)
+def remove_by_names(session: Session, names: list[str]) -> int:
+    users = User.__table__
+    return int(session.execute(delete(users).where(users.c.name.in_(names))).rowcount)
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+class TestUpdatesByOtherColumns:
+    """On PostgreSQL an UPDATE or DELETE by any WHERE clause returns the primary keys of
+    the rows it wrote (RETURNING): no SELECT before it, and no row missed."""
+
+    def test_a_row_that_comes_to_match_while_the_statement_starts_is_invalidated(self, users: Engine) -> None:
+        """Another transaction renames user 2 to the name the UPDATE looks for, and commits,
+        just before the UPDATE reaches the database (after any SELECT of the rows would
+        have run), and a reader caches user 2 as that transaction left it. The UPDATE
+        (READ COMMITTED) writes user 2 too: its entry must go at commit."""
+        done = []
+
+        def just_before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if done or not statement.lstrip().upper().startswith("UPDATE"):
+                return
+            done.append(statement)
+            with Session(users) as other:
+                other.get_one(User, 2).name = "user1"
+                other.commit()
+            assert read_name(users, 2) == "user1"  # cached as the other transaction left it
+            assert stored(user_key(2))
+
+        with Session(users) as s:
+            s.connection()  # the transaction's connection, watched below
+            sqlalchemy.event.listen(s.connection(), "before_cursor_execute", just_before)
+            selects = []
+            sqlalchemy.event.listen(
+                s.connection(), "before_cursor_execute", lambda c, cu, st, *a: selects.append(st)
+            )
+            assert rename_by_name(s, "user1", "renamed") == 2
+            s.commit()
+        assert done, "the UPDATE did not run"
+        assert not any(st.lstrip().upper().startswith("SELECT") for st in selects), selects
+        assert not stored(user_key(1)) and not stored(user_key(2))
+        assert read_name(users, 1) == "renamed"
+        assert read_name(users, 2) == "renamed"  # never the cached "user1"
+
+    def test_the_caller_sees_the_rowcount_it_would_have_had(self, users: Engine) -> None:
+        with Session(users) as s:
+            assert remove_by_names(s, ["user1", "user3"]) == 2
+            s.commit()
+        assert not stored(user_key(1)) and not stored(user_key(3))
+        assert stored(user_key(2))
+        assert read_name(users, 1) is None
 
 
 @pytest.fixture

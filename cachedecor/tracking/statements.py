@@ -63,35 +63,45 @@ def _writes_text(text: str) -> bool:
     return bool(words) and words[0].upper() not in _READ_ONLY_SQL
 
 
-@event.listens_for(Engine, "before_execute")
+@event.listens_for(Engine, "before_execute", retval=True)
 def _before_execute(
     conn: Connection, elem: Any, multiparams: Any, params: Any, execution_options: Mapping[str, Any]
-) -> None:
+) -> tuple[Any, Any, Any]:
     if isinstance(elem, elements.TextClause):
-        if not _writes_text(elem.text):
-            return
-        _untracked_write(conn, "textual SQL", execution_options)
-        return
-    if not isinstance(elem, dml.UpdateBase) or execution_options.get(_INTERNAL):
-        return
+        if _writes_text(elem.text):
+            _untracked_write(conn, "textual SQL", execution_options)
+    elif isinstance(elem, dml.UpdateBase) and not execution_options.get(_INTERNAL):
+        elem = _track(conn, elem, multiparams, params, execution_options)
+    return elem, multiparams, params
+
+
+def _track(
+    conn: Connection, elem: Any, multiparams: Any, params: Any, execution_options: Mapping[str, Any]
+) -> Any:
+    """Resolve an INSERT, UPDATE or DELETE to the rows it writes; the statement to run
+    (an UPDATE or DELETE made to return its rows' primary keys, see :func:`_returning`)."""
     session = connection_owner(conn)
     if session is not None:
         tracker = ensure_tracker(session)
         tracker.wrote = True
         if tracker.flushing:
-            return  # the unit of work: after_flush records its rows
+            return elem  # the unit of work: after_flush records its rows
     scope = current_scope()
     if scope is None:
-        return
+        return elem
     table = getattr(elem, "table", None)
     models = [m for m in _models_of(table) if scope.covers(m)] if table is not None else []
     if not models:
-        return
+        return elem
     if session is not None:
         scope.sessions.add(session)
     param_list = list(multiparams) if multiparams else ([params] if params else [])
     model = models[0]  # the classes of one table share their keys
     spaces = _spaces(conn, session, model, execution_options)
+    returning = _returning(conn, elem, table, param_list)
+    if returning is not None:
+        _runtime.pending_returns[conn] = (returning, session, scope, model, spaces)
+        return returning
     pks = _affected(conn, elem, table, param_list, execution_options)
     if pks is not None:
         for space in spaces:
@@ -102,6 +112,42 @@ def _before_execute(
     else:
         what = f"a {type(elem).__name__.upper()} on {getattr(table, 'name', table)} whose rows are not known"
         _unresolved(session, scope, model, spaces, what)
+    return elem
+
+
+def _returning(conn: Connection, elem: Any, table: Any, params: list[Mapping[str, Any]]) -> Any:
+    """``elem`` made to return the primary keys of the rows it writes, or ``None``.
+
+    For an UPDATE or DELETE run once (not executemany), with no RETURNING of its own
+    and no change to primary keys, on a dialect that has RETURNING for it and keeps
+    the ``rowcount`` of a statement with RETURNING (PostgreSQL; not SQLite, whose
+    driver then counts 0, and where a transaction's first write cannot interleave
+    with another writer's commit anyway). The rows it returns are those it
+    wrote, in the same statement: a SELECT run before it (:func:`_affected`, the way
+    left for the others) costs a round trip more, and misses a row that another
+    transaction's commit makes match the WHERE clause between the two. The caller
+    sees the result it would have had: the rows are read by :func:`_after_execute`
+    (a statement without RETURNING returns none to its caller), its ``rowcount``
+    stays.
+    """
+    if len(params) > 1 or not isinstance(elem, (dml.Update, dml.Delete)):
+        return None
+    dialect = conn.dialect
+    if not (dialect.update_returning if isinstance(elem, dml.Update) else dialect.delete_returning):
+        return None
+    if not dialect.supports_sane_rowcount_returning:
+        return None  # its rowcount would be lost (SQLite's driver: 0 once RETURNING is added)
+    parts = dml_parts(elem)
+    if parts.returning:
+        return None  # the caller reads the rows: they cannot be read here too
+    pk_cols = _pk_columns(table)
+    if not pk_cols:
+        return None
+    if isinstance(elem, dml.Update):
+        names = {c.key for c in pk_cols}
+        if {getattr(k, "key", k) for k in parts.values or {}} & names:
+            return None  # the statement changes primary keys: the old ones are not returned
+    return elem.returning(*pk_cols)
 
 
 def _spaces(
@@ -142,6 +188,11 @@ def _after_execute(
     execution_options: Mapping[str, Any],
     result: Any,
 ) -> None:
+    if _runtime.pending_returns:
+        returned = _runtime.pending_returns.pop(conn, None)
+        if returned is not None and returned[0] is elem:
+            _read_returned(returned, result)
+            return
     pending = _runtime.pending_inserts.pop(conn, None) if _runtime.pending_inserts else None
     if pending is None or pending[0] is not elem:
         return
@@ -163,17 +214,36 @@ def _after_execute(
     _unresolved(session, scope, model, spaces, what)
 
 
+def _read_returned(returned: tuple[Any, ...], result: Any) -> None:
+    """The primary keys an UPDATE or DELETE made by :func:`_returning` returned."""
+    elem, session, scope, model, spaces = returned
+    try:
+        pks = [tuple(row) for row in result.fetchall()]
+    except Exception:
+        what = f"a {type(elem).__name__.upper()} on {model.__name__} whose returned rows could not be read"
+        _unresolved(session, scope, model, spaces, what)
+        return
+    if pks:
+        for space in spaces:
+            _add_rows(session, scope, model, space, pks)
+
+
 _RETURNING = "cachedecor_returning"
 
 
 @event.listens_for(Session, "do_orm_execute")
 def _do_orm_execute(state: ORMExecuteState) -> Any:
-    """An ORM INSERT ... RETURNING: read the new primary keys from its own rows."""
+    """Inside a scope: the session is one the scope looks at when it ends (any ORM
+    statement: a query, ``session.get`` that reads, a lazy load); an ORM INSERT ...
+    RETURNING: read the new primary keys from its own rows."""
+    scope = current_scope()
+    if scope is None:
+        return None
+    scope.used.add(state.session)
     if not state.is_insert:
         return None
-    scope = current_scope()
     statement: Any = state.statement
-    if scope is None or not dml_parts(statement).returning or state.execution_options.get(_INTERNAL):
+    if not dml_parts(statement).returning or state.execution_options.get(_INTERNAL):
         return None
     mapper = state.bind_mapper
     if mapper is None or not scope.covers(mapper.class_):
