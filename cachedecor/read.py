@@ -18,7 +18,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, overload
 
 import sqlalchemy
 from dogpile.cache import CacheRegion
@@ -108,6 +108,11 @@ class CachedFunction(Generic[R]):
     arguments (:meth:`refresh`, :meth:`uncached`) are bound to the instance as the
     call is.
     """
+
+    #: what the function is bound to on an instance (a decorated method), and the word
+    #: its repr begins with: set for each class below, once the bound classes exist
+    _bound: ClassVar[type[_BoundCachedFunction]]
+    _kind: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -202,10 +207,12 @@ class CachedFunction(Generic[R]):
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
             return self
-        return _BoundCachedFunction(self, obj)
+        return self._bound(self, obj)
 
     def __repr__(self) -> str:
-        return f"<cached_by_pk {self._name} of {self.model.__name__} in region {self.region_name!r}>"
+        return (
+            f"<cached_by_pk {self._kind}{self._name} of {self.model.__name__} in region {self.region_name!r}>"
+        )
 
     # -- resolution ---------------------------------------------------------------------
 
@@ -256,34 +263,44 @@ class CachedFunction(Generic[R]):
             r = self._resolve()
         if self.many:
             return self._call_many(r, args, kwargs)  # type: ignore[no-any-return]
-        session, pk = self.binding.session_and_pk(args, kwargs)
-        target = self._target(r, session, args, kwargs, pk)
+        value, session, target, since = self._begin(r, args, kwargs)
+        if value is not NEAR_MISS:
+            return value  # type: ignore[no-any-return]
         if target is None:
             result = self.__wrapped__(*args, **kwargs)
             check_result(self, result, session)
             return result
-        key = target[0]
-        near = r.near
-        since = None
-        if near is not None:
-            value = near_hit(self, r, key, session, target[2])
-            if value is not NEAR_MISS:
-                return value  # type: ignore[no-any-return]
-            since = near.mark()
         try:
-            first: Any = r.store.lookup(key, r.settings.lease_timeout)
+            first: Any = r.store.lookup(target[0], r.settings.lease_timeout)
         except Exception as exc:
             first = exc
             status = None
         else:
             status = None
             if first[0] is not None:  # a hit needs no more than this: no generator, no driver
-                status, value = decode(self, r, key, first[0], session, target[2], since)
+                status, value = decode(self, r, target[0], first[0], session, target[2], since)
                 if status is HIT:
                     r.counters.hits += 1
                     return value  # type: ignore[no-any-return]
         steps = read_one(self, r, session, target, args, kwargs, first, status, since)
         return drive(steps, r.store, self.__wrapped__)  # type: ignore[no-any-return]
+
+    def _begin(
+        self, r: Resolved, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, Session | None, tuple[str, Any, Any, Space | None] | None, Any]:
+        """The steps of a call before its remote lookup, the same for sync and async
+        callers: ``(value, session, target, since)``. ``value`` is the near cache's hit,
+        else :data:`NEAR_MISS`; ``target`` is ``None`` when the call must go through
+        (see :meth:`_target`); ``since`` the near cache's mark for a later fill."""
+        session, pk = self.binding.session_and_pk(args, kwargs)
+        target = self._target(r, session, args, kwargs, pk)
+        near = r.near
+        if target is None or near is None:
+            return NEAR_MISS, session, target, None
+        value = near_hit(self, r, target[0], session, target[2])
+        if value is not NEAR_MISS:
+            return value, session, target, None
+        return NEAR_MISS, session, target, near.mark()
 
     def _target(
         self,
@@ -341,6 +358,8 @@ class AsyncCachedFunction(CachedFunction[T]):
     (:class:`~cachedecor.backends.AsyncStore`): nothing blocks the event loop.
     """
 
+    _kind: ClassVar[str] = "async "
+
     def __init__(self, fn: Callable[..., Any], model: Any, **options: Any) -> None:
         super().__init__(fn, model, **options)
         # frameworks (FastAPI, Starlette) await what inspect.iscoroutinefunction or
@@ -360,29 +379,22 @@ class AsyncCachedFunction(CachedFunction[T]):
         call: Any = self.__wrapped__
         if self.many:
             return await drive_async(read_many(self, r, args, kwargs), r.astore, call)
-        session, pk = self.binding.session_and_pk(args, kwargs)
-        target = self._target(r, session, args, kwargs, pk)
+        value, session, target, since = self._begin(r, args, kwargs)
+        if value is not NEAR_MISS:
+            return value  # type: ignore[no-any-return]
         if target is None:
             result = await call(*args, **kwargs)
             check_result(self, result, session)
             return result  # type: ignore[no-any-return]
-        key = target[0]
-        near = r.near
-        since = None
-        if near is not None:
-            value = near_hit(self, r, key, session, target[2])
-            if value is not NEAR_MISS:
-                return value  # type: ignore[no-any-return]
-            since = near.mark()
         try:
-            first: Any = await lookup_async(r.astore, key, r.settings.lease_timeout)
+            first: Any = await lookup_async(r.astore, target[0], r.settings.lease_timeout)
         except Exception as exc:
             first = exc
             status = None
         else:
             status = None
             if first[0] is not None:
-                status, value = decode(self, r, key, first[0], session, target[2], since)
+                status, value = decode(self, r, target[0], first[0], session, target[2], since)
                 if status is HIT:
                     r.counters.hits += 1
                     return value  # type: ignore[no-any-return]
@@ -412,14 +424,6 @@ class AsyncCachedFunction(CachedFunction[T]):
     async def invalidate(self, pk: Any) -> None:  # type: ignore[override]
         """Delete the cached entry of ``pk`` in every region that may cache the model, now."""
         await ainvalidate_many(self.model, [pk])
-
-    def __get__(self, obj: Any, objtype: Any = None) -> Any:
-        if obj is None:
-            return self
-        return _AsyncBoundCachedFunction(self, obj)
-
-    def __repr__(self) -> str:
-        return f"<cached_by_pk async {self._name} of {self.model.__name__} in region {self.region_name!r}>"
 
 
 class _BoundCachedFunction:
@@ -470,6 +474,10 @@ class _AsyncBoundCachedFunction(_BoundCachedFunction):
 
     async def uncached(self, *args: Any, **kwargs: Any) -> Any:
         return await self.__func__.uncached(self.__self__, *args, **kwargs)
+
+
+CachedFunction._bound = _BoundCachedFunction
+AsyncCachedFunction._bound = _AsyncBoundCachedFunction
 
 
 class _Decorator(Protocol):

@@ -135,7 +135,7 @@ def _returning(conn: Connection, elem: Any, table: Any, params: list[Mapping[str
     dialect = conn.dialect
     if not (dialect.update_returning if isinstance(elem, dml.Update) else dialect.delete_returning):
         return None
-    if not dialect.supports_sane_rowcount_returning:
+    if not getattr(dialect, "supports_sane_rowcount_returning", False):
         return None  # its rowcount would be lost (SQLite's driver: 0 once RETURNING is added)
     parts = dml_parts(elem)
     if parts.returning:
