@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import sqlalchemy
-import sqlalchemy.orm.session
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, Session, mapperlib, scoped_session, sessionmaker
 from sqlalchemy.orm.identity import IdentityMap
@@ -46,7 +45,6 @@ __all__ = [
     "held_connections",
     "identity_dict",
     "in_async_greenlet",
-    "live_sessions",
     "registry_types",
     "root_connections",
     "same_database",
@@ -282,16 +280,3 @@ def in_async_greenlet() -> bool:
         return bool(in_greenlet())
     except Exception:  # no greenlet installed: no async session either
         return False
-
-
-# -- every live session of the process --------------------------------------------------
-
-
-def live_sessions() -> list[Session] | None:
-    """Every session of the process, or ``None`` where SQLAlchemy does not say.
-
-    Internal: ``sqlalchemy.orm.session._sessions`` (a weak registry of the live
-    sessions, by hash key), checked against 2.0.2, 2.0.x and 2.1.9.
-    """
-    registry = getattr(sqlalchemy.orm.session, "_sessions", None)
-    return None if registry is None else list(registry.values())

@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import sqlalchemy
 from sqlalchemy.orm import Session
 
-from cachedecor.binding import CallBinding, as_session, require_asyncio
+from cachedecor.binding import CallBinding, as_session, registry_in_code, require_asyncio
 from cachedecor.errors import UsageError
 from cachedecor.invalidation import EVERY_SPACE, Group, adeliver, deliver
 from cachedecor.keys import key_maker
-from cachedecor.tracking import Scope, enter_scope, exit_scope, queue_rows, queue_wide, session_space
+from cachedecor.tracking.scope import Scope, enter_scope, exit_scope
+from cachedecor.tracking.session import queue_rows, queue_wide, session_space
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -209,6 +210,7 @@ def invalidates(*models: Any, pk: str | tuple[str, ...] | None = None) -> Callab
 
     def decorate(fn: F) -> F:
         binding = CallBinding(fn, pk, needs_pk=False)
+        registry = registry_in_code(fn)  # its session is one the scope looks at (tracking.scope)
         name = getattr(fn, "__qualname__", repr(fn))
 
         def finish(
@@ -234,9 +236,7 @@ def invalidates(*models: Any, pk: str | tuple[str, ...] | None = None) -> Callab
             async def awrapper(*args: Any, **kwargs: Any) -> Any:
                 explicit = binding.pk(args, kwargs) if pk is not None else None
                 session = binding.session(args, kwargs)
-                scope, token = enter_scope(mapped, name)
-                if session is not None:
-                    scope.sessions.add(session)
+                scope, token = enter_scope(mapped, name, session, args, kwargs, registry)
                 try:
                     result = await fn(*args, **kwargs)
                 finally:
@@ -255,9 +255,7 @@ def invalidates(*models: Any, pk: str | tuple[str, ...] | None = None) -> Callab
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 explicit = binding.pk(args, kwargs) if pk is not None else None
                 session = binding.session(args, kwargs)
-                scope, token = enter_scope(mapped, name)
-                if session is not None:
-                    scope.sessions.add(session)
+                scope, token = enter_scope(mapped, name, session, args, kwargs, registry)
                 try:
                     result = fn(*args, **kwargs)
                 finally:

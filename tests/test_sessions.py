@@ -694,6 +694,26 @@ class TestWritesThroughARegistry:
         assert sql.count == 0
         assert counter("invalidations") == 0
 
+    def test_a_registry_object_loaded_before_the_function_and_left_unflushed_is_invalidated_at_commit(
+        self, users: Engine, registry: scoped_session[Session], sql: SQLCounter
+    ) -> None:
+        cached(users, 1)
+        user = registry.get(User, 1)  # in the identity map: the function reads it without SQL
+        sql.reset()
+        rename_in_registry_for_caller_to_commit(1, "later")
+        assert sql.count == 0
+        assert user.name == "later"  # type: ignore[union-attr]
+        registry.commit()
+        assert read_name(users, 1) == "later"
+
+    def test_a_function_naming_a_registry_does_not_give_it_a_session(
+        self, users: Engine, registry: scoped_session[Session]
+    ) -> None:
+        cached(users, 2)
+        rename_in_a_session_of_its_own(2, "renamed")
+        assert not registry.registry.has()  # the registry was asked, not made to create one
+        assert read_name(users, 2) == "renamed"
+
     def test_a_session_opened_inside_the_function_invalidates_at_its_commit(
         self, users: Engine, registry: scoped_session[Session]
     ) -> None:

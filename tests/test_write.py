@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+
 import pytest
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.engine import Engine
@@ -9,6 +12,7 @@ from sqlalchemy.orm import Session
 
 import cachedecor
 from cachedecor import cached_by_pk, invalidates
+from cachedecor.tracking.session import session_tracker
 from tests.conftest import SQLCounter, once
 from tests.models import Employee, Manager, Membership, Post, User
 
@@ -103,6 +107,55 @@ def rename_post(session: Session, post_id: int) -> None:
     session.commit()
 
 
+#: the session of the functions below, reached neither as an argument nor through a
+#: registry: the scope learns of it from what they do with it (see the ``held`` fixture)
+HELD: dict[str, Session] = {}
+
+
+@invalidates(User)
+def add_unflushed(user_id: int) -> None:
+    HELD["session"].add(User(id=user_id, name=f"new{user_id}"))  # after_attach
+
+
+@invalidates(User)
+def rename_loaded_unflushed(user_id: int, name: str) -> None:
+    user = HELD["session"].get(User, user_id)  # read by SQL: do_orm_execute
+    assert user is not None
+    user.name = name
+
+
+@invalidates(User)
+def delete_loaded_unflushed(user_id: int) -> None:
+    user = HELD["session"].scalars(select(User).where(User.id == user_id)).one()  # do_orm_execute
+    HELD["session"].delete(user)
+
+
+@invalidates(User)
+def rename_given(user: User, name: str) -> None:
+    user.name = name  # the argument's session
+
+
+@invalidates(User)
+def load_for_the_caller(user_id: int) -> User | None:
+    return HELD["session"].get(User, user_id)
+
+
+@invalidates(User)
+def rename_what_an_inner_function_loaded(user_id: int, name: str) -> None:
+    user = load_for_the_caller(user_id)  # the inner scope saw the session, and tells this one
+    assert user is not None
+    user.name = name
+
+
+@invalidates(User)
+def rename_found_without_sql(user_id: int, name: str, flush: bool) -> None:
+    user = HELD["session"].get(User, user_id)  # already in the identity map: no SQL, no event
+    assert user is not None
+    user.name = name
+    if flush:
+        HELD["session"].flush()
+
+
 def name_in_db(engine: Engine, user_id: int) -> str | None:
     with Session(engine) as s:
         return s.scalar(select(User.name).where(User.id == user_id))
@@ -117,6 +170,17 @@ def users(engine: Engine, backend: str) -> Engine:
     for i in range(1, 6):
         once(engine, get_user, i)
     return engine
+
+
+@pytest.fixture
+def held(users: Engine) -> Iterator[Session]:
+    """The session in ``HELD``; the test commits it (or not) itself."""
+    with Session(users) as s:
+        HELD["session"] = s
+        try:
+            yield s
+        finally:
+            del HELD["session"]
 
 
 def cached_name(engine: Engine, user_id: int) -> str:
@@ -238,6 +302,112 @@ class TestAfterCommit:
 
         once(engine, promote)
         assert once(engine, get_membership, ("acme", 1)).role == "admin"
+
+
+class TestChangesLeftUnflushed:
+    """Changes an ``@invalidates`` function leaves for its caller to flush and commit, in
+    a session it is not given: found in the sessions the function used, and only there."""
+
+    def test_an_object_added_is_invalidated_when_the_caller_commits(
+        self, engine: Engine, backend: str
+    ) -> None:
+        @cached_by_pk(User, cache_none=True)
+        def get_or_none(session: Session, user_id: int) -> User | None:
+            return session.get(User, user_id)
+
+        assert once(engine, get_or_none, 42) is None
+        with Session(engine) as s:
+            HELD["session"] = s
+            try:
+                add_unflushed(42)
+            finally:
+                del HELD["session"]
+            assert once(engine, get_or_none, 42) is None  # not committed yet
+            s.commit()
+        assert once(engine, get_or_none, 42).name == "new42"
+
+    def test_an_object_loaded_then_changed_is_invalidated_when_the_caller_commits(
+        self, users: Engine, held: Session
+    ) -> None:
+        rename_loaded_unflushed(1, "later")
+        assert cached_name(users, 1) == "user1"
+        held.commit()
+        assert cached_name(users, 1) == "later"
+
+    def test_an_object_loaded_then_deleted_is_invalidated_when_the_caller_commits(
+        self, users: Engine, held: Session
+    ) -> None:
+        with Session(users) as s:
+            s.execute(delete(Post).where(Post.user_id == 5))
+            s.commit()
+        delete_loaded_unflushed(5)
+        held.commit()
+        assert once(users, get_user, 5) is None
+
+    def test_an_object_passed_as_an_argument_is_invalidated_when_the_caller_commits(
+        self, users: Engine, held: Session
+    ) -> None:
+        user = held.get(User, 2)  # loaded before the function, which gets no session
+        assert user is not None
+        rename_given(user, "given")
+        held.commit()
+        assert cached_name(users, 2) == "given"
+
+    def test_an_object_an_inner_function_loaded_is_invalidated_when_the_caller_commits(
+        self, users: Engine, held: Session
+    ) -> None:
+        rename_what_an_inner_function_loaded(3, "outer")
+        held.commit()
+        assert cached_name(users, 3) == "outer"
+
+    def test_an_object_reached_without_sql_in_a_session_the_function_was_not_given_is_not_looked_for(
+        self, users: Engine, held: Session
+    ) -> None:
+        user = held.get(User, 4)  # loaded before the function, and kept in the identity map
+        assert user is not None
+        rename_found_without_sql(4, "missed", False)
+        tracker = session_tracker(held)
+        assert tracker is None or not tracker.watched  # the scope never knew the session
+        held.commit()
+        assert name_in_db(users, 4) == "missed"
+        assert cached_name(users, 4) == "user4"  # the documented gap: pass the object or the session
+
+    def test_an_object_reached_without_sql_is_invalidated_when_the_function_flushes(
+        self, users: Engine, held: Session
+    ) -> None:
+        user = held.get(User, 4)
+        assert user is not None
+        rename_found_without_sql(4, "flushed", True)
+        held.commit()
+        assert cached_name(users, 4) == "flushed"
+
+    def test_a_session_of_another_thread_with_pending_changes_is_not_looked_at(self, users: Engine) -> None:
+        changed, checked = threading.Event(), threading.Event()
+        other: dict[str, Session] = {}
+
+        def change_and_wait() -> None:
+            with Session(users) as s:
+                user = s.get(User, 2)
+                assert user is not None
+                user.name = "other thread"  # unflushed, outside any @invalidates function
+                other["session"] = s
+                changed.set()
+                checked.wait(10)
+                s.rollback()
+
+        thread = threading.Thread(target=change_and_wait)
+        thread.start()
+        try:
+            assert changed.wait(10)
+            with Session(users) as s:
+                rename_without_flush(s, 1, "mine")
+                s.commit()
+            tracker = session_tracker(other["session"])
+            assert tracker is None or not tracker.watched
+        finally:
+            checked.set()
+            thread.join(10)
+        assert cached_name(users, 1) == "mine"
 
 
 class TestBulkStatements:

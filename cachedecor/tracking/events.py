@@ -40,6 +40,15 @@ def _record_instance(session: Session, tracker: Tracker, obj: Any) -> None:
         tracker.add_row(model, tuple(pk), space)
 
 
+@event.listens_for(Session, "after_attach")
+def _after_attach(session: Session, instance: Any) -> None:
+    """An object added to ``session`` (``add``, ``merge``, a cascade) inside a scope: the
+    scope looks at the session when it ends (see :mod:`cachedecor.tracking.scope`)."""
+    scope = current_scope()
+    if scope is not None:
+        scope.used.add(session)
+
+
 @event.listens_for(Session, "before_flush")
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
     ensure_tracker(session).flushing = True
