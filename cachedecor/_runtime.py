@@ -23,7 +23,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     import asyncio
@@ -45,6 +45,7 @@ __all__ = [
     "AsyncClasses",
     "ForkAware",
     "NearState",
+    "activate",
     "async_classes",
     "configured_regions",
     "connection_owners",
@@ -84,6 +85,17 @@ regions_lock = threading.Lock()
 current_outbox: Outbox | None = None
 #: the broadcast whose listeners run in this process (:func:`cachedecor.broadcast.activate`)
 current_broadcast: Broadcast | None = None
+
+
+def activate(slot: Literal["current_outbox", "current_broadcast"], new: Outbox | Broadcast | None) -> None:
+    """Make ``new`` this process's outbox or broadcast (``slot``; ``None``: none): the one
+    it replaces is stopped, and ``new`` started (its threads)."""
+    old = globals()[slot]
+    globals()[slot] = new
+    if old is not None and old is not new:
+        old.stop()
+    if new is not None:
+        new.start()
 
 
 def configured_regions() -> dict[str, RegionSettings]:

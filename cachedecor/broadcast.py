@@ -543,8 +543,4 @@ def current() -> Broadcast | None:
 
 def activate(new: Broadcast | None) -> None:
     """Make ``new`` this process's broadcast (``None``: none) and start its threads."""
-    old, _runtime.current_broadcast = _runtime.current_broadcast, new
-    if old is not None and old is not new:
-        old.stop()
-    if new is not None:
-        new.start()
+    _runtime.activate("current_broadcast", new)

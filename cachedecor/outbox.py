@@ -459,8 +459,4 @@ def prepare(settings: OutboxSettings, deliver: Callable[[Plan], bool]) -> Outbox
 
 def activate(box: Outbox | None) -> None:
     """Make ``box`` this process's outbox and start its deliverer (``None``: no outbox)."""
-    old, _runtime.current_outbox = _runtime.current_outbox, box
-    if old is not None and old is not box:
-        old.stop()
-    if box is not None:
-        box.start()
+    _runtime.activate("current_outbox", box)
