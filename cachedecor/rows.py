@@ -334,27 +334,7 @@ class ModelPlan:
             if existing is not None:
                 _refresh_expired(existing, plan, row)
                 return existing
-        # building the instance (in line: a call here is what every hit would pay)
-        cls: Any = plan.cls
-        new_state = plan.new_state
-        if new_state is not None:
-            obj = cls.__new__(cls)
-            obj.__dict__ = d = row.values.copy()  # at its size at once, not grown key by key
-            d["_sa_instance_state"] = state = new_state(obj, plan.manager)
-        else:
-            obj = plan.manager.new_instance()
-            state = instance_state(obj)
-            d = obj.__dict__  # what state.dict is, without the weak reference's call
-            d.update(row.values)
-        for k, copy in row.copies:
-            d[k] = copy(d[k])
-        if row.expire:
-            EXPIRE_ATTRIBUTES(state, d, row.expire)
-        # what the ORM's loader does for a row it has just read: the instance is
-        # persistent with this identity and all its values are committed
-        state.key = ident
-        if token is not None:
-            state.identity_token = token
+        obj, state = _build(plan, row, ident, token)
         if session is not None:
             if _attach is _attach_loaded:  # the same, without the call: the hottest path
                 state.session_id = session.hash_key
@@ -372,16 +352,43 @@ class ModelPlan:
         """:meth:`instantiate` for many rows by key: (instances by key, in order; what
         each row that could not be instantiated raised, by key).
 
-        One :meth:`instantiate` per row: a row of a batch is built as a single hit's is.
+        The same steps as one :meth:`instantiate` per row, with what is the same for
+        every row (the session's identity map, its events) read once, and the usual
+        row taken in line: a row whose plan, token or session needs more goes through
+        :meth:`instantiate`. (One :meth:`instantiate` per row made a near-cache batch
+        of 1,000 rows 12% slower: 3.6 against 3.2 ms, ``make bench``'s near rows.)
         """
         built: dict[str, Any] = {}
         failed: dict[str, Exception] = {}
-        instantiate = self.instantiate
+        attached = session is not None and _attach is _attach_loaded
+        if session is not None:
+            identity_map = session.identity_map
+            present = identity_map.get
+            held = identity_dict(identity_map)  # looked in first, as instantiate() does
+            hash_key = session.hash_key
+            loaded = session.dispatch.loaded_as_persistent
         for key, row in rows.items():
-            try:
-                built[key] = instantiate(row, session, token)
-            except Exception as exc:
-                failed[key] = exc
+            plan = row.plan
+            ident = row.ident
+            if (
+                plan is None
+                or plan.owner is not self
+                or not plan.readable
+                or ident[2] is not token
+                or (session is not None and (not attached or (ident in held and present(ident) is not None)))
+            ):
+                try:
+                    built[key] = self.instantiate(row, session, token)
+                except Exception as exc:
+                    failed[key] = exc
+                continue
+            obj, state = _build(plan, row, ident, token)
+            if attached:
+                state.session_id = hash_key
+                ADD_UNPRESENT(identity_map, state, ident)  # type: ignore[misc]
+                if loaded:
+                    loaded(session, state)
+            built[key] = obj
         return built, failed
 
     def _adopt(self, plan: ClassPlan) -> ClassPlan:
@@ -513,6 +520,31 @@ def _attach_loaded(session: Session, state: Any, obj: Any) -> None:
 
 
 _attach = _attach_loaded if ADD_UNPRESENT is not None else _attach_public
+
+
+def _build(plan: ClassPlan, row: Row, ident: tuple[Any, ...], token: Any) -> tuple[Any, Any]:
+    """A new instance of ``row`` and its state, persistent with identity ``ident``,
+    not yet in any session: what the ORM's loader makes of a row it has just read
+    (all its values committed). The same for a single hit and each row of a batch."""
+    cls: Any = plan.cls
+    new_state = plan.new_state
+    if new_state is not None:
+        obj = cls.__new__(cls)
+        obj.__dict__ = d = row.values.copy()  # at its size at once, not grown key by key
+        d["_sa_instance_state"] = state = new_state(obj, plan.manager)
+    else:
+        obj = plan.manager.new_instance()
+        state = instance_state(obj)
+        d = obj.__dict__  # what state.dict is, without the weak reference's call
+        d.update(row.values)
+    for k, copy in row.copies:
+        d[k] = copy(d[k])
+    if row.expire:
+        EXPIRE_ATTRIBUTES(state, d, row.expire)
+    state.key = ident
+    if token is not None:
+        state.identity_token = token
+    return obj, state
 
 
 def _refresh_expired(obj: Any, plan: ClassPlan, row: Row) -> None:
