@@ -42,6 +42,7 @@ __all__ = [
     "dml_parts",
     "greenlet_missing",
     "greenlet_spawn",
+    "held_connection",
     "held_connections",
     "identity_dict",
     "in_async_greenlet",
@@ -168,6 +169,19 @@ def held_connections(session: Session) -> Iterator[tuple[Any, Connection]]:
         transaction = transaction._parent
 
 
+def held_connection(session: Session, bind: Any) -> Connection | None:
+    """The connection ``session``'s current transaction (or one it is nested in) holds
+    to ``bind``, or ``None``: :func:`held_connections` for one bind, without a
+    generator (the read path asks this on every hit). Same internals."""
+    transaction = session._transaction
+    while transaction is not None:
+        entry = transaction._connections.get(bind)
+        if entry is not None:
+            return entry[0]
+        transaction = transaction._parent
+    return None
+
+
 def root_connections(session: Session) -> list[Connection]:
     """The connections the root transaction of ``session`` holds (none without one).
 
@@ -198,10 +212,21 @@ def all_mappers() -> Iterator[Mapper[Any]]:
 #: before ``identity_map.get()``, which is a call the usual absent case can do without
 identity_dict: Callable[[IdentityMap], dict[Any, Any]] = operator.attrgetter("_dict")
 
-#: ``IdentityMap._add_unpresent(state, key)``: add a state known to be absent, as the
-#: loader does (``None`` where a version lacks it: instances are then ``session.add``-ed)
+#: the identity map class of every ``Session``: ``WeakInstanceDict`` in 2.0,
+#: ``_WeakInstanceDict`` in 2.1 (2.0.2 and 2.1.9 checked)
+_SESSION_IDENTITY_MAP: type[IdentityMap] = (
+    getattr(sqlalchemy.orm.identity, "_WeakInstanceDict", None)
+    or getattr(sqlalchemy.orm.identity, "WeakInstanceDict", None)
+    or IdentityMap
+)
+
+#: ``_add_unpresent(state, key)`` of the session's identity map class: add a state
+#: known to be absent, as the loader does (``None`` where a version lacks it:
+#: instances are then ``session.add``-ed). Not the ``IdentityMap`` base class's,
+#: whose stand-in goes through ``add()``: about 1 µs more per near hit in ``make
+#: bench`` (14.2 against 12.9 µs, attached).
 ADD_UNPRESENT: Callable[[IdentityMap, InstanceState[Any], Any], None] | None = getattr(
-    IdentityMap, "_add_unpresent", None
+    _SESSION_IDENTITY_MAP, "_add_unpresent", None
 )
 
 #: ``InstanceState._expire_attributes(dict, keys)``: mark attributes not loaded

@@ -464,13 +464,15 @@ def near_many(
     if not rows:
         return {}
     invalidator = r.region.region_invalidator
-    # dogpile's public check, per row (reading its private _invalidated first saved
-    # nothing: 28-32 ns against 29-32 ns a row, measured side by side)
-    stale = [k for k, row in rows.items() if invalidator.is_invalidated(row.written_at)]
-    if stale:
-        for key in stale:
-            del rows[key]
-        near.evict(stale)
+    # dogpile's public checks: per row only once the region was ever invalidated
+    # (``region.invalidate()``); the two calls per batch save 1-2% of a batch's
+    # time, which is mostly building instances
+    if invalidator.was_hard_invalidated() or invalidator.was_soft_invalidated():
+        stale = [k for k, row in rows.items() if invalidator.is_invalidated(row.written_at)]
+        if stale:
+            for key in stale:
+                del rows[key]
+            near.evict(stale)
     built: dict[str, Any]
     failed: dict[str, Exception]
     built, failed = fn._plan.instantiate_many(rows, session, token)

@@ -10,7 +10,7 @@ import sqlalchemy
 from sqlalchemy.orm import Session
 
 from cachedecor import _runtime
-from cachedecor._sa import held_connections, root_connections
+from cachedecor._sa import held_connection, root_connections
 from cachedecor.invalidation import Group
 from cachedecor.keys import Space, key_maker
 
@@ -159,10 +159,9 @@ def session_space(session: Session | None, model: Any, token: Any = None) -> Spa
             except Exception:
                 bind = None
         if bind is not None:
-            for held_bind, conn in held_connections(session):
-                if held_bind is bind:
-                    translate = conn.get_execution_options().get("schema_translate_map")
-                    break
+            conn = held_connection(session, bind)
+            if conn is not None:
+                translate = conn.get_execution_options().get("schema_translate_map")
             else:
                 options = getattr(bind, "get_execution_options", None)
                 translate = None if options is None else options().get("schema_translate_map")
