@@ -1635,6 +1635,28 @@ def test_a_many_read_after_a_write_returns_it(
         assert [u.name for u in get_users(s, [1, 2])] == ["user-1", "renamed"]
 
 
+@pytest.mark.parametrize("hard", [True, False], ids=["hard", "soft"])
+def test_a_many_read_after_the_region_is_invalidated_serves_nothing_near(
+    transport: Transport, memcached: Memcached, users: Engine, hard: bool
+) -> None:
+    """dogpile's ``region.invalidate()`` reaches the near entries of a batch as it does a
+    single read's: every row written before it is refused, and read again."""
+    configure_near(memcached, transport)
+    with Session(users) as s:
+        get_users(s, [1, 2, 3])
+    reads = Reads(memcached)
+    with Session(users) as s:
+        get_users(s, [1, 2, 3])
+    assert reads.local == 3
+    get_users.region.invalidate(hard=hard)
+    calls.clear()
+    reads = Reads(memcached)
+    with Session(users) as s:
+        assert [u.name for u in get_users(s, [1, 2, 3])] == ["user-1", "user-2", "user-3"]
+    assert reads.local == 0
+    assert calls == [[1, 2, 3]]
+
+
 # -- 8. asyncio callers ----------------------------------------------------------------
 
 
