@@ -35,7 +35,7 @@ from sqlalchemy import String, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import cachedecor
-from cachedecor import outbox
+from cachedecor import _runtime, outbox
 from tests.servers import PG_URL, Memcached
 
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         box.write = timed_write  # type: ignore[method-assign]
 
         def with_outbox(on: bool) -> None:
-            outbox._current = box if on else None  # the same region, with or without the outbox
+            _runtime.current_outbox = box if on else None  # the same region, with or without the outbox
 
         variants: dict[str, Callable[[Session, int], None]] = {
             "plain": lambda s, i: (with_outbox(False), plain(s, i % 10, f"n{i}"))[-1],
