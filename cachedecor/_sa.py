@@ -19,7 +19,7 @@ import importlib.util
 import operator
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import sqlalchemy
@@ -36,6 +36,7 @@ __all__ = [
     "ADD_UNPRESENT",
     "COMMIT_ATTRIBUTES",
     "EXPIRE_ATTRIBUTES",
+    "STATE_ATTR",
     "all_mappers",
     "async_session_types",
     "await_only",
@@ -51,6 +52,7 @@ __all__ = [
     "same_database",
     "session_classes",
     "session_factories",
+    "session_shards",
     "session_types",
     "state_constructor",
     "sync_session_of",
@@ -182,6 +184,14 @@ def held_connection(session: Session, bind: Any) -> Connection | None:
     return None
 
 
+def session_shards(session: Session) -> Mapping[Any, Any] | None:
+    """A ``ShardedSession``'s shards (identity token -> bind), or ``None`` for any other
+    session. Internal: the name-mangled ``ShardedSession.__shards`` (no public API lists
+    them), checked against 2.0.2 and 2.1.9."""
+    shards: Mapping[Any, Any] | None = getattr(session, "_ShardedSession__shards", None)
+    return shards
+
+
 def root_connections(session: Session) -> list[Connection]:
     """The connections the root transaction of ``session`` holds (none without one).
 
@@ -228,6 +238,10 @@ _SESSION_IDENTITY_MAP: type[IdentityMap] = (
 ADD_UNPRESENT: Callable[[IdentityMap, InstanceState[Any], Any], None] | None = getattr(
     _SESSION_IDENTITY_MAP, "_add_unpresent", None
 )
+
+#: the key of an instance's state in its ``__dict__`` (``sqlalchemy.orm.base``'s
+#: ``DEFAULT_STATE_ATTR``, ``"_sa_instance_state"`` in 2.0.2 and 2.1.9)
+STATE_ATTR: str = getattr(sqlalchemy.orm.base, "DEFAULT_STATE_ATTR", "_sa_instance_state")
 
 #: ``InstanceState._expire_attributes(dict, keys)``: mark attributes not loaded
 EXPIRE_ATTRIBUTES: Callable[..., None] = InstanceState._expire_attributes

@@ -41,6 +41,7 @@ from cachedecor._sa import (
     ADD_UNPRESENT,
     COMMIT_ATTRIBUTES,
     EXPIRE_ATTRIBUTES,
+    STATE_ATTR,
     identity_dict,
     state_constructor,
 )
@@ -531,7 +532,7 @@ def _build(plan: ClassPlan, row: Row, ident: tuple[Any, ...], token: Any) -> tup
     if new_state is not None:
         obj = cls.__new__(cls)
         obj.__dict__ = d = row.values.copy()  # at its size at once, not grown key by key
-        d["_sa_instance_state"] = state = new_state(obj, plan.manager)
+        d[STATE_ATTR] = state = new_state(obj, plan.manager)
     else:
         obj = plan.manager.new_instance()
         state = instance_state(obj)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from sqlalchemy.sql import dml, elements
 
 from cachedecor import _runtime
-from cachedecor._sa import all_mappers, dml_parts
+from cachedecor._sa import all_mappers, dml_parts, session_shards
 from cachedecor.keys import Space, key_maker
 from cachedecor.tracking.events import connection_owner
 from cachedecor.tracking.scope import Scope, current_scope
@@ -168,7 +168,7 @@ def _spaces(
     if token is not None or session is None:
         return [space_for_options(model, options, token)]
     # ShardedSession keeps its shards private; a session without shards has no token
-    shards: Mapping[Any, Any] | None = getattr(session, "_ShardedSession__shards", None)
+    shards = session_shards(session)
     engine = conn.engine
     tokens = [
         t for t, bind in (shards or {}).items() if bind is engine or getattr(bind, "engine", None) is engine
@@ -251,7 +251,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     session = state.session
     options = state.execution_options
     token = options.get("identity_token", state.bind_arguments.get("shard_id"))
-    if token is None and getattr(session, "_ShardedSession__shards", None):
+    if token is None and session_shards(session):
         return None  # the shard is chosen later, by its connection: see _before_execute
     if "schema_translate_map" in options:
         space = space_for_options(mapper.class_, options, token)
