@@ -1,11 +1,22 @@
-"""The :class:`~cachedecor.backends.base.Store` of dogpile's Redis and Valkey backends."""
+"""The :class:`~cachedecor.backends.base.Store` of dogpile's Redis and Valkey backends.
+
+One store for a single node and for a cluster (``dogpile.cache.redis_cluster``,
+``valkey_cluster``). Reads, leases and fills of several keys go through one
+pipeline: on a single node one round trip; on a cluster redis-py's cluster pipeline
+groups the commands by the node of each key's slot, writes to every node before
+reading, and so costs one round trip per node touched. A cluster's bulk read is
+``mget_nonatomic`` (one ``MGET`` per slot, in one pipeline): a plain ``MGET`` of keys
+in several slots is refused by the client (``all keys must map to the same key slot``).
+Deletes of many keys are split by slot by the cluster client itself, in one pipeline.
+The fill and release scripts take one key each, so ``EVALSHA`` is routed by it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import importlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from cachedecor.backends.base import AsyncStore, Store, new_lease_marker, register_fork_aware
 from cachedecor.keys import KeyPattern
@@ -33,16 +44,69 @@ return 0
 """
 
 
+def _is_cluster(client: Any) -> bool:
+    """Whether ``client`` is a Redis (or Valkey) Cluster client, sync or asyncio."""
+    return hasattr(client, "mget_nonatomic")
+
+
+def _queue_leases(pipe: Any, keys: Sequence[str], ttl: int) -> list[bytes]:
+    """Queue a ``SET NX EX`` lease for each key on ``pipe``; the markers, in order."""
+    markers = [new_lease_marker() for _ in keys]
+    for key, marker in zip(keys, markers, strict=True):
+        pipe.set(key, marker, nx=True, ex=ttl)
+    return markers
+
+
+def _leases(keys: Sequence[str], markers: Sequence[bytes], replies: Sequence[Any]) -> dict[str, Any]:
+    """The leases taken, from the replies of :func:`_queue_leases`'s pipeline."""
+    return {key: marker for key, marker, taken in zip(keys, markers, replies, strict=True) if taken}
+
+
+def _queue_fills(pipe: Any, sha: str, items: Sequence[tuple[str, bytes, Any]], ttl: int | None) -> None:
+    """Queue the fill script (``EVALSHA``, routed by its one key) for each item on ``pipe``."""
+    for key, value, token in items:
+        pipe.evalsha(sha, 1, key, token, value, int(ttl or 0))
+
+
+class _Fills(NamedTuple):
+    """What a pipeline of fills answered: key -> True/False/exception, and the items
+    whose node did not know the script yet (to fill one by one, which loads it)."""
+
+    done: dict[str, Any]
+    unloaded: list[tuple[str, bytes, Any]]
+
+
+def _fills(items: Sequence[tuple[str, bytes, Any]], replies: Sequence[Any], no_script: type) -> _Fills:
+    done: dict[str, Any] = {}
+    unloaded = []
+    for item, reply in zip(items, replies, strict=True):
+        if isinstance(reply, no_script):
+            unloaded.append(item)
+        else:
+            done[item[0]] = reply if isinstance(reply, Exception) else bool(reply)
+    return _Fills(done, unloaded)
+
+
+def _found(keys: Sequence[str], values: Sequence[Any]) -> dict[str, bytes]:
+    return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+
+
 class RedisStore(Store):
     """Leases with ``SET NX EX`` and compare-and-set scripts for the fill and the release."""
 
     name = "redis"
 
     def __init__(self, backend: Any) -> None:
+        self.backend = backend
         self.reader = backend.reader_client
         self.writer = backend.writer_client
+        #: a Redis/Valkey Cluster client: several keys are read per slot, in one pipeline
+        self.cluster = _is_cluster(self.reader)
+        self._mget = self.reader.mget_nonatomic if self.cluster else self.reader.mget
         self._fill = self.writer.register_script(_REDIS_FILL)
         self._release = self.writer.register_script(_REDIS_RELEASE)
+        library = type(self.writer).__module__.split(".")[0]  # redis, or valkey
+        self._no_script: type = importlib.import_module(f"{library}.exceptions").NoScriptError
 
     def get(self, key: str) -> bytes | None:
         value: bytes | None = self.reader.get(key)
@@ -51,7 +115,7 @@ class RedisStore(Store):
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         if not keys:
             return {}
-        return {k: v for k, v in zip(keys, self.reader.mget(keys), strict=True) if v is not None}
+        return _found(keys, self._mget(keys))
 
     def lease(self, key: str, ttl: int) -> Any:
         marker = new_lease_marker()
@@ -59,8 +123,23 @@ class RedisStore(Store):
             return marker
         return None
 
+    def lease_many(self, keys: Sequence[str], ttl: int) -> dict[str, Any]:
+        if len(keys) < 2:
+            return super().lease_many(keys, ttl)
+        pipe = self.writer.pipeline(transaction=False)
+        markers = _queue_leases(pipe, keys, ttl)
+        return _leases(keys, markers, pipe.execute())
+
     def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
         return bool(self._fill(keys=[key], args=[token, value, int(ttl or 0)]))
+
+    def fill_many(self, items: Sequence[tuple[str, bytes, Any]], ttl: int | None) -> dict[str, Any]:
+        if len(items) < 2:
+            return super().fill_many(items, ttl)
+        pipe = self.writer.pipeline(transaction=False)
+        _queue_fills(pipe, self._fill.sha, items, ttl)
+        done, unloaded = _fills(items, pipe.execute(raise_on_error=False), self._no_script)
+        return {**done, **super().fill_many(unloaded, ttl)}
 
     def release(self, key: str, token: Any) -> None:
         self._release(keys=[key], args=[token])
@@ -89,6 +168,24 @@ class RedisStore(Store):
 
 def _glob(pattern: KeyPattern) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in pattern.prefix) + "*"
+
+
+def _cluster_connector(library: str, class_name: str, backend: Any) -> Any:
+    """A function making an asyncio cluster client (``RedisCluster``, ``ValkeyCluster``)
+    as dogpile made the sync one: from the backend's ``url`` or ``startup_nodes``, with
+    its ``connection_kwargs``."""
+    cluster = importlib.import_module(f"{library}.asyncio.cluster")
+    client_class = getattr(cluster, class_name)
+    url = backend.url
+    kwargs = dict(backend.connection_kwargs)
+    nodes = [cluster.ClusterNode(node.host, node.port) for node in backend.startup_nodes or ()]
+
+    def connect() -> Any:
+        if url is not None:
+            return client_class.from_url(url, **kwargs)
+        return client_class(startup_nodes=nodes, **kwargs)
+
+    return connect
 
 
 class _LoopClient:
@@ -124,13 +221,13 @@ class AsyncRedisStore(AsyncStore):
     def _connector(self) -> Any:
         """A function making a client like the sync one (same settings), for this loop."""
         writer = self.sync.writer
+        library = type(writer).__module__.split(".")[0]  # redis, or valkey
+        if self.sync.cluster:
+            return _cluster_connector(library, type(writer).__name__, self.sync.backend)
         pool = getattr(writer, "connection_pool", None)
         if pool is None:
-            raise TypeError(
-                f"no asyncio client for {type(writer).__name__} (Redis Cluster is sync only here)"
-            )
+            raise TypeError(f"no asyncio client for {type(writer).__name__}")
         kwargs = dict(pool.connection_kwargs)
-        library = type(writer).__module__.split(".")[0]  # redis, or valkey
         aio = importlib.import_module(f"{library}.asyncio")
         connection = importlib.import_module(f"{library}.asyncio.connection")
         sync_class = pool.connection_class.__name__
@@ -162,8 +259,9 @@ class AsyncRedisStore(AsyncStore):
     async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         if not keys:
             return {}
-        values = await self._client().client.mget(keys)
-        return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+        client = self._client().client
+        mget = client.mget_nonatomic if self.sync.cluster else client.mget
+        return _found(keys, await mget(keys))
 
     async def lease(self, key: str, ttl: int) -> Any:
         marker = new_lease_marker()
@@ -171,8 +269,23 @@ class AsyncRedisStore(AsyncStore):
             return marker
         return None
 
+    async def lease_many(self, keys: Sequence[str], ttl: int) -> dict[str, Any]:
+        if len(keys) < 2:
+            return await super().lease_many(keys, ttl)
+        pipe = self._client().client.pipeline(transaction=False)
+        markers = _queue_leases(pipe, keys, ttl)
+        return _leases(keys, markers, await pipe.execute())
+
     async def fill(self, key: str, value: bytes, token: Any, ttl: int | None) -> bool:
         return bool(await self._client().fill(keys=[key], args=[token, value, int(ttl or 0)]))
+
+    async def fill_many(self, items: Sequence[tuple[str, bytes, Any]], ttl: int | None) -> dict[str, Any]:
+        if len(items) < 2:
+            return await super().fill_many(items, ttl)
+        pipe = self._client().client.pipeline(transaction=False)
+        _queue_fills(pipe, self.sync._fill.sha, items, ttl)
+        done, unloaded = _fills(items, await pipe.execute(raise_on_error=False), self.sync._no_script)
+        return {**done, **await super().fill_many(unloaded, ttl)}
 
     async def release(self, key: str, token: Any) -> None:
         await self._client().release(keys=[key], args=[token])
