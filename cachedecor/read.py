@@ -46,6 +46,7 @@ from cachedecor.rows import ModelPlan, model_plan
 from cachedecor.stats import counters as region_counters
 from cachedecor.stats import log_failure
 from cachedecor.tracking import TRACKER_KEY, session_space
+from cachedecor.tracking.scope import note_session
 from cachedecor.write import ainvalidate_many, invalidate_many
 
 __all__ = ["AsyncCachedFunction", "CachedFunction", "cached_by_pk"]
@@ -293,6 +294,7 @@ class CachedFunction(Generic[R]):
         else :data:`NEAR_MISS`; ``target`` is ``None`` when the call must go through
         (see :meth:`_target`); ``since`` the near cache's mark for a later fill."""
         session, pk = self.binding.session_and_pk(args, kwargs)
+        note_session(session)  # an @invalidates function running may change what this returns
         target = self._target(r, session, args, kwargs, pk)
         near = r.near
         if target is None or near is None:

@@ -32,6 +32,7 @@ from cachedecor.keys import Space
 from cachedecor.rows import EntryMismatch, OtherClass
 from cachedecor.stats import log_failure
 from cachedecor.tracking import may_fill, reads_old_snapshot, session_tracker
+from cachedecor.tracking.scope import note_session
 
 if TYPE_CHECKING:
     from cachedecor.read import Resolved
@@ -623,6 +624,7 @@ def read_many(
     """``many=True``: one multi-get, the function called once with the missing keys."""
     binding = fn.binding
     session = binding.session(args, kwargs)
+    note_session(session)  # an @invalidates function running may change what this returns
     requested = binding.pk(args, kwargs)
     if isinstance(requested, (str, bytes)) or not isinstance(requested, Iterable):
         raise UsageError(f"{fn._name} uses many=True: pass an iterable of primary keys, not {requested!r}")

@@ -125,6 +125,13 @@ def rename_loaded_unflushed(user_id: int, name: str) -> None:
 
 
 @invalidates(User)
+def rename_cached_unflushed(user_id: int, name: str) -> None:
+    user = get_user(HELD["session"], user_id)  # a cache hit: no SQL, no session event
+    assert user is not None
+    user.name = name
+
+
+@invalidates(User)
 def delete_loaded_unflushed(user_id: int) -> None:
     user = HELD["session"].scalars(select(User).where(User.id == user_id)).one()  # do_orm_execute
     HELD["session"].delete(user)
@@ -343,6 +350,15 @@ class TestChangesLeftUnflushed:
         delete_loaded_unflushed(5)
         held.commit()
         assert once(users, get_user, 5) is None
+
+    def test_an_object_a_cached_read_returned_is_invalidated_when_the_caller_commits(
+        self, users: Engine, held: Session
+    ) -> None:
+        hits = cachedecor.stats()["default"]["hits"]
+        rename_cached_unflushed(2, "from a hit")
+        assert cachedecor.stats()["default"]["hits"] == hits + 1  # the row came from the cache
+        held.commit()
+        assert cached_name(users, 2) == "from a hit"
 
     def test_an_object_passed_as_an_argument_is_invalidated_when_the_caller_commits(
         self, users: Engine, held: Session

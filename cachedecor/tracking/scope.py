@@ -14,15 +14,16 @@ read nor any of this function's business). A session is known to the scope when:
   the function's code names, if that registry already holds one when the function
   starts;
 * an argument of the function is a mapped instance that belongs to it;
-* inside the scope, it runs an ORM statement (a query, ``session.get`` that reads the
-  row, a lazy load: the ``do_orm_execute`` event), attaches an object (``add``,
+* inside the scope, it is given to a cachedecor read (``@cached_by_pk``, a hit
+  included: :func:`note_session`), runs an ORM statement (a query, ``session.get``
+  that reads the row, a lazy load: the ``do_orm_execute`` event), attaches an object (``add``,
   ``merge`` of a new object, a cascade: ``after_attach``), flushes, or holds a
   connection that runs an INSERT, UPDATE or DELETE of a watched model;
 * an ``@invalidates`` function nested in this one knew it (it is passed up when
   that scope ends).
 
 Not covered: an object of a session the scope does not know, obtained without SQL
-(already in the identity map, a cached read's hit) and changed or deleted without a
+(already in the identity map before the function started) and changed or deleted without a
 flush. Such a change is tracked if it is flushed while the function runs (every
 flush inside a scope is); otherwise it is not, and nothing can log it, since
 finding it would mean reading every session. Passing the object, or its session,
@@ -43,7 +44,7 @@ from cachedecor.binding import as_session
 from cachedecor.invalidation import Group
 from cachedecor.tracking.session import ensure_tracker
 
-__all__ = ["Scope", "current_scope", "enter_scope", "exit_scope"]
+__all__ = ["Scope", "current_scope", "enter_scope", "exit_scope", "note_session"]
 
 
 class Scope:
@@ -84,6 +85,15 @@ The scope :func:`enter_scope` opened last and :func:`exit_scope` has not closed;
 opened and closed only through :func:`enter_scope` and :func:`exit_scope`. It is the
 context variable's own ``get``, so the statement and session hooks pay no extra call.
 """
+
+
+def note_session(session: Session | None) -> None:
+    """``session`` is used by the running scope, if any (a cachedecor read: its hits
+    attach instances without SQL, so no session event tells). Outside scopes it costs
+    one context-variable read."""
+    scope = _scope.get()
+    if scope is not None and session is not None:
+        scope.used.add(session)
 
 
 def enter_scope(
