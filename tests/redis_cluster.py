@@ -216,11 +216,10 @@ class LocalRedisCluster:
         return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
 
     def flush(self) -> None:
-        """Empty every master (replicas follow) and reset their command statistics."""
+        """Empty every master (replicas follow)."""
         for port in self.masters():
             with self.client(port) as node:
                 node.flushall()
-                node.config_resetstat()
 
     def stop(self, *, remove: bool = True) -> None:
         for proc in self.procs.values():
@@ -244,9 +243,9 @@ def redis_cluster_server() -> Iterator[LocalRedisCluster]:
     cluster.stop()
 
 
-@pytest.fixture
-def redis_cluster(redis_cluster_server: LocalRedisCluster) -> LocalRedisCluster:
-    """The module's cluster, every node ok, empty, with fresh command statistics."""
+@pytest.fixture(name="redis_cluster")
+def clean_redis_cluster(redis_cluster_server: LocalRedisCluster) -> LocalRedisCluster:
+    """The module's cluster, every node ok, empty."""
     redis_cluster_server.wait_ok()
     redis_cluster_server.flush()
     return redis_cluster_server

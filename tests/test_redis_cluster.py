@@ -1,0 +1,303 @@
+"""Redis Cluster as a backend: bulk reads, fills and invalidation across the masters.
+
+Every test runs against a real local cluster of 3 masters and 3 replicas
+(:mod:`tests.redis_cluster`), through the decorators, on SQLite (sync) and aiosqlite
+(async). What each master holds is read from the master itself, not through the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import cachedecor
+from cachedecor import cached_by_pk, invalidates
+from cachedecor.config import configured_regions
+from tests.conftest import SQLCounter
+from tests.models import Base, User
+from tests.redis_cluster import LocalRedisCluster, clean_redis_cluster, redis_cluster_server  # noqa: F401  (fixtures)
+
+N = 50
+IDS = list(range(1, N + 1))
+
+
+@cached_by_pk(User, many=True)
+def get_users(session: Session, user_ids: list[int]) -> list[User]:
+    return list(session.scalars(select(User).where(User.id.in_(user_ids))))
+
+
+@cached_by_pk(User)
+def get_user(session: Session, user_id: int) -> User | None:
+    return session.get(User, user_id)
+
+
+@invalidates(User)
+def rename_all(session: Session, user_ids: list[int], suffix: str) -> None:
+    for user in session.scalars(select(User).where(User.id.in_(user_ids))):
+        user.name = f"user{user.id}{suffix}"
+    session.commit()
+
+
+@cached_by_pk(User, many=True)
+async def aget_users(session: AsyncSession, user_ids: list[int]) -> list[User]:
+    return list(await session.scalars(select(User).where(User.id.in_(user_ids))))
+
+
+@cached_by_pk(User)
+async def aget_user(session: AsyncSession, user_id: int) -> User | None:
+    return await session.get(User, user_id)
+
+
+@invalidates(User)
+async def arename_all(session: AsyncSession, user_ids: list[int], suffix: str) -> None:
+    for user in await session.scalars(select(User).where(User.id.in_(user_ids))):
+        user.name = f"user{user.id}{suffix}"
+    await session.commit()
+
+
+@pytest.fixture
+def cluster(redis_cluster: LocalRedisCluster) -> LocalRedisCluster:
+    """Region ``default`` on the local cluster (by the URL of one node), the cluster empty."""
+    cachedecor.configure_regions(
+        {
+            "regions": {
+                "default": {
+                    "backend": "dogpile.cache.redis_cluster",
+                    "expiration_time": 300,
+                    "arguments": {"url": redis_cluster.url},
+                }
+            }
+        }
+    )
+    return redis_cluster
+
+
+@pytest.fixture
+def db(tmp_path: Any) -> Iterator[Engine]:
+    """A SQLite database of N users."""
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'cluster.sqlite'}")
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([User(id=i, name=f"user{i}") for i in IDS])
+        s.commit()
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sql(db: Engine) -> Iterator[SQLCounter]:
+    counter = SQLCounter(db)
+    yield counter
+    counter.close()
+
+
+def entries_per_master(cluster: LocalRedisCluster) -> dict[int, int]:
+    """How many keys each master holds (entries, and leases if any were left)."""
+    out = {}
+    for port in cluster.masters():
+        with cluster.client(port) as node:
+            out[port] = int(node.dbsize())
+    return out
+
+
+def round_trips(
+    cluster: LocalRedisCluster,
+    call: Callable[[], Any],
+    *,
+    before_each: Callable[[], Any] = lambda: None,
+    repeat: int = 5,
+) -> dict[int, int]:
+    """The round trips ``call`` makes to each master: the read events the master
+    processed meanwhile (``total_reads_processed``) less the one of the ``INFO`` that
+    reads the counter. Replication acks add a read now and then, so each master's count
+    is the least over ``repeat`` calls, each after ``before_each()`` (not counted)."""
+    clients = {port: cluster.client(port) for port in cluster.masters()}
+
+    def reads() -> dict[int, int]:
+        return {port: int(c.info("stats")["total_reads_processed"]) for port, c in clients.items()}
+
+    best: dict[int, int] = {}
+    try:
+        for _ in range(repeat):
+            before_each()
+            before = reads()
+            call()
+            after = reads()
+            for port in clients:
+                trips = after[port] - before[port] - 1
+                best[port] = min(best.get(port, trips), trips)
+    finally:
+        for c in clients.values():
+            c.close()
+    return best
+
+
+def names(users: list[User]) -> dict[int, str]:
+    return {u.id: u.name for u in users}
+
+
+class TestSyncBulkReads:
+    def test_many_of_fifty_keys_fills_all_of_them_over_every_master(
+        self, cluster: LocalRedisCluster, db: Engine, sql: SQLCounter
+    ) -> None:
+        with Session(db) as s:
+            assert len(get_users(s, IDS)) == N
+        held = entries_per_master(cluster)
+        assert sum(held.values()) == N
+        assert all(count > 0 for count in held.values()), held
+        assert cachedecor.stats("default")["default"]["fills"] == N
+
+    def test_many_hits_after_a_fill_without_the_database(
+        self, cluster: LocalRedisCluster, db: Engine, sql: SQLCounter
+    ) -> None:
+        with Session(db) as s:
+            get_users(s, IDS)
+        sql.reset()
+        with Session(db) as s:
+            users = get_users(s, IDS)
+        assert sql.selects() == 0
+        assert names(users) == {i: f"user{i}" for i in IDS}
+        assert cachedecor.stats("default")["default"]["hits"] == N
+
+    def test_single_reads_fill_and_hit_through_the_scripts(
+        self, cluster: LocalRedisCluster, db: Engine, sql: SQLCounter
+    ) -> None:
+        for _ in range(2):
+            with Session(db) as s:
+                assert [get_user(s, i).name for i in IDS[:10]] == [f"user{i}" for i in IDS[:10]]  # type: ignore[union-attr]
+        assert sql.selects() == 10
+        assert sum(entries_per_master(cluster).values()) == 10
+
+    def test_invalidation_removes_the_entries_on_every_master(
+        self, cluster: LocalRedisCluster, db: Engine, sql: SQLCounter
+    ) -> None:
+        with Session(db) as s:
+            get_users(s, IDS)
+        assert sum(entries_per_master(cluster).values()) == N
+        with Session(db) as s:
+            rename_all(s, IDS, "-renamed")
+        assert entries_per_master(cluster) == dict.fromkeys(cluster.masters(), 0)
+        sql.reset()
+        with Session(db) as s:
+            assert names(get_users(s, IDS)) == {i: f"user{i}-renamed" for i in IDS}
+        assert sql.selects() == 1
+
+
+class TestRoundTrips:
+    def test_a_bulk_hit_costs_one_round_trip_per_master(
+        self, cluster: LocalRedisCluster, db: Engine, sql: SQLCounter
+    ) -> None:
+        with Session(db) as s:
+            get_users(s, IDS)  # fills, and opens a connection to each master
+
+        def read() -> None:
+            with Session(db) as s:
+                get_users(s, IDS)
+
+        assert round_trips(cluster, read) == dict.fromkeys(cluster.masters(), 1)
+        assert sql.selects() == 1
+
+    def test_a_bulk_miss_costs_three_round_trips_per_master(
+        self, cluster: LocalRedisCluster, db: Engine
+    ) -> None:
+        """Read, take the leases, fill: each one pipeline, so one round trip per master."""
+        with Session(db) as s:
+            get_users(s, IDS)
+
+        def miss_and_fill() -> None:
+            with Session(db) as s:
+                get_users(s, IDS)
+
+        trips = round_trips(cluster, miss_and_fill, before_each=cluster.flush)
+        assert trips == dict.fromkeys(cluster.masters(), 3)
+        assert sum(entries_per_master(cluster).values()) == N
+
+
+@pytest.fixture
+def adb(db: Engine) -> AsyncEngine:
+    """The same database through aiosqlite."""
+    return create_async_engine(db.url.set(drivername="sqlite+aiosqlite"))
+
+
+@pytest.fixture
+def asql(adb: AsyncEngine) -> Iterator[SQLCounter]:
+    counter = SQLCounter(adb.sync_engine)
+    yield counter
+    counter.close()
+
+
+def run_async(adb: AsyncEngine, body: Callable[[AsyncSession], Any]) -> Any:
+    """``body(session)`` in an AsyncSession on ``adb``, on an event loop of its own;
+    the loop's cache clients and database connections are closed afterwards."""
+
+    async def main() -> Any:
+        try:
+            async with AsyncSession(adb) as session:
+                return await body(session)
+        finally:
+            for settings in configured_regions().values():
+                await settings.astore.aclose()
+            await adb.dispose()
+
+    return asyncio.run(main())
+
+
+class TestAsync:
+    def test_many_fills_every_master_then_hits_without_the_database(
+        self, cluster: LocalRedisCluster, adb: AsyncEngine, asql: SQLCounter
+    ) -> None:
+        assert len(run_async(adb, lambda s: aget_users(s, IDS))) == N
+        held = entries_per_master(cluster)
+        assert sum(held.values()) == N and all(held.values()), held
+        asql.reset()
+        users = run_async(adb, lambda s: aget_users(s, IDS))
+        assert asql.selects() == 0
+        assert names(users) == {i: f"user{i}" for i in IDS}
+
+    def test_an_entry_filled_by_a_sync_caller_hits_an_async_one(
+        self, cluster: LocalRedisCluster, db: Engine, adb: AsyncEngine, asql: SQLCounter
+    ) -> None:
+        with Session(db) as s:
+            get_users(s, IDS)
+        asql.reset()
+        user = run_async(adb, lambda s: aget_user(s, 7))
+        assert user.name == "user7"
+        assert asql.selects() == 0
+
+    def test_invalidation_removes_the_entries_on_every_master(
+        self, cluster: LocalRedisCluster, adb: AsyncEngine, asql: SQLCounter
+    ) -> None:
+        run_async(adb, lambda s: aget_users(s, IDS))
+        assert sum(entries_per_master(cluster).values()) == N
+        run_async(adb, lambda s: arename_all(s, IDS, "-async"))
+        assert entries_per_master(cluster) == dict.fromkeys(cluster.masters(), 0)
+        asql.reset()
+        users = run_async(adb, lambda s: aget_users(s, IDS))
+        assert names(users) == {i: f"user{i}-async" for i in IDS}
+        assert asql.selects() == 1
+
+    def test_a_bulk_hit_costs_one_round_trip_per_master(
+        self, cluster: LocalRedisCluster, adb: AsyncEngine, asql: SQLCounter
+    ) -> None:
+        run_async(adb, lambda s: aget_users(s, IDS))
+
+        async def twice(s: AsyncSession) -> dict[int, int]:
+            await aget_users(s, IDS)  # the loop's cluster client connects to each master
+            loop = asyncio.get_running_loop()
+
+            def read() -> None:
+                s.expunge_all()
+                asyncio.run_coroutine_threadsafe(aget_users(s, IDS), loop).result()
+
+            return await asyncio.to_thread(round_trips, cluster, read)
+
+        assert run_async(adb, twice) == dict.fromkeys(cluster.masters(), 1)
+        assert asql.selects() == 1
