@@ -48,10 +48,12 @@ bare: .venv-bare-oldest/.installed-stamp .venv-bare-newest/.installed-stamp memc
 	.venv-bare-newest/bin/python -m pytest $(BARE_TESTS)
 
 ## make bench: hit path against the floor, plain dogpile and the database (prints ratios);
-##   then what invalidation and the outbox add to a committing transaction
+##   then what invalidation and the outbox add to a committing transaction; then the cost
+##   of choosing a memcached node per key, for each placement at 3, 20 and 100 nodes
 bench: $(STAMP) memcached
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/writes.py $(if $(findstring --quick,$(BENCH_ARGS)),--quick,)
+	$(BIN)/python benchmarks/routing.py $(if $(findstring --quick,$(BENCH_ARGS)),--quick,)
 
 ## make faults: what a caller sees (latency, result, counters) for each kind of cache failure;
 ##   then how long an old row is served after each writer or node fault, with and without the outbox

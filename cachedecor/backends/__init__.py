@@ -34,7 +34,7 @@ from cachedecor.backends.base import (
     is_lease,
     new_lease_marker,
 )
-from cachedecor.backends.memcached.cluster import MemcachedCluster, NodeDown, NodeHealth
+from cachedecor.backends.memcached.cluster import PLACEMENTS, MemcachedCluster, NodeDown, NodeHealth
 from cachedecor.backends.memcached.dogpile import MEMCACHED_ARGUMENTS, MEMCACHED_DEFAULTS, PyMemcacheBackend
 from cachedecor.backends.memcached.protocol import MetaUnsupported, ProtocolError
 from cachedecor.backends.memcached.store import AsyncMemcachedStore, MemcachedStore
@@ -45,6 +45,7 @@ __all__ = [
     "LEASE_PREFIX",
     "MEMCACHED_ARGUMENTS",
     "MEMCACHED_DEFAULTS",
+    "PLACEMENTS",
     "AsyncMemcachedStore",
     "AsyncMemoryStore",
     "AsyncRedisStore",

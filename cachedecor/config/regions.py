@@ -14,6 +14,7 @@ from dogpile.util import PluginLoader
 
 from cachedecor.backends import (
     MEMCACHED_ARGUMENTS,
+    PLACEMENTS,
     AsyncStore,
     PyMemcacheBackend,
     Store,
@@ -291,9 +292,16 @@ def check_arguments(
         out[arg] = coerce(value, kind, f"{where}.{arg}")
         if arg in ranges:
             ranges[arg].check(out[arg], f"{where}.{arg}")
-    if schema is MEMCACHED_ARGUMENTS and "url" in out:
-        for server in out["url"]:
-            check_server(server, f"{where}.url")
+    if schema is MEMCACHED_ARGUMENTS:
+        for arg in ("url", "also_invalidate_url"):
+            for server in out.get(arg, ()):
+                check_server(server, f"{where}.{arg}")
+        for arg in ("placement", "also_invalidate_placement"):
+            if arg in out and out[arg] not in PLACEMENTS:
+                raise ConfigError(
+                    f"{where}.{arg}: {out[arg]!r} is not a placement; one of {', '.join(PLACEMENTS)} "
+                    f"(see 'Growing a memcached pool' before changing it on a running pool)"
+                )
     return out
 
 

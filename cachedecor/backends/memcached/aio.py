@@ -43,7 +43,13 @@ from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from cachedecor.backends.base import PartialResult, UndeliveredInvalidation, register_fork_aware
-from cachedecor.backends.memcached.cluster import ON_THEIR_WAY, NodeDown, NodeHealth
+from cachedecor.backends.memcached.cluster import (
+    ON_THEIR_WAY,
+    NodeDown,
+    NodeHealth,
+    RendezvousPlacement,
+    Routing,
+)
 from cachedecor.backends.memcached.protocol import (
     PROBE,
     ConnectionClosed,
@@ -131,20 +137,19 @@ class AsyncMemcachedCluster:
         servers: Sequence[str],
         health: NodeHealth | None = None,
         *,
+        routing: Routing | None = None,
         connect_timeout: float | None = 1.0,
         timeout: float | None = 1.0,
         max_connections: int = 4,
         dead_timeout: float = 30.0,
     ) -> None:
-        from pymemcache.client.rendezvous import RendezvousHash
-
+        self.routing = routing if routing is not None else Routing(RendezvousPlacement(servers))
         self.servers = list(servers)
         self.health = health if health is not None else NodeHealth(dead_timeout)
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self.max_connections = max(1, max_connections)
-        self._addresses = {s: server_spec(s) for s in self.servers}
-        self._hash = RendezvousHash(list(self.servers))
+        self._addresses = {s: server_spec(s) for s in self.routing.nodes}
         self._pools: dict[asyncio.AbstractEventLoop, dict[str, _Pool]] = {}
         register_fork_aware(self)
 
@@ -158,16 +163,10 @@ class AsyncMemcachedCluster:
 
     def node_for(self, key: str) -> str:
         """The server (``host:port``) that owns ``key``, as for the sync cluster."""
-        if len(self.servers) == 1:
-            return self.servers[0]
-        node: str = self._hash.get_node(key)
-        return node
+        return self.routing.current.node_for(key)
 
     def _by_node(self, keys: Iterable[str]) -> dict[str, list[str]]:
-        groups: dict[str, list[str]] = {}
-        for key in keys:
-            groups.setdefault(self.node_for(key), []).append(key)
-        return groups
+        return self.routing.by_node(keys)
 
     # -- connections -------------------------------------------------------------------
 
@@ -490,7 +489,7 @@ class AsyncMemcachedCluster:
         answered (waiting for a connection, or for its reply) queues every key before the
         cancellation propagates: a delete sent twice costs a round trip, one dropped a
         stale entry until it expires."""
-        groups = self._by_node(keys)
+        groups = self.routing.delete_groups(keys)
         try:
             results = await _each(
                 self._classic(node, b"".join(classic_delete(k) for k in group), len(group), patient=True)

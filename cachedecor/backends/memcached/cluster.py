@@ -1,17 +1,32 @@
-"""Several memcached nodes: rendezvous hashing, node health, deletes owed to a node."""
+"""Several memcached nodes: placement of keys, node health, deletes owed to a node."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from cachedecor.backends.base import PartialResult, UndeliveredInvalidation, register_fork_aware
 from cachedecor.backends.memcached.protocol import MetaUnsupported, answered, server_spec, stale_connection
 from cachedecor.backends.memcached.transport import Exchange
 
-__all__ = ["ON_THEIR_WAY", "MemcachedCluster", "NodeDown", "NodeHealth"]
+__all__ = [
+    "ON_THEIR_WAY",
+    "PLACEMENTS",
+    "SLOTS",
+    "MemcachedCluster",
+    "NodeDown",
+    "NodeHealth",
+    "Placement",
+    "RendezvousPlacement",
+    "Routing",
+    "SlotPlacement",
+    "placement",
+]
 
 
 #: :meth:`NodeHealth.claim`: the deletes owed to a node are being delivered by another caller
@@ -20,6 +35,138 @@ ON_THEIR_WAY: Any = object()
 
 class NodeDown(Exception):
     """The memcached node that owns a key is marked down; the call was not attempted."""
+
+
+#: Number of slots of the ``slots`` placement (a key's slot: CRC-32 of the key, modulo this)
+SLOTS = 1 << 16
+
+
+class Placement:
+    """Which of ``servers`` owns a key. Pure: the same servers always place a key alike."""
+
+    #: the value of ``arguments.placement`` that selects this placement
+    name = ""
+
+    def __init__(self, servers: Sequence[str]) -> None:
+        self.servers = list(servers)
+
+    def node_for(self, key: str) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class RendezvousPlacement(Placement):
+    """pymemcache's rendezvous hashing: murmur3 of ``f"{node}-{key}"`` for every node,
+    the highest wins. The placement of every cachedecor release so far (the default);
+    costs O(nodes) pure-Python hashes per key (16 us at 3 nodes, 110 us at 20)."""
+
+    name = "rendezvous"
+
+    def __init__(self, servers: Sequence[str]) -> None:
+        from pymemcache.client.rendezvous import RendezvousHash
+
+        super().__init__(servers)
+        self._single = self.servers[0] if len(self.servers) == 1 else None
+        self._hash = RendezvousHash(list(self.servers))
+
+    def node_for(self, key: str) -> str:
+        if self._single is not None:
+            return self._single
+        node: str = self._hash.get_node(key)
+        return node
+
+
+class SlotPlacement(Placement):
+    """A key's slot is its CRC-32 modulo :data:`SLOTS`; a slot's owner is the node with
+    the highest BLAKE2b of ``f"{node}-{slot}"`` (rendezvous hashing of slots).
+
+    A slot's owner is computed on first use (O(nodes), in C-speed hashes) and kept
+    in a table on this object, so placing a key costs one CRC-32 and one list index
+    whatever the number of nodes. Adding or removing a node moves only the slots
+    whose winner changes (the ideal 1/(n+1) of them). Thread-safe: two threads that
+    compute a slot's owner at once compute the same one.
+    """
+
+    name = "slots"
+
+    def __init__(self, servers: Sequence[str]) -> None:
+        super().__init__(servers)
+        self._names = [(server, server.encode() + b"-") for server in self.servers]
+        self._owners: list[str | None] = [None] * SLOTS
+
+    def node_for(self, key: str) -> str:
+        slot = zlib.crc32(key.encode()) & (SLOTS - 1)
+        owner = self._owners[slot]
+        if owner is None:
+            owner = self._owners[slot] = self.owner_of(slot)
+        return owner
+
+    def owner_of(self, slot: int) -> str:
+        """The node that owns ``slot`` (computed, not memoized)."""
+        suffix = b"%d" % slot
+        best, best_score = self.servers[0], b""
+        for server, prefix in self._names:
+            score = hashlib.blake2b(prefix + suffix, digest_size=8).digest()
+            if score > best_score:
+                best, best_score = server, score
+        return best
+
+
+#: ``arguments.placement`` values and their classes
+PLACEMENTS: Mapping[str, type[Placement]] = MappingProxyType(
+    {"rendezvous": RendezvousPlacement, "slots": SlotPlacement}
+)
+
+
+def placement(name: str, servers: Sequence[str]) -> Placement:
+    """The placement ``name`` (a key of :data:`PLACEMENTS`) over ``servers``.
+
+    :raises ValueError: for an unknown name
+    """
+    kind = PLACEMENTS.get(name)
+    if kind is None:
+        raise ValueError(f"placement: {name!r} is not one of {', '.join(PLACEMENTS)}")
+    return kind(servers)
+
+
+class Routing:
+    """Where a key is read and filled (``current``), and where its deletes go.
+
+    Deletes go to the key's owner under ``current`` and, during a change of the
+    server list or placement, under ``also`` too (once when both are the same
+    node): processes still reading under ``also`` never keep an entry that a write
+    deleted. Shared by a backend's threads and its asyncio cluster.
+    """
+
+    def __init__(self, current: Placement, also: Placement | None = None) -> None:
+        self.current = current
+        self.also = also
+        self.servers = current.servers
+        #: every node that reads or deletes may reach: ``current``'s, then ``also``'s others
+        self.nodes = list(current.servers)
+        if also is not None:
+            self.nodes += [s for s in also.servers if s not in current.servers]
+
+    def by_node(self, keys: Iterable[str]) -> dict[str, list[str]]:
+        """``keys`` grouped by their node under ``current`` (for reads and fills)."""
+        node_for = self.current.node_for
+        groups: dict[str, list[str]] = {}
+        for key in keys:
+            groups.setdefault(node_for(key), []).append(key)
+        return groups
+
+    def delete_groups(self, keys: Iterable[str]) -> dict[str, list[str]]:
+        """``keys`` grouped by every node that must receive their deletes."""
+        if self.also is None:
+            return self.by_node(keys)
+        node_for, also_for = self.current.node_for, self.also.node_for
+        groups: dict[str, list[str]] = {}
+        for key in keys:
+            node = node_for(key)
+            groups.setdefault(node, []).append(key)
+            other = also_for(key)
+            if other != node:
+                groups.setdefault(other, []).append(key)
+        return groups
 
 
 class NodeHealth:
@@ -273,11 +420,12 @@ class NodeHealth:
 class MemcachedCluster:
     """A pymemcache-style client over one or more memcached nodes.
 
-    Keys are placed by rendezvous hashing over the *configured* nodes; a failed node
-    is never removed from the hash, so its keys are not remapped to other nodes
-    (which would let a returning node serve entries whose invalidations went
-    elsewhere). While a node is down, operations on its keys raise :class:`NodeDown`
-    at once instead of waiting for a timeout.
+    Keys are placed by ``routing`` (by default rendezvous hashing over ``servers``)
+    over the *configured* nodes; a failed node is never removed from the placement,
+    so its keys are not remapped to other nodes (which would let a returning node
+    serve entries whose invalidations went elsewhere). While a node is down,
+    operations on its keys raise :class:`NodeDown` at once instead of waiting for a
+    timeout.
 
     Connections belong to the process that opened them: in a forked child every
     cluster inherited from the parent has its sockets closed (in the child only;
@@ -289,6 +437,7 @@ class MemcachedCluster:
         servers: Sequence[str],
         health: NodeHealth,
         *,
+        routing: Routing | None = None,
         retry_attempts: int = 0,
         retry_delay: float = 0.0,
         retry_for: tuple[type[BaseException], ...] = (),
@@ -296,17 +445,17 @@ class MemcachedCluster:
         **client_kwargs: Any,
     ) -> None:
         from pymemcache.client.base import Client
-        from pymemcache.client.rendezvous import RendezvousHash
 
+        self.routing = routing if routing is not None else Routing(RendezvousPlacement(servers))
         self.servers = list(servers)
+        #: every node this cluster may reach: ``servers``, then those only deletes reach
+        self.nodes = self.routing.nodes
         self.health = health
         self.retry_attempts = retry_attempts
         self.retry_delay = retry_delay
         self.retry_for = retry_for
         self.do_not_retry_for = do_not_retry_for
-        self.clients = {s: Client(server_spec(s), **client_kwargs) for s in self.servers}
-        self._single = self.clients[self.servers[0]] if len(self.servers) == 1 else None
-        self._hash = RendezvousHash(list(self.servers))
+        self.clients = {s: Client(server_spec(s), **client_kwargs) for s in self.nodes}
         register_fork_aware(self)
 
     def _after_fork_in_child(self) -> None:
@@ -315,11 +464,12 @@ class MemcachedCluster:
     # -- routing -----------------------------------------------------------------------
 
     def node_for(self, key: str) -> str:
-        """The server (``host:port``) that owns ``key``."""
-        if self._single is not None:
-            return self.servers[0]
-        node: str = self._hash.get_node(key)
-        return node
+        """The server (``host:port``) that owns ``key``: where it is read and filled."""
+        return self.routing.current.node_for(key)
+
+    def delete_groups(self, keys: Iterable[str]) -> dict[str, list[str]]:
+        """``keys`` grouped by every node that must receive their deletes (see :class:`Routing`)."""
+        return self.routing.delete_groups(keys)
 
     def deliver(self, node: str) -> None:
         """Deliver the deletes (or flush) ``node`` is owed; on failure requeue and raise.
@@ -416,10 +566,7 @@ class MemcachedCluster:
         return not isinstance(exc, self.do_not_retry_for)
 
     def _by_node(self, keys: Iterable[str]) -> dict[str, list[str]]:
-        groups: dict[str, list[str]] = {}
-        for key in keys:
-            groups.setdefault(self.node_for(key), []).append(key)
-        return groups
+        return self.routing.by_node(keys)
 
     # -- the pymemcache client API used by dogpile and cachedecor ---------------------
 
@@ -477,7 +624,7 @@ class MemcachedCluster:
         """Delete keys; those of unreachable nodes are queued for retry (and reported)."""
         error: BaseException | None = None
         queued: list[str] = []
-        for node, group in self._by_node(keys).items():
+        for node, group in self.routing.delete_groups(keys).items():
             try:
                 self._call(node, "delete_many", group, noreply)
             except Exception as exc:

@@ -26,7 +26,7 @@ from dogpile.cache.backends.memcached import MemcachedLock
 from dogpile.cache.backends.memcached import PyMemcacheBackend as _DogpilePyMemcacheBackend
 
 from cachedecor.backends.base import PartialResult, UndeliveredInvalidation
-from cachedecor.backends.memcached.cluster import MemcachedCluster, NodeHealth
+from cachedecor.backends.memcached.cluster import MemcachedCluster, NodeHealth, Routing, placement
 
 __all__ = ["MEMCACHED_ARGUMENTS", "MEMCACHED_DEFAULTS", "Flagged", "PyMemcacheBackend"]
 
@@ -57,6 +57,9 @@ MEMCACHED_ARGUMENTS: Mapping[str, type] = MappingProxyType(
         "invalidation_retry_for": float,
         "max_pending_invalidations": int,
         "meta_protocol": bool,
+        "placement": str,
+        "also_invalidate_url": list,
+        "also_invalidate_placement": str,
     }
 )
 
@@ -72,6 +75,7 @@ MEMCACHED_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "invalidation_retry_for": 300.0,
         "max_pending_invalidations": 10_000,
         "meta_protocol": True,
+        "placement": "rendezvous",
     }
 )
 
@@ -180,13 +184,28 @@ def _exception_classes(name: str, value: Any) -> tuple[type[BaseException], ...]
     return tuple(items)
 
 
+def _routing(url: list[str], args: Mapping[str, Any]) -> Routing:
+    """The placement of ``url`` and, during a change of the pool, of ``also_invalidate_url``."""
+    current = placement(str(args["placement"]), url)
+    also_url = args.get("also_invalidate_url")
+    also_name = args.get("also_invalidate_placement")
+    if also_url is None and also_name is None:
+        return Routing(current)
+    try:
+        also = placement(str(also_name or current.name), url if also_url is None else list(also_url))
+    except ValueError as exc:
+        raise ValueError(f"also_invalidate_{exc}") from None
+    return Routing(current, also)
+
+
 class PyMemcacheBackend(_DogpilePyMemcacheBackend):
     """dogpile.cache backend ``cachedecor.pymemcache``: pymemcache with timeouts, failing open.
 
     Takes dogpile's ``dogpile.cache.pymemcache`` arguments (``serde`` excepted) with
     dogpile's meaning, plus ``connect_timeout``, ``timeout``, ``no_delay``,
     ``dead_timeout``, ``invalidation_retry_interval``, ``invalidation_retry_for``,
-    ``max_pending_invalidations`` and ``meta_protocol`` (see :doc:`/configuration`).
+    ``max_pending_invalidations``, ``meta_protocol``, ``placement``,
+    ``also_invalidate_url`` and ``also_invalidate_placement`` (see :doc:`/configuration`).
     Through the region API it stores what dogpile's backend stores (pickled
     ``CachedValue`` objects), so either reads the other's values; unlike dogpile's, it
     never raises into the caller for a failing node or an unreadable value.
@@ -237,6 +256,7 @@ class PyMemcacheBackend(_DogpilePyMemcacheBackend):
         )
         self.health.client_factory = self._create_client
         self.meta_protocol = bool(args["meta_protocol"])
+        self.routing = _routing(self.url, args)
 
     def _create_client(self) -> MemcachedCluster:
         kwargs: dict[str, Any] = {
@@ -253,6 +273,7 @@ class PyMemcacheBackend(_DogpilePyMemcacheBackend):
         return MemcachedCluster(
             self.url,
             self.health,
+            routing=self.routing,
             retry_attempts=self.retries,
             retry_delay=self.retry_delay_,
             retry_for=self.retry_for_,

@@ -94,7 +94,7 @@ class MemcachedStore(Store):
         client = self.client
         failed: list[str] = []
         error: BaseException | None = None
-        for node, group in client._by_node(keys).items():
+        for node, group in client.delete_groups(keys).items():
             try:
                 client.clients[node].delete_many(group, noreply=False)
             except Exception as exc:
@@ -118,7 +118,7 @@ class MemcachedStore(Store):
         deleted = 0
         failed: BaseException | None = None
         refused: CommandRefused | None = None
-        for node in client.servers:
+        for node in client.nodes:
             try:
                 keys = [k for k in metadump(client, node) if any(p.matches(k) for p in patterns)]
             except CommandRefused as exc:
@@ -245,6 +245,7 @@ class AsyncMemcachedStore(AsyncStore):
             cluster = self._cluster = AsyncMemcachedCluster(
                 backend.url,
                 backend.health,
+                routing=backend.routing,
                 connect_timeout=backend.connect_timeout,
                 timeout=backend.timeout,
             )
