@@ -702,3 +702,126 @@ def outbox_deliver(config_path: str | None) -> None:
     click.echo(f"delivered {total} transaction(s); {box.pending} left")
     if box.pending:
         sys.exit(EXIT_CACHE_FAILED)
+
+
+@main.group()
+def servers() -> None:
+    """Change a memcached pool's server list or placement (see the docs' 'Growing a memcached pool')."""
+
+
+def _memcached_regions(config_path: str | None, region: str | None) -> list[tuple[str, Any]]:
+    """(name, memcached store) of the configured regions (or of ``region``)."""
+    from cachedecor.config import region_settings
+
+    regions = _configure(config_path)
+    if region is not None and region not in regions:
+        raise Refused(
+            f"no region {region!r};{did_you_mean(region, regions)} configured: {', '.join(sorted(regions))}"
+        )
+    out = []
+    for name in sorted(regions) if region is None else [region]:
+        store = region_settings(name).store
+        if hasattr(store, "purge_misplaced"):
+            out.append((name, store))
+    if not out:
+        raise Refused("no memcached region in the configuration")
+    return out
+
+
+@servers.command("diff")
+@_config_option
+@click.option("--region", default=None, help="Only this region (default: every memcached region).")
+@click.option(
+    "--to-url",
+    default=None,
+    metavar="SERVERS",
+    help="The new server list, comma-separated (default: the region's also_invalidate_url).",
+)
+@click.option(
+    "--to-placement",
+    type=click.Choice(["rendezvous", "slots"]),
+    default=None,
+    help="The new placement (default: also_invalidate_placement, else the region's placement).",
+)
+@click.option(
+    "--keys", "sample", default=20_000, show_default=True, type=click.IntRange(min=100), help="Keys sampled."
+)
+def servers_diff(
+    config_path: str | None, region: str | None, to_url: str | None, to_placement: str | None, sample: int
+) -> None:
+    """What a change of the server list or placement moves: per node, the share of the
+    key space it owns under the region's url and placement and under the new ones, and
+    the share of keys that change owner (estimated from a sample of keys)."""
+    from cachedecor.backends.memcached.cluster import placement
+    from cachedecor.config import check_server
+
+    for name, store in _memcached_regions(config_path, region):
+        routing = store.backend.routing
+        before = routing.current
+        also = routing.also
+        new_servers = [s.strip() for s in to_url.split(",") if s.strip()] if to_url else None
+        for server in new_servers or []:
+            try:
+                check_server(server, "--to-url")
+            except cachedecor.ConfigError as exc:
+                raise Refused(str(exc)) from None
+        if new_servers is None and to_placement is None and also is None:
+            click.echo(f"{name}: no change: give --to-url or --to-placement, or set also_invalidate_url")
+            continue
+        servers_after = new_servers or (also.servers if also is not None else before.servers)
+        name_after = to_placement or (also.name if also is not None and new_servers is None else before.name)
+        after = placement(name_after, servers_after)
+        keys = [f"cachedecor-sample:{i}" for i in range(sample)]
+        owned_before: dict[str, int] = {}
+        owned_after: dict[str, int] = {}
+        moved_out: dict[str, int] = {}
+        moved = 0
+        for key in keys:
+            old, new = before.node_for(key), after.node_for(key)
+            owned_before[old] = owned_before.get(old, 0) + 1
+            owned_after[new] = owned_after.get(new, 0) + 1
+            if old != new:
+                moved += 1
+                moved_out[old] = moved_out.get(old, 0) + 1
+        click.echo(
+            f"region {name}: {before.name} over {len(before.servers)} node(s) -> "
+            f"{after.name} over {len(after.servers)} node(s)"
+        )
+        nodes = before.servers + [s for s in after.servers if s not in before.servers]
+        rows: list[tuple[str, ...]] = [
+            (
+                node,
+                f"{owned_before.get(node, 0) / sample:.1%}" if node in before.servers else "-",
+                f"{owned_after.get(node, 0) / sample:.1%}" if node in after.servers else "-",
+                f"{moved_out.get(node, 0) / sample:.1%}",
+            )
+            for node in nodes
+        ]
+        click.echo(_table(rows, ("server", "owns before", "owns after", "moves away")))
+        ideal = _ideal_move(before.servers, after.servers) if before.name == after.name else None
+        click.echo(
+            f"keys that change owner: {moved / sample:.1%}"
+            + (f" (the least any placement can move: {ideal:.1%})" if ideal is not None else "")
+        )
+
+
+def _ideal_move(before: list[str], after: list[str]) -> float:
+    """The share of keys that must move when ``before`` becomes ``after`` (even shares)."""
+    kept = len(set(before) & set(after))
+    return 1 - kept / max(len(before), len(after))
+
+
+@servers.command("purge")
+@_config_option
+@click.option("--region", default=None, help="Only this region (default: every memcached region).")
+def servers_purge(config_path: str | None, region: str | None) -> None:
+    """Delete, on every node of url and also_invalidate_url, the entries that node does
+    not own under the region's url and placement (leftovers of an earlier list)."""
+    failed = False
+    for name, store in _memcached_regions(config_path, region):
+        try:
+            click.echo(f"region {name}: deleted {store.purge_misplaced()} misplaced entries")
+        except Exception as exc:
+            failed = True
+            click.echo(f"region {name}: FAILED: {type(exc).__name__}: {exc}; run it again", err=True)
+    sys.exit(EXIT_CACHE_FAILED if failed else 0)

@@ -114,18 +114,41 @@ class MemcachedStore(Store):
         ``lru_crawler`` (twemproxy) refuses ``flush_all`` too: nothing is owed to it,
         :class:`CommandRefused` is raised, and its entries stay until they expire.
         """
+        return self._delete_listed(
+            lambda node, key: any(p.matches(key) for p in patterns), [repr(p) for p in patterns], owe=True
+        )
+
+    def purge_misplaced(self) -> int:
+        """Delete, on every node (``url`` and ``also_invalidate_url``), the entries that
+        node does not own under ``url`` and ``placement``; returns how many.
+
+        No process reading under ``url`` reads them, and no process fills them, but they
+        are leftovers of an earlier server list or placement, whose deletes went
+        elsewhere: a change that makes their node the owner again would serve them. Step 2
+        of :doc:`/scaling`. A node that cannot be listed or reached raises
+        :class:`UndeliveredInvalidation` (after the others): run it again.
+        """
+        client = self.client
+        return self._delete_listed(lambda node, key: client.node_for(key) != node, ["misplaced entries"])
+
+    def _delete_listed(self, select: Any, what: list[str], *, owe: bool = False) -> int:
+        """Delete the keys ``select(node, key)`` picks among each node's listed keys.
+
+        With ``owe``, a node that cannot be listed is owed a flush and undelivered deletes
+        are queued (delivered before the node is used again)."""
         client = self.client
         deleted = 0
         failed: BaseException | None = None
         refused: CommandRefused | None = None
         for node in client.nodes:
             try:
-                keys = [k for k in metadump(client, node) if any(p.matches(k) for p in patterns)]
+                keys = [k for k in metadump(client, node) if select(node, k)]
             except CommandRefused as exc:
                 refused = exc
                 continue
             except Exception as exc:
-                client.health.owe_flush(node)
+                if owe:
+                    client.health.owe_flush(node)
                 failed = exc
                 continue
             for start in range(0, len(keys), 500):
@@ -133,11 +156,12 @@ class MemcachedStore(Store):
                 try:
                     client._call(node, "delete_many", batch, False)
                 except Exception as exc:
-                    client.health.queue(node, batch)
+                    if owe:
+                        client.health.queue(node, batch)
                     failed = exc
                 deleted += len(batch)
         if failed is not None:
-            raise UndeliveredInvalidation([repr(p) for p in patterns], failed)
+            raise UndeliveredInvalidation(what, failed)
         if refused is not None:
             raise refused
         return deleted
