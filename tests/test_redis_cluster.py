@@ -191,6 +191,27 @@ class TestSyncBulkReads:
         assert sql.selects() == 1
 
 
+class TestRedirections:
+    def test_a_bulk_read_routed_by_a_stale_slot_table_is_read_again(
+        self, cluster: LocalRedisCluster, db: Engine, sql: SQLCounter, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Keys sent to the wrong master get ``MOVED``: the batch is read again through
+        redis-py's redirections, and the next bulk read gets its own replies."""
+        with Session(db) as s:
+            get_users(s, IDS)
+        client = configured_regions()["default"].store.reader  # type: ignore[attr-defined]
+        slot_of = client.keyslot
+        monkeypatch.setattr(client, "keyslot", lambda key: (slot_of(key) + 5461) % 16384)
+        sql.reset()
+        with Session(db) as s:
+            assert names(get_users(s, IDS)) == {i: f"user{i}" for i in IDS}
+        monkeypatch.undo()
+        with Session(db) as s:
+            assert names(get_users(s, IDS[::-1])) == {i: f"user{i}" for i in IDS}
+        assert sql.selects() == 0
+        assert cachedecor.stats("default")["default"]["hits"] == 2 * N
+
+
 class TestRoundTrips:
     def test_a_bulk_hit_costs_one_round_trip_per_master(
         self, cluster: LocalRedisCluster, db: Engine, sql: SQLCounter

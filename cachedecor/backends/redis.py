@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 from cachedecor.backends.base import AsyncStore, Store, new_lease_marker, register_fork_aware
@@ -91,6 +92,61 @@ def _found(keys: Sequence[str], values: Sequence[Any]) -> dict[str, bytes]:
     return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
 
 
+def _mget(client: Any, keys: Sequence[str]) -> dict[str, bytes]:
+    return _found(keys, client.mget(keys))
+
+
+def _get_by_node(client: Any, keys: Sequence[str]) -> dict[str, bytes]:
+    """``GET`` of ``keys`` on a sync cluster client: one batch per master holding them,
+    written to every master before any reply is read, so one round trip per master.
+
+    The plain way, ``mget_nonatomic`` (one ``MGET`` per slot through redis-py's cluster
+    pipeline), costs the same round trips but routes each command again: measured on a
+    local 3-master cluster (2 vCPUs, 100 keys of 200 bytes, alternated runs), 1,055 us
+    against 587 us here and 306 us for one ``MGET`` on one node; through
+    ``@cached_by_pk(many=True)`` 1.81x one node instead of about 1.3x. Keys are routed
+    by the client's slot table to masters (leases and fills are written there). Any
+    error (a slot moved: ``MOVED``/``ASK``, a node down) drops the connections left
+    mid-reply and reads again through ``mget_nonatomic``, which follows redirections
+    and refreshes the slot table.
+    """
+    batches: dict[str, tuple[Any, list[str]]] = {}
+    slots = client.nodes_manager
+    try:
+        for key in keys:
+            node = slots.get_node_from_slot(client.keyslot(key))
+            batches.setdefault(node.name, (node, []))[1].append(key)
+    except Exception:
+        return _found(keys, client.mget_nonatomic(keys))
+    sent: list[tuple[Any, Any, list[str]]] = []
+    unread = set()
+    try:
+        for node, batch in batches.values():
+            pool = client.get_redis_connection(node).connection_pool
+            connection = pool.get_connection()
+            sent.append((pool, connection, batch))
+            unread.add(connection)
+            connection.send_packed_command(connection.pack_commands([("GET", key) for key in batch]))
+        out: dict[str, bytes] = {}
+        for _, connection, batch in sent:
+            for key in batch:
+                value = connection.read_response()
+                if value is not None:
+                    out[key] = value
+            unread.discard(connection)
+        return out
+    except Exception:
+        for connection in unread:
+            connection.disconnect()  # its pending replies would answer the next caller
+        unread.clear()
+        return _found(keys, client.mget_nonatomic(keys))
+    finally:
+        for pool, connection, _ in sent:
+            if connection in unread:
+                connection.disconnect()
+            pool.release(connection)
+
+
 class RedisStore(Store):
     """Leases with ``SET NX EX`` and compare-and-set scripts for the fill and the release."""
 
@@ -102,7 +158,7 @@ class RedisStore(Store):
         self.writer = backend.writer_client
         #: a Redis/Valkey Cluster client: several keys are read per slot, in one pipeline
         self.cluster = _is_cluster(self.reader)
-        self._mget = self.reader.mget_nonatomic if self.cluster else self.reader.mget
+        self._get_many = partial(_get_by_node if self.cluster else _mget, self.reader)
         self._fill = self.writer.register_script(_REDIS_FILL)
         self._release = self.writer.register_script(_REDIS_RELEASE)
         library = type(self.writer).__module__.split(".")[0]  # redis, or valkey
@@ -115,7 +171,8 @@ class RedisStore(Store):
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         if not keys:
             return {}
-        return _found(keys, self._mget(keys))
+        found: dict[str, bytes] = self._get_many(keys)
+        return found
 
     def lease(self, key: str, ttl: int) -> Any:
         marker = new_lease_marker()
