@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Any
 
@@ -11,7 +12,7 @@ from pymemcache.client.base import Client
 from pymemcache.client.rendezvous import RendezvousHash
 
 import cachedecor
-from cachedecor.backends import MemcachedStore, PyMemcacheBackend
+from cachedecor.backends import AsyncMemcachedStore, MemcachedStore, PyMemcacheBackend
 from cachedecor.backends.memcached.cluster import RendezvousPlacement, SlotPlacement, placement
 from cachedecor.cli import main
 from tests.conftest import memcached_config
@@ -141,6 +142,24 @@ def test_a_delete_reaches_the_owner_under_also_invalidate_url(memcached_factory:
     raw[current.node_for(key)].set(key, b"1")
     raw[also.node_for(key)].set(key, b"1")
     process.store.delete_many([key])
+    assert [n for n in nodes if raw[n].get(key) is not None] == []
+
+
+def test_an_async_delete_reaches_the_owner_under_also_invalidate_url(memcached_factory: Any) -> None:
+    nodes = [memcached_factory().url for _ in range(4)]
+    process = Process(nodes[:3], also_invalidate_url=nodes, also_invalidate_placement="slots")
+    astore = AsyncMemcachedStore(process.store)
+    current, also = process.store.backend.routing.current, process.store.backend.routing.also
+    key = next(k for k in KEYS if current.node_for(k) != also.node_for(k))
+    raw = {n: Client(n) for n in nodes}
+    raw[current.node_for(key)].set(key, b"1")
+    raw[also.node_for(key)].set(key, b"1")
+
+    async def delete() -> None:
+        await astore.delete_many([key])
+        await astore.aclose()
+
+    asyncio.run(delete())
     assert [n for n in nodes if raw[n].get(key) is not None] == []
 
 
