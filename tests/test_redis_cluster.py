@@ -191,6 +191,23 @@ class TestSyncBulkReads:
         assert sql.selects() == 1
 
 
+class TestModelWideInvalidation:
+    def test_invalidate_model_empties_every_master(self, cluster: LocalRedisCluster, db: Engine) -> None:
+        with Session(db) as s:
+            get_users(s, IDS)
+        assert sum(entries_per_master(cluster).values()) == N
+        cachedecor.invalidate_model(User)
+        assert entries_per_master(cluster) == dict.fromkeys(cluster.masters(), 0)
+
+    def test_ainvalidate_model_empties_every_master(
+        self, cluster: LocalRedisCluster, adb: AsyncEngine
+    ) -> None:
+        run_async(adb, lambda s: aget_users(s, IDS))
+        assert sum(entries_per_master(cluster).values()) == N
+        run_async(adb, lambda s: cachedecor.ainvalidate_model(User))
+        assert entries_per_master(cluster) == dict.fromkeys(cluster.masters(), 0)
+
+
 class TestRedirections:
     def test_a_bulk_read_routed_by_a_stale_slot_table_is_read_again(
         self, cluster: LocalRedisCluster, db: Engine, sql: SQLCounter, monkeypatch: pytest.MonkeyPatch

@@ -3,12 +3,16 @@
 One store for a single node and for a cluster (``dogpile.cache.redis_cluster``,
 ``valkey_cluster``). Reads, leases and fills of several keys go through one
 pipeline: on a single node one round trip; on a cluster redis-py's cluster pipeline
-groups the commands by the node of each key's slot, writes to every node before
-reading, and so costs one round trip per node touched. A cluster's bulk read is
-``mget_nonatomic`` (one ``MGET`` per slot, in one pipeline): a plain ``MGET`` of keys
-in several slots is refused by the client (``all keys must map to the same key slot``).
-Deletes of many keys are split by slot by the cluster client itself, in one pipeline.
-The fill and release scripts take one key each, so ``EVALSHA`` is routed by it.
+groups the commands by the node of each key's slot and writes to every node before
+reading, so one round trip per node touched. A plain ``MGET`` of keys in several
+slots is refused by the cluster client (``all keys must map to the same key slot``):
+the sync store sends one batch of ``GET`` per master (:func:`_get_by_node`), the
+async one ``mget_nonatomic`` (one ``MGET`` per slot, in one pipeline). Deletes of
+many keys are split by slot by the cluster client itself, in one pipeline; the fill
+and release scripts take one key each, so ``EVALSHA`` is routed by it; model-wide
+deletes ``SCAN`` every master. The sync bulk read always asks the masters, where
+leases and fills are written; other reads follow the client's ``read_from_replicas``
+(off by default).
 """
 
 from __future__ import annotations
