@@ -228,6 +228,21 @@ class TestRedirections:
         assert sql.selects() == 0
         assert cachedecor.stats("default")["default"]["hits"] == 2 * N
 
+    def test_an_async_bulk_read_routed_by_a_stale_slot_table_is_read_again(
+        self, cluster: LocalRedisCluster, adb: AsyncEngine, asql: SQLCounter, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from redis.asyncio.cluster import RedisCluster
+
+        run_async(adb, lambda s: aget_users(s, IDS))
+        slot_of = RedisCluster.keyslot
+        monkeypatch.setattr(RedisCluster, "keyslot", lambda self, key: (slot_of(self, key) + 5461) % 16384)
+        asql.reset()
+        assert names(run_async(adb, lambda s: aget_users(s, IDS))) == {i: f"user{i}" for i in IDS}
+        monkeypatch.undo()
+        assert names(run_async(adb, lambda s: aget_users(s, IDS[::-1]))) == {i: f"user{i}" for i in IDS}
+        assert asql.selects() == 0
+        assert cachedecor.stats("default")["default"]["hits"] == 2 * N
+
 
 class TestRoundTrips:
     def test_a_bulk_hit_costs_one_round_trip_per_master(
