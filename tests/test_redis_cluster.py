@@ -167,6 +167,24 @@ class TestSyncBulkReads:
         assert names(users) == {i: f"user{i}" for i in IDS}
         assert cachedecor.stats("default")["default"]["hits"] == N
 
+    def test_a_bulk_fill_on_masters_that_lost_the_fill_script_loads_it(
+        self, cluster: LocalRedisCluster, db: Engine, sql: SQLCounter
+    ) -> None:
+        """A restarted or promoted node has no scripts: the pipelined EVALSHA gets NOSCRIPT."""
+        with Session(db) as s:
+            get_users(s, IDS[:1])  # the fill script is known to the client
+        for port in cluster.masters():
+            with cluster.client(port) as node:
+                node.script_flush()
+                node.flushall()
+        with Session(db) as s:
+            get_users(s, IDS)
+        sql.reset()
+        with Session(db) as s:
+            assert names(get_users(s, IDS)) == {i: f"user{i}" for i in IDS}
+        assert sql.selects() == 0
+        assert all(entries_per_master(cluster).values())
+
     def test_single_reads_fill_and_hit_through_the_scripts(
         self, cluster: LocalRedisCluster, db: Engine, sql: SQLCounter
     ) -> None:
