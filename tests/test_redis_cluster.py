@@ -185,6 +185,14 @@ class TestSyncBulkReads:
         assert sql.selects() == 0
         assert all(entries_per_master(cluster).values())
 
+    def test_the_lease_of_a_row_not_found_is_released_on_its_master(
+        self, cluster: LocalRedisCluster, db: Engine
+    ) -> None:
+        missing = list(range(1000, 1010))
+        with Session(db) as s:
+            assert len(get_users(s, IDS + missing)) == N
+        assert sum(entries_per_master(cluster).values()) == N  # no lease left behind
+
     def test_single_reads_fill_and_hit_through_the_scripts(
         self, cluster: LocalRedisCluster, db: Engine, sql: SQLCounter
     ) -> None:
@@ -303,6 +311,21 @@ def asql(adb: AsyncEngine) -> Iterator[SQLCounter]:
     counter = SQLCounter(adb.sync_engine)
     yield counter
     counter.close()
+
+
+class TestInvalidationRoundTrips:
+    def test_invalidating_fifty_rows_costs_one_round_trip_per_master(
+        self, cluster: LocalRedisCluster, db: Engine
+    ) -> None:
+        with Session(db) as s:
+            get_users(s, IDS)
+        suffixes = iter(range(100))
+
+        def rename() -> None:
+            with Session(db) as s:
+                rename_all(s, IDS, f"-{next(suffixes)}")
+
+        assert round_trips(cluster, rename) == dict.fromkeys(cluster.masters(), 1)
 
 
 def run_async(adb: AsyncEngine, body: Callable[[AsyncSession], Any]) -> Any:
