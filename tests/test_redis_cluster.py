@@ -144,6 +144,38 @@ def names(users: list[User]) -> dict[int, str]:
     return {u.id: u.name for u in users}
 
 
+def cluster_source(form: str, url: str, tmp_path: Any) -> Any:
+    """Region ``default`` on the cluster at ``url``, written as ``form``."""
+    backend = "dogpile.cache.redis_cluster"
+    if form == "ini":
+        path = tmp_path / "cache.ini"
+        path.write_text(
+            "[cachedecor]\nregions = default\n\n"
+            f"[cachedecor.default]\nbackend = {backend}\nexpiration_time = 300\narguments.url = {url}\n"
+        )
+        return str(path)
+    if form == "flat":
+        return {
+            "cachedecor.regions": "default",
+            "cachedecor.default.backend": backend,
+            "cachedecor.default.expiration_time": "300",
+            "cachedecor.default.arguments.url": url,
+        }
+    return {"regions": {"default": {"backend": backend, "expiration_time": 300, "arguments": {"url": url}}}}
+
+
+@pytest.mark.parametrize("form", ["ini", "flat", "nested"])
+def test_a_cluster_configured_by_url_in_each_form_serves_bulk_reads(
+    form: str, redis_cluster: LocalRedisCluster, db: Engine, sql: SQLCounter, tmp_path: Any
+) -> None:
+    cachedecor.configure_regions(cluster_source(form, redis_cluster.url, tmp_path))
+    for _ in range(2):
+        with Session(db) as s:
+            assert len(get_users(s, IDS)) == N
+    assert sql.selects() == 1
+    assert all(entries_per_master(redis_cluster).values())
+
+
 class TestSyncBulkReads:
     def test_many_of_fifty_keys_fills_all_of_them_over_every_master(
         self, cluster: LocalRedisCluster, db: Engine, sql: SQLCounter
