@@ -84,6 +84,12 @@ class SlotPlacement(Placement):
     whatever the number of nodes. Adding or removing a node moves only the slots
     whose winner changes (the ideal 1/(n+1) of them). Thread-safe: two threads that
     compute a slot's owner at once compute the same one.
+
+    Measured (``benchmarks/routing.py``; 100,000 keys): 0.15-0.21 us per key at 3-100
+    nodes against rendezvous's 18.6-590 us; a slot's first use 1.6 us at 3 nodes, 62 us
+    at 100. Keys per node / mean: 0.97-1.04 at 20 nodes (rendezvous 0.97-1.03),
+    0.89-1.11 at 100: 65,536 slots keep the table at 512 KB and every node near 655
+    slots; more slots would even the spread at a higher first-use cost in total.
     """
 
     name = "slots"
