@@ -99,33 +99,7 @@ class LocalRedisCluster:
             if port not in ports:
                 ports.append(port)
         for port in ports:
-            self.procs[port] = subprocess.Popen(
-                [
-                    self.binary,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    os.path.join(self.dir, f"nodes-{port}.conf"),
-                    "--cluster-node-timeout",
-                    "2000",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--daemonize",
-                    "no",
-                    "--dir",
-                    self.dir,
-                    "--logfile",
-                    os.path.join(self.dir, f"{port}.log"),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            self._spawn(port)
         for port in ports:
             self._wait_listening(port)
         created = subprocess.run(
@@ -146,6 +120,36 @@ class LocalRedisCluster:
         if created.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-2000:]}{created.stderr}")
         self.wait_ok()
+
+    def _spawn(self, port: int) -> None:
+        """Start the node of ``port`` (again: it rejoins from its nodes-P.conf)."""
+        self.procs[port] = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                os.path.join(self.dir, f"nodes-{port}.conf"),
+                "--cluster-node-timeout",
+                "2000",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                self.dir,
+                "--logfile",
+                os.path.join(self.dir, f"{port}.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def _wait_listening(self, port: int, timeout: float = 10.0) -> None:
         """Until the node answers PING; :class:`PortTaken` if it exited (port or bus taken)."""
@@ -208,6 +212,40 @@ class LocalRedisCluster:
 
     def pid(self, port: int) -> int:
         return self.procs[port].pid
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node of ``port``; :meth:`restart` brings it back (as a replica,
+        once its replica was promoted)."""
+        proc = self.procs[port]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+
+    def pause(self, port: int) -> None:
+        """SIGSTOP the node of ``port``; :meth:`resume` continues it."""
+        self.procs[port].send_signal(signal.SIGSTOP)
+
+    def resume(self, port: int) -> None:
+        self.procs[port].send_signal(signal.SIGCONT)
+
+    def wait_promoted(self, dead: int, timeout: float = 30.0) -> None:
+        """Poll until a replica of the killed master ``dead`` has taken its slots."""
+        deadline = time.monotonic() + timeout
+        while True:
+            live = [p for p, proc in self.procs.items() if proc.poll() is None]
+            if all(len(self._roles(p)[0]) == 3 and dead not in self._roles(p)[0] for p in live):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no replica took the slots of {dead} after {timeout}s")
+            time.sleep(0.05)
+
+    def restart(self, port: int) -> None:
+        """Start a killed node again on its port and wait until the cluster is whole."""
+        self.kill(port)
+        self._spawn(port)
+        self._wait_listening(port)
+        self.wait_ok()
 
     def client(self, port: int) -> Any:
         """A plain (non-cluster) client of one node, for checks behind the cache's back."""

@@ -427,3 +427,26 @@ class TestAsync:
 
         assert run_async(adb, twice) == dict.fromkeys(cluster.masters(), 1)
         assert asql.selects() == 1
+
+
+class TestFailover:
+    def test_bulk_reads_hit_again_once_a_replica_replaced_a_killed_master(
+        self, cluster: LocalRedisCluster, db: Engine, sql: SQLCounter
+    ) -> None:
+        """The client's slot table still names the dead master: the batched read falls
+        back to redis-py's routing, which learns the new master."""
+        with Session(db) as s:
+            get_users(s, IDS)
+        dead = cluster.masters()[0]
+        for port in cluster.masters():
+            with cluster.client(port) as node:
+                node.wait(1, 2000)  # each master's entries reached its replica
+        cluster.kill(dead)
+        try:
+            cluster.wait_promoted(dead)
+            for _ in range(2):
+                with Session(db) as s:
+                    assert names(get_users(s, IDS)) == {i: f"user{i}" for i in IDS}
+        finally:
+            cluster.restart(dead)
+        assert sql.selects() == 1
