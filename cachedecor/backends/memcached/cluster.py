@@ -88,8 +88,11 @@ class SlotPlacement(Placement):
     Measured (``benchmarks/routing.py``; 100,000 keys): 0.15-0.21 us per key at 3-100
     nodes against rendezvous's 18.6-590 us; a slot's first use 1.6 us at 3 nodes, 62 us
     at 100. Keys per node / mean: 0.97-1.04 at 20 nodes (rendezvous 0.97-1.03),
-    0.89-1.11 at 100: 65,536 slots keep the table at 512 KB and every node near 655
-    slots; more slots would even the spread at a higher first-use cost in total.
+    0.89-1.11 at 100 (rendezvous 0.91-1.08). Beyond the sample's noise, a node's share
+    is its share of the slots: 0.97-1.03 of the mean at 20 nodes, 0.90-1.09 at 100.
+    2**18 slots would make that 0.94-1.05 at 100 nodes for a table of 2 MB instead of
+    512 KB and four times the first-use work in all (16 s of CPU at 100 nodes if every
+    slot is used, against 4 s).
     """
 
     name = "slots"
