@@ -36,6 +36,7 @@ from cachedecor.config import (
     region_settings,
     settings_of,
 )
+from cachedecor.config.regions import client_arguments
 from tests.servers import Memcached, free_port, memcached_binary, unavailable
 
 MEMORY = "dogpile.cache.memory"
@@ -1316,3 +1317,190 @@ def test_read_outbox_settings_reads_the_outbox_options_alone() -> None:
 def test_the_option_tables_are_read_only(table: Any) -> None:
     with pytest.raises(TypeError):
         table["x"] = None
+
+
+# --------------------------------------------------------------------------------------
+# every argument accepted takes effect: moved to where the client takes it, or refused
+
+
+def test_connection_arguments_of_a_cluster_move_into_its_connection_kwargs() -> None:
+    """dogpile's cluster backends pass only ``url`` and ``connection_kwargs`` to the client."""
+    backend = "dogpile.cache.redis_cluster"
+    raw = {
+        "url": "redis://127.0.0.1:7000",
+        "socket_timeout": "0.25",
+        "socket_connect_timeout": "0.5",
+        "password": "secret",
+        "ssl": "true",
+        "redis_expiration_time": "60",
+    }
+
+    arguments = client_arguments(backend, check_arguments("r", backend, raw), "r.arguments")
+
+    assert arguments == {
+        "url": "redis://127.0.0.1:7000",
+        "redis_expiration_time": 60,
+        "connection_kwargs": {
+            "socket_timeout": 0.25,
+            "socket_connect_timeout": 0.5,
+            "password": "secret",
+            "ssl": True,
+        },
+    }
+
+
+def test_host_and_port_of_a_cluster_without_url_become_a_startup_node_in_connection_kwargs() -> None:
+    arguments = client_arguments("dogpile.cache.valkey_cluster", {"host": "h", "port": 7000}, "r.arguments")
+
+    assert arguments == {"connection_kwargs": {"host": "h", "port": 7000}}
+
+
+def test_the_timeouts_of_a_sentinel_backend_reach_the_sentinels_too() -> None:
+    arguments = client_arguments(
+        "dogpile.cache.redis_sentinel",
+        {
+            "sentinels": [("h", 26379)],
+            "socket_timeout": 0.25,
+            "sentinel_kwargs": {"socket_connect_timeout": 1},
+        },
+        "r.arguments",
+    )
+
+    assert arguments["socket_timeout"] == 0.25  # dogpile gives it to the master and replicas
+    assert arguments["sentinel_kwargs"] == {"socket_timeout": 0.25, "socket_connect_timeout": 1}
+
+
+def region_on(backend: str, **arguments: Any) -> dict[str, Any]:
+    return {"regions": {"r": {"backend": backend, "arguments": arguments}}}
+
+
+CLUSTER = "dogpile.cache.redis_cluster"
+SENTINEL = "dogpile.cache.redis_sentinel"
+SENTINEL_URL = "redis+sentinel://127.0.0.1:26379/mymaster"
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        pytest.param(
+            region_on(CLUSTER, url="redis://127.0.0.1:1", connection_pool=object()),
+            "cachedecor.r.arguments.connection_pool: would have no effect on dogpile.cache.redis_cluster",
+            id="cluster-connection-pool",
+        ),
+        pytest.param(
+            region_on(CLUSTER, url="redis://127.0.0.1:1", host="127.0.0.1"),
+            "cachedecor.r.arguments.host: would have no effect beside cachedecor.r.arguments.url",
+            id="cluster-host-beside-url",
+        ),
+        pytest.param(
+            region_on(CLUSTER, url="redis://127.0.0.1:1", db=1),
+            "cachedecor.r.arguments.db: a cluster has only database 0",
+            id="cluster-db",
+        ),
+        pytest.param(
+            region_on(
+                CLUSTER,
+                url="redis://127.0.0.1:1",
+                socket_timeout=0.25,
+                connection_kwargs={"socket_timeout": 1},
+            ),
+            "cachedecor.r.arguments.socket_timeout: given twice, 0.25 here and 1 in "
+            "cachedecor.r.arguments.connection_kwargs",
+            id="cluster-timeout-twice",
+        ),
+        pytest.param(
+            region_on("dogpile.cache.redis", url="redis://127.0.0.1:1", db=3),
+            "cachedecor.r.arguments.db: would have no effect beside cachedecor.r.arguments.url",
+            id="redis-db-beside-url",
+        ),
+        pytest.param(
+            region_on(SENTINEL, url=SENTINEL_URL, host="127.0.0.1"),
+            "cachedecor.r.arguments.host: would have no effect on dogpile.cache.redis_sentinel",
+            id="sentinel-host",
+        ),
+        pytest.param(
+            region_on(SENTINEL, db=0),
+            "cachedecor.r.arguments.url: missing: dogpile.cache.redis_sentinel needs its sentinels",
+            id="sentinel-without-sentinels",
+        ),
+        pytest.param(
+            region_on(SENTINEL, url=SENTINEL_URL, service_name="other"),
+            "cachedecor.r.arguments.service_name: given beside cachedecor.r.arguments.url",
+            id="sentinel-service-twice",
+        ),
+    ],
+)
+def test_an_argument_that_would_have_no_effect_is_a_config_error_naming_it(
+    config: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        cachedecor.configure_regions(config)
+
+    assert str(raised.value).startswith(message)
+    assert settings_of("r") is None
+
+
+# --------------------------------------------------------------------------------------
+# Sentinel by URL
+
+
+def sentinel_source(form: str, url: str, tmp_path: Path) -> Any:
+    if form == "ini":
+        return str(
+            write(
+                tmp_path,
+                f"[cachedecor]\nregions = r\n\n[cachedecor.r]\nbackend = {SENTINEL}\n"
+                f"arguments.url = {url}\narguments.socket_timeout = 0.5\n",
+            )
+        )
+    if form == "flat":
+        return {
+            "cachedecor.regions": "r",
+            "cachedecor.r.backend": SENTINEL,
+            "cachedecor.r.arguments.url": url,
+            "cachedecor.r.arguments.socket_timeout": "0.5",
+        }
+    return region_on(SENTINEL, url=url, socket_timeout=0.5)
+
+
+@pytest.mark.parametrize("form", ["ini", "flat", "nested"])
+def test_a_sentinel_url_in_each_form_configures_the_sentinels_and_the_service(
+    form: str, tmp_path: Path
+) -> None:
+    url = "redis+sentinel://:pw@127.0.0.1:26379,[::1]:26380/cache/2"
+
+    cachedecor.configure_regions(sentinel_source(form, url, tmp_path))
+
+    backend = region_settings("r").region.actual_backend
+    assert backend.sentinels == [("127.0.0.1", 26379), ("::1", 26380)]
+    assert (backend.service_name, backend.db, backend.password) == ("cache", 2, "pw")
+    assert backend.sentinel_kwargs["socket_timeout"] == 0.5
+
+
+def test_a_valkey_sentinel_url_has_its_own_scheme() -> None:
+    arguments = client_arguments(
+        "dogpile.cache.valkey_sentinel", {"url": "valkey+sentinel://h:26379/m"}, "r.arguments"
+    )
+
+    assert (arguments["sentinels"], arguments["service_name"]) == ([("h", 26379)], "m")
+    assert "db" not in arguments
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("redis://127.0.0.1:26379/mymaster", id="not-sentinel-scheme"),
+        pytest.param("valkey+sentinel://127.0.0.1:26379/mymaster", id="other-library"),
+        pytest.param("redis+sentinel://127.0.0.1/mymaster", id="no-port"),
+        pytest.param("redis+sentinel://127.0.0.1:99999/mymaster", id="port-out-of-range"),
+        pytest.param("redis+sentinel://127.0.0.1:26379", id="no-service"),
+        pytest.param("redis+sentinel://127.0.0.1:26379/", id="empty-service"),
+        pytest.param("redis+sentinel://127.0.0.1:26379/mymaster/zero", id="db-not-a-number"),
+        pytest.param("redis+sentinel://127.0.0.1:26379/mymaster/0/x", id="too-deep"),
+        pytest.param("redis+sentinel://127.0.0.1:26379/mymaster?db=1", id="query"),
+        pytest.param("redis+sentinel://127.0.0.1:26379,/mymaster", id="empty-sentinel"),
+    ],
+)
+def test_a_malformed_sentinel_url_is_a_config_error_naming_arguments_url(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"^cachedecor\.r\.arguments\.url: "):
+        cachedecor.configure_regions(region_on(SENTINEL, url=url))

@@ -8,6 +8,8 @@ Every test runs against a real local cluster of 3 masters and 3 replicas
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import Session
 
 import cachedecor
-from cachedecor import cached_by_pk, invalidates
+from cachedecor import ConfigError, cached_by_pk, invalidates
 from cachedecor.config import configured_regions
 from tests.conftest import SQLCounter
 from tests.models import Base, User
@@ -450,3 +452,60 @@ class TestFailover:
         finally:
             cluster.restart(dead)
         assert sql.selects() == 1
+
+
+TIMEOUT = 0.25
+PAUSE = 3.0
+
+
+class TestTimeouts:
+    def test_a_read_of_a_key_on_a_paused_master_falls_through_within_the_socket_timeout(
+        self, redis_cluster: LocalRedisCluster, db: Engine, sql: SQLCounter
+    ) -> None:
+        """dogpile's cluster backend passes only ``url`` and ``connection_kwargs`` to
+        ``RedisCluster``: ``socket_timeout`` beside them reaches the nodes only because
+        cachedecor moves it into ``connection_kwargs``."""
+        cachedecor.configure_regions(
+            {
+                "regions": {
+                    "default": {
+                        "backend": "dogpile.cache.redis_cluster",
+                        "expiration_time": 300,
+                        "arguments": {"url": redis_cluster.url, "socket_timeout": TIMEOUT},
+                    }
+                }
+            }
+        )
+        with Session(db) as s:
+            assert get_user(s, 2) is not None  # connects to the cluster, learns its slots
+        client = configured_regions()["default"].store.writer
+        paused = client.get_node_from_key(get_user.cache_key(1)).port
+        redis_cluster.pause(paused)
+        resume = threading.Timer(PAUSE, redis_cluster.resume, [paused])
+        resume.start()
+        try:
+            started = time.monotonic()
+            with Session(db) as s:
+                user = get_user(s, 1)
+            elapsed = time.monotonic() - started
+        finally:
+            resume.cancel()
+            redis_cluster.resume(paused)
+        assert user is not None and user.name == "user1"
+        assert elapsed < 5 * TIMEOUT, f"{elapsed:.2f}s with socket_timeout={TIMEOUT}s, the pause {PAUSE}s"
+        assert sql.selects() == 2
+
+    def test_a_connection_pool_which_a_cluster_would_ignore_is_a_config_error_naming_it(self) -> None:
+        with pytest.raises(
+            ConfigError, match=r"^cachedecor\.default\.arguments\.connection_pool: would have no"
+        ):
+            cachedecor.configure_regions(
+                {
+                    "regions": {
+                        "default": {
+                            "backend": "dogpile.cache.redis_cluster",
+                            "arguments": {"url": "redis://127.0.0.1:1", "connection_pool": object()},
+                        }
+                    }
+                }
+            )

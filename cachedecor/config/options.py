@@ -25,11 +25,15 @@ __all__ = [
     "BACKEND_ARGUMENTS",
     "BACKEND_NAMES",
     "GLOBAL_OPTIONS",
+    "MOVED_TO_CONNECTION_KWARGS",
+    "NO_EFFECT",
     "NO_LEASES",
     "OUTBOX_RANGES",
     "REFUSED_BACKENDS",
     "REGION_OPTIONS",
     "REGION_RANGES",
+    "SENTINEL_SCHEMES",
+    "SENTINEL_TIMEOUTS",
     "SERIALIZERS",
     "SUBSTITUTES",
     "OutboxSettings",
@@ -95,6 +99,62 @@ BACKEND_ARGUMENTS: Mapping[str, Mapping[str, type]] = MappingProxyType(
         "dogpile.cache.valkey_sentinel": MappingProxyType({**_VALKEY_ARGUMENTS, **_SENTINEL}),
         "dogpile.cache.valkey_cluster": MappingProxyType({**_VALKEY_ARGUMENTS, **_CLUSTER}),
     }
+)
+
+_CLUSTERS = ("dogpile.cache.redis_cluster", "dogpile.cache.valkey_cluster")
+_SENTINELS = ("dogpile.cache.redis_sentinel", "dogpile.cache.valkey_sentinel")
+_CONNECTION = (
+    "username",
+    "password",
+    "socket_timeout",
+    "socket_connect_timeout",
+    "socket_keepalive",
+    "socket_keepalive_options",
+    "ssl",
+)
+
+#: Arguments that a dogpile backend accepts but does not hand to its client, which
+#: cachedecor moves into ``connection_kwargs`` so that they take effect (backend ->
+#: arguments), read-only. dogpile's cluster backends pass only ``url`` (or
+#: ``startup_nodes``) and ``connection_kwargs`` to ``RedisCluster``, which gives its
+#: keyword arguments to the connection of every node (measured: without this, a read of
+#: a key on a paused master blocked for the whole pause with ``socket_timeout`` set);
+#: its sentinel backends drop ``ssl``.
+MOVED_TO_CONNECTION_KWARGS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        **dict.fromkeys(_CLUSTERS, ("host", "port", *_CONNECTION)),
+        **dict.fromkeys(_SENTINELS, ("ssl",)),
+    }
+)
+#: Timeouts of a sentinel backend that cachedecor also gives to the connections to the
+#: sentinels (``sentinel_kwargs``, unless set there): dogpile gives them only to the
+#: connections to the master and replicas, so a paused sentinel blocked discovery.
+SENTINEL_TIMEOUTS: tuple[str, ...] = ("socket_timeout", "socket_connect_timeout")
+
+_POOL = "the client of {kind} makes its own connection pools; set the connection arguments instead"
+#: Arguments a backend accepts in dogpile's schema but that would have no effect
+#: there: a :class:`ConfigError` (backend -> argument -> why, a phrase), read-only.
+NO_EFFECT: Mapping[str, Mapping[str, str]] = MappingProxyType(
+    {
+        **dict.fromkeys(_CLUSTERS, MappingProxyType({"connection_pool": _POOL.format(kind="a cluster")})),
+        **dict.fromkeys(
+            _SENTINELS,
+            MappingProxyType(
+                {
+                    "host": "a sentinel backend finds its master through the sentinels; set "
+                    "arguments.url = redis+sentinel://host:port/service_name (or arguments.sentinels)",
+                    "port": "a sentinel backend finds its master through the sentinels; set "
+                    "arguments.url = redis+sentinel://host:port/service_name (or arguments.sentinels)",
+                    "connection_pool": _POOL.format(kind="a sentinel backend"),
+                }
+            ),
+        ),
+    }
+)
+#: The URL scheme of each sentinel backend's ``arguments.url``
+#: (``<scheme>://host:port[,host:port...]/service_name[/db]``).
+SENTINEL_SCHEMES: Mapping[str, str] = MappingProxyType(
+    {"dogpile.cache.redis_sentinel": "redis+sentinel", "dogpile.cache.valkey_sentinel": "valkey+sentinel"}
 )
 
 #: Every name the ``backend`` option accepts (those of :data:`BACKEND_ARGUMENTS` and

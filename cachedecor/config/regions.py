@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import dogpile.cache
 from dogpile.cache import CacheRegion, make_region
@@ -26,10 +27,14 @@ from cachedecor.config.options import (
     ARGUMENT_RANGES,
     BACKEND_ARGUMENTS,
     BACKEND_NAMES,
+    MOVED_TO_CONNECTION_KWARGS,
+    NO_EFFECT,
     NO_LEASES,
     REFUSED_BACKENDS,
     REGION_OPTIONS,
     REGION_RANGES,
+    SENTINEL_SCHEMES,
+    SENTINEL_TIMEOUTS,
     SERIALIZERS,
     SUBSTITUTES,
     coerce,
@@ -40,7 +45,14 @@ from cachedecor.errors import EXTRAS, ConfigError, MissingExtra, missing_extra
 from cachedecor.keys import check_namespace, mangle_key
 from cachedecor.near import NearCache
 
-__all__ = ["RegionSettings", "build_region", "check_arguments", "check_server", "region_names"]
+__all__ = [
+    "RegionSettings",
+    "build_region",
+    "check_arguments",
+    "check_server",
+    "client_arguments",
+    "region_names",
+]
 
 
 @dataclass(frozen=True)
@@ -223,7 +235,7 @@ def build_region(name: str, parsed: Parsed, prefix: str) -> RegionSettings:
         region.configure(
             backend,
             expiration_time=values["expiration_time"] or None,
-            arguments=arguments,
+            arguments=client_arguments(backend, arguments, f"{where}.arguments"),
         )
     except ConfigError:
         raise
@@ -302,6 +314,122 @@ def check_arguments(
                     f"{where}.{arg}: {out[arg]!r} is not a placement; one of {', '.join(PLACEMENTS)} "
                     f"(see 'Growing a memcached pool' before changing it on a running pool)"
                 )
+    return out
+
+
+_SINGLE_NODE = ("dogpile.cache.redis", "dogpile.cache.valkey")
+#: What dogpile's single-node backends ignore beside ``url`` (``from_url`` gets the URL alone).
+_IN_THE_URL = ("host", "port", "db", "username", "password")
+
+
+def client_arguments(backend: str, arguments: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The arguments dogpile's ``backend`` is configured with: ``arguments`` (as
+    :func:`check_arguments` returns them) with each one put where the client takes it.
+
+    A sentinel backend's ``url`` becomes ``sentinels``, ``service_name`` and ``db`` (see
+    :func:`sentinel_url`) and its timeouts are given to the sentinels too
+    (:data:`~cachedecor.config.options.SENTINEL_TIMEOUTS`); the arguments of
+    :data:`~cachedecor.config.options.MOVED_TO_CONNECTION_KWARGS` move into
+    ``connection_kwargs``. ``where`` names the arguments in messages
+    (``cachedecor.default.arguments``).
+
+    :raises ConfigError: naming an argument that would have no effect
+        (:data:`~cachedecor.config.options.NO_EFFECT`, ``host``/``port``/``db``/... beside a
+        ``url`` that decides them, a ``db`` other than 0 on a cluster), or one given
+        both as itself and in ``connection_kwargs`` with different values.
+    """
+    out = dict(arguments)
+    for arg, why in NO_EFFECT.get(backend, {}).items():
+        if arg in out:
+            raise ConfigError(f"{where}.{arg}: would have no effect on {backend}: {why}")
+    if "url" in out and (backend in _SINGLE_NODE or backend.endswith("_cluster")):
+        for arg in _IN_THE_URL if backend in _SINGLE_NODE else ("host", "port"):
+            if arg in out:
+                raise ConfigError(
+                    f"{where}.{arg}: would have no effect beside {where}.url, which {backend} "
+                    f"connects with alone: write it in the URL"
+                )
+    if backend.endswith("_cluster") and out.pop("db", 0) != 0:
+        raise ConfigError(f"{where}.db: a cluster has only database 0; remove {where}.db")
+    if backend in SENTINEL_SCHEMES:
+        if "url" in out:
+            out = {**out, **sentinel_url(SENTINEL_SCHEMES[backend], out.pop("url"), out, f"{where}.url")}
+        if "sentinels" not in out:
+            raise ConfigError(
+                f"{where}.url: missing: {backend} needs its sentinels, e.g. "
+                f"{SENTINEL_SCHEMES[backend]}://127.0.0.1:26379/mymaster (or {where}.sentinels in a dict)"
+            )
+        sentinel_kwargs = _mapping(out.get("sentinel_kwargs", {}), f"{where}.sentinel_kwargs")
+        for arg in SENTINEL_TIMEOUTS:
+            if arg in out:
+                sentinel_kwargs.setdefault(arg, out[arg])
+        out["sentinel_kwargs"] = sentinel_kwargs
+    moved = [arg for arg in MOVED_TO_CONNECTION_KWARGS.get(backend, ()) if arg in out]
+    if moved:
+        kwargs = _mapping(out.get("connection_kwargs", {}), f"{where}.connection_kwargs")
+        for arg in moved:
+            value = out.pop(arg)
+            if arg in kwargs and kwargs[arg] != value:
+                raise ConfigError(
+                    f"{where}.{arg}: given twice, {value!r} here and {kwargs[arg]!r} in "
+                    f"{where}.connection_kwargs: keep one"
+                )
+            kwargs[arg] = value
+        out["connection_kwargs"] = kwargs
+    return out
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a dict of keyword arguments, got {value!r}")
+    return dict(value)
+
+
+def sentinel_url(scheme: str, url: str, beside: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``sentinels``, ``service_name`` and ``db`` (and ``username``/``password`` when
+    written) of a sentinel URL, ``<scheme>://[user:password@]host:port[,host:port...]/
+    service_name[/db]``; ``beside`` are the other arguments, none of which may set the same.
+
+    >>> sentinel_url("redis+sentinel", "redis+sentinel://10.0.0.1:26379,[::1]:26380/cache/2", {}, "url")
+    {'sentinels': [('10.0.0.1', 26379), ('::1', 26380)], 'service_name': 'cache', 'db': 2}
+
+    :raises ConfigError: naming ``where`` for a malformed URL, or an argument it sets
+        that ``beside`` sets too.
+    """
+    expected = f"expected {scheme}://host:port[,host:port...]/service_name[/db], got {url!r}"
+    head, sep, rest = url.partition("://")
+    if head.lower() != scheme or not sep:
+        raise ConfigError(f"{where}: {expected}")
+    netloc, _, path = rest.partition("/")
+    if "?" in path or "#" in path:
+        raise ConfigError(f"{where}: no query or fragment is read; {expected}")
+    out: dict[str, Any] = {}
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at:
+        username, colon, password = userinfo.partition(":")
+        if username:
+            out["username"] = unquote(username)
+        if colon:
+            out["password"] = unquote(password)
+    sentinels = []
+    for server in hosts.split(","):
+        if not server or server.startswith("/"):
+            raise ConfigError(f"{where}: a sentinel is host:port; {expected}")
+        check_server(server, where)
+        host, _, port = server.rpartition(":")
+        sentinels.append((host.strip("[]"), int(port)))
+    parts = path.split("/")
+    if not parts[0] or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ConfigError(f"{where}: {expected}")
+    out["sentinels"] = sentinels
+    out["service_name"] = unquote(parts[0])
+    if len(parts) == 2:
+        out["db"] = int(parts[1])
+    for arg in out:
+        if arg in beside:
+            raise ConfigError(
+                f"{where.rpartition('.')[0]}.{arg}: given beside {where}, which sets it: keep one"
+            )
     return out
 
 
