@@ -8,7 +8,6 @@ step 2 runs through the installed ``cachedecor`` command.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,14 +21,13 @@ from sqlalchemy.engine import Engine
 from cachedecor.backends.memcached.cluster import RendezvousPlacement
 from tests.apps import accounts_v1
 from tests.servers import Memcached
+from tests.test_deploy import CLI, ROOT, App
 
-ROOT = Path(__file__).resolve().parent.parent
-CLI = str(Path(sys.executable).parent / "cachedecor")
 PROCESSES = 3
 CANDIDATES = range(1, 401)
 
 
-class Worker:
+class Worker(App):
     """One application process on its own configuration, driven through JSON lines.
 
     The process starts when the object is made; it is waited for on the first command, so
@@ -49,34 +47,11 @@ class Worker:
         )
         self.ready = False
 
-    def _answer(self) -> Any:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"the process exited with {self.proc.wait()}")
-        return json.loads(line)
-
     def __call__(self, op: str, **kwargs: Any) -> Any:
         if not self.ready:
             self._answer()
             self.ready = True
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
-        self.proc.stdin.flush()
-        answer = self._answer()
-        assert "error" not in answer, answer.get("trace")
-        return answer
-
-    def stop(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        return super().__call__(op, **kwargs)
 
 
 class Deployment:
